@@ -1,0 +1,203 @@
+"""How many images per second does /score serve, and how much does dynamic batching buy?
+
+Measures, in one run and on one machine:
+  1. in-process: the model's batched forward pass (``log_prob`` on batches of 32), no HTTP;
+  2. HTTP with 1 client, each request one image (no batching possible);
+  3. HTTP with 32 concurrent clients, each request one image (the batcher merges them).
+The server is the real ``genserve serve`` (uvicorn) in a subprocess on loopback; the clients are
+httpx in this process, so on a small machine they compete with the server for the CPU.
+
+    python bench/throughput.py --model-dir checkpoints --model pixelcnn-fmnist --seconds 10 [--json]
+
+``batching_gain`` = 32-client ÷ 1-client images/s; ``http_vs_inprocess`` = 32-client HTTP ÷ in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.checkpoint import load_checkpoint  # noqa: E402
+
+logger = logging.getLogger("bench.throughput")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def random_png(shape: list[int], seed: int = 0) -> str:
+    """A random image of the model's (C, H, W), base64 PNG."""
+    c, h, w = shape
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(h, w) if c == 1 else (h, w, c), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@torch.inference_mode()
+def in_process(folder: Path, device: str, *, batch: int, seconds: float) -> float:
+    """Images/s of the model's own log_prob on batches of ``batch`` random images."""
+    model, _ = load_checkpoint(folder, device)
+    c, h, w = model.shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.levels, (batch, c, h, w), generator=gen).to(torch.uint8).to(device)
+    y = torch.zeros(batch, dtype=torch.long, device=device) if model.n_classes is not None else None
+    model.log_prob(x, y)  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.log_prob(x, y)
+        done += batch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - start)
+
+
+async def http_phase(url: str, body: dict[str, Any], *, clients: int, seconds: float) -> dict[str, float]:
+    """``clients`` concurrent loops, each posting one-image /score requests for ``seconds``."""
+    ok = errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        await client.post("/score", json=body)  # open a connection and warm the path
+        deadline = time.perf_counter() + seconds
+
+        async def loop() -> None:
+            nonlocal ok, errors
+            while time.perf_counter() < deadline:
+                r = await client.post("/score", json=body)
+                if r.status_code == 200:
+                    ok += 1
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return {"images_per_s": ok / elapsed, "requests": ok, "errors": errors}
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram, summed over workers."""
+    total = count = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("genserve_batch_images_sum{") and 'op="score"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("genserve_batch_images_count{") and 'op="score"' in line:
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def start_server(model_dir: Path, model: str, device: str, port: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
+    cmd += ["--models", model, "--devices", device]
+    env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with code {proc.returncode}; run `genserve serve` by hand to see why")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)  # polling another process; there is no event to wait on
+    raise SystemExit(f"server not ready after {timeout} s")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    folder = Path(args.model_dir) / args.model
+    result: dict[str, Any] = {"model": args.model, "device": args.device, "seconds": args.seconds}
+    result["inprocess_batch32_images_per_s"] = in_process(folder, args.device, batch=32, seconds=args.seconds)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(Path(args.model_dir), args.model, args.device, port)
+    try:
+        wait_ready(url, proc)
+        info = httpx.get(f"{url}/models/{args.model}", timeout=10).json()
+        body: dict[str, Any] = {"model": args.model, "images": [random_png(info["shape"])]}
+        if info["conditional"]:
+            body["label"] = 0
+        for clients in (1, 32):
+            before = batch_stats(url)
+            phase = asyncio.run(http_phase(url, body, clients=clients, seconds=args.seconds))
+            after = batch_stats(url)
+            batches = after[1] - before[1]
+            phase["mean_batch_images"] = (after[0] - before[0]) / batches if batches else 0.0
+            result[f"http_{clients}_clients"] = phase
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    one = result["http_1_clients"]["images_per_s"]
+    many = result["http_32_clients"]["images_per_s"]
+    result["batching_gain"] = many / one if one else None
+    result["http_vs_inprocess"] = many / result["inprocess_batch32_images_per_s"]
+    result["cpu_count"] = os.cpu_count()
+    result["torch"] = torch.__version__
+    return result
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        ("in-process log_prob, batch 32", r["inprocess_batch32_images_per_s"], "", ""),
+        *(
+            (
+                f"HTTP /score, {c} client{'s' if c > 1 else ''}",
+                r[f"http_{c}_clients"]["images_per_s"],
+                f"{r[f'http_{c}_clients']['mean_batch_images']:.1f}",
+                str(r[f"http_{c}_clients"]["errors"]),
+            )
+            for c in (1, 32)
+        ),
+    ]
+    lines = [f"model {r['model']} on {r['device']}, {r['seconds']:g} s per row", ""]
+    lines.append(f"{'':32} {'images/s':>10} {'mean batch':>11} {'errors':>7}")
+    lines += [f"{name:32} {ips:10.1f} {mb:>11} {err:>7}" for name, ips, mb, err in rows]
+    lines.append("")
+    lines.append(f"batching gain (32 clients / 1 client): {r['batching_gain']:.2f}x")
+    lines.append(f"HTTP (32 clients) / in-process:        {r['http_vs_inprocess']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", default="checkpoints")
+    p.add_argument("--model", required=True, help="checkpoint folder name under --model-dir")
+    p.add_argument("--seconds", type=float, default=10.0, help="duration of each of the three measurements")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N, for the server and the in-process pass")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args()
+    result = run(args)
+    print(json.dumps(result) if args.json else table(result))  # noqa: T201 - the benchmark's output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The one interface every genserve model implements.
+
+All likelihoods are log-probabilities in nats of the discrete image: ``x`` holds integer
+sub-pixels in [0, levels-1] (uint8 for 8-bit images), shape (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from models.likelihood import categorical_log_prob
+
+
+@dataclass
+class SampleOutput:
+    """Sampled images (B, C, H, W) as uint8, and their log-probability in nats (B,) where exact."""
+
+    images: Tensor
+    log_prob: Tensor | None
+
+
+@dataclass
+class TrainStep:
+    """What one training step reports: the scalar loss to minimise and per-image NLL (nats, (B,))."""
+
+    loss: Tensor
+    nll: Tensor
+
+
+class DensityModel(nn.Module):
+    """Base class: a model of p(x) (or p(x|y)) over images with ``levels`` values per sub-pixel."""
+
+    kind: ClassVar[str]  # "autoregressive" or "vae"
+    architecture: ClassVar[str]  # registry key, e.g. "gated_pixelcnn"
+    exact: ClassVar[bool]  # True where log_prob is exact, False where it is an estimate or bound
+    config: Any
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images this model takes."""
+        c = self.config
+        return (c.in_channels, c.height, c.width)
+
+    @property
+    def levels(self) -> int:
+        return int(self.config.levels)
+
+    @property
+    def n_classes(self) -> int | None:
+        return getattr(self.config, "n_classes", None)
+
+    @property
+    def dims(self) -> int:
+        c, h, w = self.shape
+        return c * h * w
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_input(self, x: Tensor, y: Tensor | None = None) -> None:
+        """Raise ValueError unless x is (B, C, H, W) integers in range and y fits the model."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"expected images of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
+        if x.is_floating_point():
+            raise ValueError("images must hold integer levels (e.g. uint8), not floats")
+        # uint8 cannot leave [0, 255], so 8-bit models skip the (synchronising) range check.
+        if x.numel() and not (x.dtype == torch.uint8 and self.levels >= 256):
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= self.levels:
+                raise ValueError(f"image values must lie in [0, {self.levels - 1}] for this model, got [{lo}, {hi}]")
+        self.check_labels(x.shape[0], y)
+
+    def check_labels(self, n: int, y: Tensor | None) -> None:
+        """Raise ValueError unless y is None for an unconditional model, or n class indices otherwise."""
+        if self.n_classes is None:
+            if y is not None:
+                raise ValueError("this model is not class-conditional; do not pass labels")
+            return
+        if y is None:
+            raise ValueError("this model is class-conditional; pass labels")
+        if y.is_floating_point() or tuple(y.shape) != (n,):
+            raise ValueError(f"labels must be {n} integer class indices, shape ({n},); got {y.dtype} {tuple(y.shape)}")
+        if n and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
+            raise ValueError(f"labels must lie in [0, {self.n_classes - 1}], got [{int(y.min())}, {int(y.max())}]")
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The training objective (loss, per-image nll), so DistributedDataParallel can wrap it."""
+        step = self.training_step(x, y)
+        return step.loss, step.nll
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """log p(x) (or log p(x|y)) in nats, shape (B,)."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        y: Tensor | None = None,
+    ) -> SampleOutput:
+        """Draw n images (n, C, H, W) uint8."""
+        raise NotImplementedError
+
+    def training_step(self, x: Tensor, y: Tensor | None = None) -> TrainStep:
+        """Loss for one batch; ``nll`` is the per-image quantity reported as training bits/dim."""
+        raise NotImplementedError
+
+
+class AutoregressiveModel(DensityModel):
+    """p(x) = prod_i p(x_i | x_<i) over sub-pixels in raster order, channels R before G before B.
+
+    Subclasses implement :meth:`logits`; likelihoods, per-pixel maps and the naive sampling loop
+    are written here once.
+    """
+
+    kind: ClassVar[str] = "autoregressive"
+    exact: ClassVar[bool] = True
+
+    def logits(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Unnormalised logits (B, C, levels, H, W); position i may depend only on x_<i."""
+        raise NotImplementedError
+
+    def pixel_log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """log p(x_i | x_<i) for every sub-pixel, in nats, shape (B, C, H, W)."""
+        self.check_input(x, y)
+        return categorical_log_prob(self.logits(x, y), x)
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.pixel_log_prob(x, y).flatten(1).sum(1)
+
+    def training_step(self, x: Tensor, y: Tensor | None = None) -> TrainStep:
+        nll = -self.log_prob(x, y)
+        return TrainStep(loss=nll.mean() / self.dims, nll=nll.detach())
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        y: Tensor | None = None,
+    ) -> SampleOutput:
+        """Reference sampler: one full forward pass per sub-pixel (C*H*W passes).
+
+        Draws use the Gumbel-max trick with one ``torch.rand(n, levels)`` per sub-pixel, in raster
+        then channel order, so any sampler that consumes the generator the same way draws the same
+        images. ``log_prob`` is the untempered model's exact log p(sample) in nats.
+        """
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        self.check_labels(n, y)
+        c_, h_, w_ = self.shape
+        dev = self.device
+        x = torch.zeros(n, c_, h_, w_, dtype=torch.long, device=dev)
+        logp = torch.zeros(n, device=dev)
+        for i in range(h_):
+            for j in range(w_):
+                for c in range(c_):
+                    step_logits = self.logits(x, y)[:, c, :, i, j]  # (n, L)
+                    v, lp = draw_categorical(step_logits, temperature, generator)
+                    x[:, c, i, j] = v
+                    logp += lp
+        return SampleOutput(images=x.to(torch.uint8), log_prob=logp)
+
+
+def draw_categorical(logits: Tensor, temperature: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """One draw per row of ``logits`` (n, L) at ``temperature`` by Gumbel-max.
+
+    Returns the drawn values (n,) and their log-probability in nats under the *untempered*
+    softmax (n,), the model's own likelihood of what was drawn.
+    """
+    u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
+    logits = logits.float()
+    v = (logits / temperature + gumbel).argmax(dim=1)
+    lp = torch.log_softmax(logits, dim=1).gather(1, v.unsqueeze(1)).squeeze(1)
+    return v, lp

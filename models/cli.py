@@ -1,0 +1,135 @@
+"""The ``genserve`` command: train, eval, serve, ... (``genserve --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+# Subcommands that live outside models/ (they need the web stack); imported only when used.
+EXTERNAL = {"serve": "service.cli"}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train
+
+    cfg: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    for key in ("data", "out", "epochs", "batch_size", "lr", "seed", "max_minutes", "device", "ema", "perturb"):
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    for item in args.set or []:
+        key, _, raw = item.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+        target[parts[-1]] = value
+    if args.no_progress:
+        cfg["progress"] = False
+    result = train(TrainConfig.from_dict(cfg))
+    logging.getLogger("genserve").info("done: %s", json.dumps(result))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.checkpoint import load_checkpoint, update_metadata
+    from models.data import load_dataset
+    from models.evaluate import evaluate
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_checkpoint(args.model, device)
+    if args.iwae_k and hasattr(model.config, "iwae_samples"):
+        model.config.iwae_samples = args.iwae_k
+    report = evaluate(model, load_dataset(args.data), batch_size=args.batch_size, show_progress=not args.no_progress)
+    report["model"] = str(args.model)
+    text = json.dumps(report, indent=2)
+    print(text)  # noqa: T201 - the command's output
+    if args.report:
+        Path(args.report).write_text(text + "\n")
+    if args.update_metadata:
+        metrics = {
+            "test_bits_per_dim": report["bits_per_dim"],
+            "test_nats_per_image": report["nats_per_image"],
+            "test_data": report["data"],
+        }
+        if "elbo_bits_per_dim" in report:
+            metrics["test_elbo_bits_per_dim"] = report["elbo_bits_per_dim"]
+            metrics["test_estimator"] = report["estimator"]
+        update_metadata(args.model, metrics=metrics)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genserve", description="Serve and train generative image models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (resumes if --out holds a resume state)")
+    t.add_argument("--config", help="JSON training config (see configs/)")
+    t.add_argument("--data", help="dataset spec, e.g. fashion-mnist or npz:PATH")
+    t.add_argument("--out", help="output folder (checkpoint, resume state, log)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--max-minutes", type=float, help="time budget; the LR schedule follows it")
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    t.add_argument("--ema", type=float)
+    t.add_argument("--perturb", type=float, help="background-model input perturbation rate (Ren et al.)")
+    t.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. model.hidden=32"
+    )
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="NLL of a checkpoint on a dataset (bits/dim, nats/image)")
+    e.add_argument("--model", required=True, help="checkpoint folder")
+    e.add_argument("--data", default="fashion-mnist:test")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--iwae-k", type=int, help="importance samples for a VAE (default: the model's)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--report", help="write the JSON report here too")
+    e.add_argument("--update-metadata", action="store_true", help="record the result as the checkpoint's test metrics")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_eval)
+
+    for name, module in EXTERNAL.items():
+        try:
+            importlib.import_module(module).add_parser(sub)
+        except Exception as exc:  # the web stack is optional on training machines
+            s = sub.add_parser(name, help=f"unavailable: {exc}")
+            s.set_defaults(func=lambda _a, exc=exc: _missing(exc))
+    return parser
+
+
+def _missing(exc: Exception) -> int:
+    logging.getLogger("genserve").error("this command needs the service dependencies: %s", exc)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as e:
+        logging.getLogger("genserve").error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

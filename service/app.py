@@ -1,0 +1,86 @@
+"""The app factory: ``create_app(settings) -> FastAPI``. Models load in the lifespan, never at import.
+
+A request enters through three middlewares (request id and log line → metrics → body size limit),
+reaches a route in ``service/routes/``, waits in a worker's batcher (``service/batching.py``), runs
+on the model's thread, and is answered by the route from the worker's tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service import images
+from service.auth import require_api_key
+from service.errors import ServiceError
+from service.limits import BodySizeLimitMiddleware
+from service.logs import RequestLogMiddleware, configure_json_logs
+from service.metrics import Metrics, MetricsMiddleware
+from service.registry import ModelRegistry
+from service.routes import health, models, sample, score
+from service.settings import Settings
+
+logger = logging.getLogger("genserve.app")
+
+DESCRIPTION = """Sample from and score images with PixelCNN and VAE models.
+
+Likelihoods are log-probabilities of the discrete 8-bit image in nats; bits/dim = -log2 p(x) / (C*H*W).
+Every error is JSON `{"detail": ...}` saying what to change; every response has an `X-Request-ID` header.
+When API keys are configured, send `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+"""
+
+
+async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own registry and metrics; nothing loads until the lifespan starts."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    registry = ModelRegistry(settings, metrics)
+    images.configure_pil(settings.max_image_pixels)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if settings.json_logs:
+        configure_json_logs()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry.discover()  # raises RegistryError (a clear message) for a bad configuration
+        registry.start()
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    app = FastAPI(title="genserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = metrics
+    app.add_exception_handler(ServiceError, service_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+    app.include_router(health.router)  # /healthz and /readyz are open; /metrics checks keys itself
+    protected = [Depends(require_api_key)]
+    for router in (models.router, sample.router, score.router):
+        app.include_router(router, dependencies=protected)
+
+    # Added innermost first: the request log wraps metrics, which wraps the body limit.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestLogMiddleware)
+    return app

@@ -1,0 +1,305 @@
+"""One worker per (model, device): a thread that owns the model and a dynamic batcher in front of it.
+
+Requests wait here. The event loop submits a :class:`Job` and awaits its future; the worker thread
+takes the oldest job, gathers queued jobs with the same key (op, score type, heatmap) up to
+``max_batch_size`` images or ``max_batch_wait_ms`` after the first one arrived, runs one forward
+pass for all of them, splits the outputs back, and resolves each future on the loop.
+
+Sampling jobs run one at a time (each has its own seed, so they never share a pass). A job whose
+request was cancelled (client gone, timeout) is removed from the queue and never computed. The
+queue is bounded by images waiting or running; a full queue refuses at once (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.base import DensityModel
+from models.checkpoint import load_checkpoint
+from service import scoring
+from service.errors import Unavailable
+from service.metrics import Metrics
+
+logger = logging.getLogger("genserve.worker")
+
+
+class State(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@dataclass(eq=False)
+class Job:
+    """Work for one request: ``size`` images to score (``x``) or to draw (``n``)."""
+
+    op: str  # "score" or "sample"
+    key: tuple[Any, ...]  # jobs with equal keys may share a forward pass
+    size: int
+    payload: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int
+    max_batch_wait_s: float
+    max_queue: int
+    max_concurrent_samples: int
+    warmup: bool = True
+
+
+@dataclass
+class SampleResult:
+    images: Tensor  # (n, C, H, W) integer levels, CPU
+    log_prob: Tensor | None  # (n,) nats, CPU
+
+
+class Worker:
+    """Owns one copy of a model on one device and runs all its inference on one thread."""
+
+    def __init__(
+        self, *, name: str, folder: Path, device: str, index: int, limits: BatchLimits, metrics: Metrics
+    ) -> None:
+        self.name = name
+        self.folder = folder
+        self.device = device
+        self.index = index
+        self.limits = limits
+        self.metrics = metrics
+        self.model: DensityModel | None = None
+        self.state = State.LOADING
+        self.error: str | None = None
+        self.sample_slots = asyncio.Semaphore(limits.max_concurrent_samples)
+        self.loaded = asyncio.Event()  # set once the thread has loaded (or failed to load) the model
+        self._queue: deque[Job] = deque()
+        self._pending = 0  # images queued or running
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name=f"genserve-{name}-{device}-{index}", daemon=True)
+        self._labels = {"model": name, "device": device, "worker": str(index)}
+
+    def __repr__(self) -> str:
+        return f"Worker({self.name!r}, {self.device}, #{self.index}, {self.state.value})"
+
+    # ---- event-loop side ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    @property
+    def load(self) -> int:
+        """Images queued or running: what least-loaded routing compares."""
+        return self._pending
+
+    async def run(self, op: str, key: tuple[Any, ...], size: int, payload: dict[str, Any]) -> Any:
+        """Queue a job and wait for its result; cancelling the caller drops the job."""
+        loop = asyncio.get_running_loop()
+        job = Job(op=op, key=key, size=size, payload=payload, loop=loop, future=loop.create_future())
+        self._submit(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self._cancel(job)
+            raise
+
+    def _submit(self, job: Job) -> None:
+        with self._cond:
+            if self.state is not State.READY:
+                raise Unavailable(f"model '{self.name}' on {self.device} is {self.state.value}; retry later")
+            # An idle worker takes any job, so one request larger than the queue limit still runs.
+            if self._pending and self._pending + job.size > self.limits.max_queue:
+                raise Unavailable(
+                    f"model '{self.name}' is busy: {self._pending} images queued on {self.device} "
+                    f"(limit {self.limits.max_queue}, GENSERVE_MAX_QUEUE); retry later"
+                )
+            self._queue.append(job)
+            self._pending += job.size
+            self._cond.notify()
+        self._set_depth()
+
+    def _cancel(self, job: Job) -> None:
+        """Drop a job whose caller gave up; a job already in a batch finishes and is discarded."""
+        with self._cond:
+            job.cancelled = True
+            if job in self._queue:
+                self._queue.remove(job)
+                self._pending -= job.size
+        self._set_depth()
+
+    def close(self) -> None:
+        """Stop taking work; queued jobs fail with 503. The thread ends after its current batch."""
+        with self._cond:
+            self.state = State.CLOSED
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._pending -= sum(j.size for j in dropped)
+            self._cond.notify_all()
+        for job in dropped:
+            _settle(job, error=Unavailable(f"model '{self.name}' is shutting down; retry on another instance"))
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- worker-thread side -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            model, _ = load_checkpoint(self.folder, self.device)
+            if self.limits.warmup:
+                self._warmup(model)
+        except Exception as e:
+            logger.exception("model '%s' failed to load on %s", self.name, self.device)
+            self.error = f"{type(e).__name__}: {e}"
+            self.state = State.FAILED
+            self._notify_loaded()
+            return
+        self.model = model
+        with self._cond:
+            if self.state is State.LOADING:
+                self.state = State.READY
+        logger.info("model '%s' ready on %s (worker %d)", self.name, self.device, self.index)
+        self._notify_loaded()
+        while (batch := self._next_batch()) is not None:
+            self._execute(batch)
+
+    def _notify_loaded(self) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown during loading)
+            self._loop.call_soon_threadsafe(self.loaded.set)
+
+    def _warmup(self, model: DensityModel) -> None:
+        """One forward pass, so the first request does not pay for lazy initialisation."""
+        c, h, w = model.shape
+        x = torch.zeros(1, c, h, w, dtype=torch.uint8, device=self.device)
+        y = torch.zeros(1, dtype=torch.long, device=self.device) if model.n_classes is not None else None
+        with torch.inference_mode():
+            model.log_prob(x, y)
+
+    def _next_batch(self) -> list[Job] | None:
+        """Block until work arrives; return the jobs for one pass, or None once closed."""
+        limits = self.limits
+        with self._cond:
+            while not self._queue and self.state is State.READY:
+                self._cond.wait()
+            if self.state is not State.READY:
+                return None
+            first = self._queue.popleft()
+            batch, size = [first], first.size
+            if first.op != "score":
+                return batch
+            deadline = first.enqueued + limits.max_batch_wait_s
+            while size < limits.max_batch_size:
+                for job in list(self._queue):  # oldest first; other keys wait for a later pass
+                    if job.key == first.key and size + job.size <= limits.max_batch_size:
+                        self._queue.remove(job)
+                        batch.append(job)
+                        size += job.size
+                remaining = deadline - time.perf_counter()
+                if size >= limits.max_batch_size or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+                if self.state is not State.READY:
+                    break
+            return batch
+
+    def _execute(self, batch: list[Job]) -> None:
+        with self._cond:  # a caller may have gone while the batch was forming
+            live = [j for j in batch if not j.cancelled]
+        try:
+            if live:
+                start = time.perf_counter()
+                for job in live:
+                    self.metrics.queue_wait.labels(**self._labels).observe(start - job.enqueued)
+                results = self._score(live) if live[0].op == "score" else [self._sample(live[0])]
+                assert len(results) == len(live), "one result per job"
+                self.metrics.inference_seconds.labels(**self._labels, op=live[0].op).observe(
+                    time.perf_counter() - start
+                )
+                self.metrics.batch_images.labels(**self._labels, op=live[0].op).observe(sum(j.size for j in live))
+                for job, result in zip(live, results, strict=True):
+                    _settle(job, result=result)
+        except torch.cuda.OutOfMemoryError:
+            logger.exception("model '%s' on %s: out of memory on a batch of %d jobs", self.name, self.device, len(live))
+            for job in live:
+                _settle(
+                    job, error=Unavailable(f"model '{self.name}' ran out of memory on {self.device}; send fewer images")
+                )
+        except Exception as e:
+            logger.exception("model '%s' on %s: batch of %d jobs failed", self.name, self.device, len(live))
+            for job in live:
+                _settle(job, error=e)
+        finally:
+            with self._cond:
+                self._pending -= sum(j.size for j in batch)
+            self._set_depth()
+
+    def _score(self, jobs: list[Job]) -> list[dict[str, Tensor]]:
+        """One pass (in chunks of max_batch_size) over every job's images; each job gets its rows back."""
+        assert self.model is not None
+        _, score_type, heatmap = jobs[0].key
+        x = torch.cat([j.payload["x"] for j in jobs]).to(self.device)
+        ys = [j.payload["y"] for j in jobs]
+        y = None if ys[0] is None else torch.cat(ys).to(self.device)
+        total, step = x.shape[0], self.limits.max_batch_size
+        parts = []
+        with torch.inference_mode():
+            for s in range(0, total, step):
+                yc = None if y is None else y[s : s + step]
+                out = scoring.compute(self.model, x[s : s + step], yc, score_type=score_type, heatmap=heatmap)
+                parts.append({k: v.cpu() for k, v in out.items()})
+        merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        for k, v in merged.items():
+            assert v.shape[0] == total, f"{k}: {v.shape[0]} outputs for {total} images"
+        sizes = [j.size for j in jobs]
+        return [
+            dict(zip(merged, rows, strict=True))
+            for rows in zip(*(v.split(sizes) for v in merged.values()), strict=True)
+        ]
+
+    def _sample(self, job: Job) -> SampleResult:
+        assert self.model is not None
+        p = job.payload
+        gen = torch.Generator(device=self.device).manual_seed(p["seed"])
+        y = None if p["label"] is None else torch.full((job.size,), p["label"], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model.sample(job.size, generator=gen, temperature=p["temperature"], y=y)
+        assert out.images.shape[0] == job.size, f"{out.images.shape[0]} samples for n={job.size}"
+        log_prob = None if out.log_prob is None else out.log_prob.float().cpu()
+        return SampleResult(images=out.images.cpu(), log_prob=log_prob)
+
+    def _set_depth(self) -> None:
+        self.metrics.queue_images.labels(**self._labels).set(self._pending)
+
+
+def _settle(job: Job, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a job's future from any thread, unless its caller has already gone."""
+
+    def apply() -> None:
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the loop has closed
+        job.loop.call_soon_threadsafe(apply)

@@ -1,0 +1,69 @@
+"""``genserve serve``: run the HTTP service under uvicorn (flags override GENSERVE_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+logger = logging.getLogger("genserve")
+
+# flag -> Settings field, for flags that override the environment
+OVERRIDES = {
+    "model_dir": "model_dir",
+    "models": "models",
+    "devices": "devices",
+    "max_batch_size": "max_batch_size",
+    "max_batch_wait_ms": "max_batch_wait_ms",
+    "api_keys": "api_keys",
+    "torch_threads": "torch_threads",
+}
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``serve`` subcommand to genserve's subparsers."""
+    s = sub.add_parser("serve", help="serve models over HTTP (see GENSERVE_* variables in the README)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-dir", help="folder of checkpoints (GENSERVE_MODEL_DIR)")
+    s.add_argument("--models", help="comma list of model names to serve (GENSERVE_MODELS; default all)")
+    s.add_argument("--devices", help="cpu, auto, or a list like cuda:0,cuda:1 (GENSERVE_DEVICES)")
+    s.add_argument("--max-batch-size", type=int, help="GENSERVE_MAX_BATCH_SIZE")
+    s.add_argument("--max-batch-wait-ms", type=float, help="GENSERVE_MAX_BATCH_WAIT_MS")
+    s.add_argument("--api-keys", help="comma list of API keys (GENSERVE_API_KEYS); prefer the variable")
+    s.add_argument("--torch-threads", type=int, help="GENSERVE_TORCH_THREADS")
+    s.add_argument("--json-logs", action="store_true", help="log JSON lines (GENSERVE_JSON_LOGS)")
+    s.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.metrics import Metrics
+    from service.registry import ModelRegistry, RegistryError
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {
+        field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None
+    }
+    if args.json_logs:
+        overrides["json_logs"] = True
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            where = ".".join(map(str, err["loc"]))
+            logger.error("invalid setting %s: %s", where, err["msg"].removeprefix("Value error, "))
+        return 2
+    try:
+        ModelRegistry(settings, Metrics()).discover()  # the same check as startup, with a clean message
+    except RegistryError as e:
+        logger.error("%s", e)
+        return 2
+    app = create_app(settings)
+    logger.info("serving %s on http://%s:%d (docs at /docs)", settings.model_dir, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0

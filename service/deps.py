@@ -1,0 +1,31 @@
+"""FastAPI dependencies: the app's settings, registry and metrics, as ``Annotated`` aliases for routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+from service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    registry: ModelRegistry = request.app.state.registry
+    return registry
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+AppSettings = Annotated[Settings, Depends(get_settings)]
+Registry = Annotated[ModelRegistry, Depends(get_registry)]
+AppMetrics = Annotated[Metrics, Depends(get_metrics)]

@@ -1,0 +1,155 @@
+"""Image I/O for the API: base64 and uploaded bytes in, PNGs out. Pure functions, no model code.
+
+Uploaded images are 8-bit (values 0..255); models take integer levels (B, C, H, W) in
+[0, levels-1]. For the usual levels=256 the two are the same; otherwise :func:`to_levels` and
+:func:`from_levels` map between them. Channel count C=1 is Pillow mode "L" (grayscale), C=3 is "RGB".
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import BadRequest, PayloadTooLarge
+
+# Formats we decode; anything else is refused rather than handed to a rarely used Pillow plugin.
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
+MODE_NAMES = {"L": "grayscale", "RGB": "RGB", "P": "palette", "1": "1-bit", "LA": "grayscale+alpha"}
+
+
+def configure_pil(max_pixels: int) -> None:
+    """Make Pillow refuse images above ``max_pixels`` (a process-wide Pillow setting).
+
+    Pillow warns between 1x and 2x its limit and raises above 2x; the warning is turned into an
+    error here so both paths end in :func:`open_image`'s 413.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def decode_base64(text: str, index: int) -> bytes:
+    """Bytes of a base64 string (a ``data:image/...;base64,`` prefix is allowed)."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(f"image {index} is not valid base64 ({e}); send the file's bytes base64-encoded") from e
+    if not data:
+        raise BadRequest(f"image {index} is empty")
+    return data
+
+
+def open_image(data: bytes, index: int, *, max_pixels: int) -> Image.Image:
+    """Decode image bytes, refusing undecodable data and images over ``max_pixels`` before decoding pixels."""
+    try:
+        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise PayloadTooLarge(f"image {index} has too many pixels; the limit is {max_pixels} (width x height)") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise BadRequest(f"image {index} could not be decoded as an image ({', '.join(ALLOWED_FORMATS)}): {e}") from e
+    w, h = im.size  # from the header; no pixels decoded yet
+    if w * h > max_pixels:
+        raise PayloadTooLarge(f"image {index} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    try:
+        im.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadRequest(f"image {index} is truncated or corrupt: {e}") from e
+    return im
+
+
+def describe_mode(mode: str) -> str:
+    return MODE_NAMES.get(mode, mode)
+
+
+def fit_to_model(
+    im: Image.Image, index: int, *, shape: tuple[int, int, int], model_name: str, resize: bool
+) -> tuple[np.ndarray, bool]:
+    """The image as uint8 (C, H, W) for a model of ``shape``; returns (array, converted?).
+
+    Without ``resize`` a different size or mode is refused (422). With it, the image is converted
+    to the model's mode and stretched to its H x W (Lanczos; the aspect ratio is not kept).
+    """
+    c, h, w = shape
+    if c not in MODES:
+        raise BadRequest(f"model '{model_name}' takes {c}-channel images, which the image API cannot decode")
+    mode = MODES[c]
+    if im.size != (w, h) or im.mode != mode:
+        if not resize:
+            raise BadRequest(
+                f"image {index} is {im.height}x{im.width} {describe_mode(im.mode)}; model '{model_name}' "
+                f"takes {c}x{h}x{w} {describe_mode(mode)} (send resize=true to convert)"
+            )
+        im = convert_mode(im, mode)
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.Resampling.LANCZOS)
+        converted = True
+    else:
+        converted = False
+    arr = np.asarray(im, dtype=np.uint8)  # (H, W) or (H, W, C)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    assert arr.shape == shape, (arr.shape, shape)
+    return np.ascontiguousarray(arr), converted
+
+
+def convert_mode(im: Image.Image, mode: str) -> Image.Image:
+    """Pillow's convert, with 16-bit grayscale scaled (not clipped) and palettes expanded first."""
+    if im.mode.startswith("I;16"):
+        im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+    elif im.mode == "P":
+        im = im.convert("RGBA")  # keeps palette transparency without Pillow's warning
+    return im if im.mode == mode else im.convert(mode)
+
+
+def to_levels(images: np.ndarray, levels: int) -> np.ndarray:
+    """8-bit values 0..255 -> integer levels 0..levels-1 (identity for levels=256)."""
+    if levels == 256:
+        return images
+    return (images.astype(np.int64) * levels // 256).astype(np.uint8 if levels <= 256 else np.int64)
+
+
+def from_levels(images: np.ndarray, levels: int) -> np.ndarray:
+    """Integer levels 0..levels-1 -> 8-bit values 0..255 (identity for levels=256)."""
+    if levels == 256:
+        return images.astype(np.uint8)
+    return np.round(images.astype(np.float64) * 255.0 / (levels - 1)).clip(0, 255).astype(np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of one uint8 image (C, H, W), C = 1 or 3."""
+    c = image.shape[0]
+    arr = image[0] if c == 1 else image.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_grid(images: np.ndarray, *, padding: int = 2) -> bytes:
+    """One PNG of uint8 images (N, C, H, W) in a near-square grid, rows filled first, black padding."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((c, padding + rows * (h + padding), padding + cols * (w + padding)), dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        y0, x0 = padding + r * (h + padding), padding + k * (w + padding)
+        grid[:, y0 : y0 + h, x0 : x0 + w] = images[i]
+    return encode_png(grid)
+
+
+def heatmap_png(nll_nats: np.ndarray, *, scale_nats: float) -> bytes:
+    """Grayscale PNG of a per-pixel NLL map (H, W) in nats: 0 nats -> 0, ``scale_nats`` or more -> 255, linear."""
+    assert nll_nats.ndim == 2, nll_nats.shape
+    v = np.clip(np.nan_to_num(nll_nats, nan=scale_nats, posinf=scale_nats) / scale_nats, 0.0, 1.0)
+    return encode_png(np.round(v * 255.0).astype(np.uint8)[None])
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,293 @@
+"""The served models: found in GENSERVE_MODEL_DIR, one worker per (model, device), least-loaded routing.
+
+:meth:`ModelRegistry.discover` reads every checkpoint's metadata and builds each model on the
+"meta" device (no memory, no weights) to learn its shape and kind; any problem stops startup with
+a message naming the fix. :meth:`ModelRegistry.start` then starts the workers, which load weights
+and warm up on their own threads while /readyz answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.base import AutoregressiveModel, DensityModel
+from models.checkpoint import META, CheckpointError, build_model, read_metadata
+from service import scoring
+from service.batching import BatchLimits, SampleResult, State, Worker
+from service.errors import BadRequest, Timeout, Unavailable, UnknownModel
+from service.metrics import Metrics
+from service.settings import Settings
+
+logger = logging.getLogger("genserve.registry")
+
+
+class RegistryError(ValueError):
+    """The configured models cannot be served; the message says how to fix the settings."""
+
+
+@dataclass
+class ModelEntry:
+    """One served model: what its checkpoint says, and its workers."""
+
+    name: str
+    folder: Path
+    meta: dict[str, Any]
+    skeleton: DensityModel  # built on the "meta" device: properties only, no weights
+    workers: list[Worker]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.skeleton.shape
+
+    @property
+    def levels(self) -> int:
+        return self.skeleton.levels
+
+    @property
+    def dims(self) -> int:
+        return self.skeleton.dims
+
+    @property
+    def n_classes(self) -> int | None:
+        return self.skeleton.n_classes
+
+    @property
+    def per_pixel(self) -> bool:
+        """True if the model gives per-pixel likelihoods (heatmaps)."""
+        return isinstance(self.skeleton, AutoregressiveModel)
+
+    @property
+    def classes(self) -> list[str] | None:
+        classes = (self.meta.get("dataset") or {}).get("classes")
+        return [str(c) for c in classes] if classes else None
+
+    @property
+    def default_score_type(self) -> str:
+        return scoring.default_score_type(self.meta)
+
+    def info(self) -> dict[str, Any]:
+        dataset = self.meta.get("dataset") or {}
+        return {
+            "name": self.name,
+            "kind": self.skeleton.kind,
+            "architecture": self.skeleton.architecture,
+            "shape": list(self.shape),
+            "levels": self.levels,
+            "dataset": dataset.get("name") or dataset.get("spec"),
+            "classes": self.classes,
+            "metrics": self.meta.get("metrics") or {},
+            "calibration": self.meta.get("calibration") or None,
+            "sha256": self.meta["weights"].get("sha256", ""),
+            "devices": [w.device for w in self.workers],
+            "exact_likelihood": bool(self.skeleton.exact),
+            "conditional": self.n_classes is not None,
+            "score_types": sorted(scoring.SCORE_TYPES),
+            "default_score_type": self.default_score_type,
+        }
+
+    def label_index(self, label: int | str | None) -> int | None:
+        """The class index for a request's label (a name or an index); 422 unless it fits the model."""
+        n = self.n_classes
+        if n is None:
+            if label is not None:
+                raise BadRequest(f"model '{self.name}' is not class-conditional; remove 'label'")
+            return None
+        names = self.classes
+        choices = f"one of {names} or an index 0..{n - 1}" if names else f"an index 0..{n - 1}"
+        if label is None:
+            raise BadRequest(f"model '{self.name}' is class-conditional; send 'label': {choices}")
+        if isinstance(label, str):
+            if names and label in names:
+                return names.index(label)
+            if not label.strip().isdigit():
+                raise BadRequest(f"label '{label}' is not a class of model '{self.name}'; send {choices}")
+            label = int(label)
+        if not 0 <= label < n:
+            raise BadRequest(f"label {label} is out of range for model '{self.name}'; send {choices}")
+        return label
+
+    def resolve_score_type(self, requested: str | None) -> str:
+        name = requested or self.default_score_type
+        if name not in scoring.SCORE_TYPES:
+            raise BadRequest(f"unknown score_type '{name}'; model '{self.name}' offers {sorted(scoring.SCORE_TYPES)}")
+        return name
+
+
+def skeleton_model(folder: Path, meta: dict[str, Any]) -> DensityModel:
+    """The model built from its config on the meta device: checks the config, costs no memory."""
+    try:
+        with torch.device("meta"):
+            return build_model(meta["architecture"], meta["config"])
+    except (TypeError, ValueError) as e:
+        raise RegistryError(f"{folder / META}: config does not build a model: {e}") from e
+
+
+class ModelRegistry:
+    """Every served model and its workers."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.entries: dict[str, ModelEntry] = {}
+        self.started = False
+        self._round_robin = itertools.count()
+        self.limits = BatchLimits(
+            max_batch_size=settings.max_batch_size,
+            max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
+            max_queue=settings.max_queue,
+            max_concurrent_samples=settings.max_concurrent_samples,
+            warmup=settings.warmup,
+        )
+
+    # ---- startup and shutdown -----------------------------------------------------------------
+
+    def discover(self) -> None:
+        """Read the checkpoints to serve; raise RegistryError naming the fix if any is missing or broken."""
+        root = self.settings.model_dir
+        found = sorted(p.name for p in root.iterdir() if (p / META).is_file()) if root.is_dir() else []
+        wanted = self.settings.model_names
+        if wanted is None:
+            if not found:
+                raise RegistryError(
+                    f"GENSERVE_MODEL_DIR={root} holds no checkpoints (subfolders with {META}); "
+                    "train one with `genserve train` or point GENSERVE_MODEL_DIR at another folder"
+                )
+            wanted = found
+        missing = [m for m in wanted if m not in found]
+        if missing:
+            raise RegistryError(
+                f"GENSERVE_MODELS names {missing}, not checkpoints in {root}; available: {found or 'none'}"
+            )
+        devices = self.settings.device_list
+        entries = {}
+        for name in wanted:
+            folder = root / name
+            try:
+                meta = read_metadata(folder)
+            except CheckpointError as e:
+                raise RegistryError(str(e)) from e
+            skeleton = skeleton_model(folder, meta)
+            default = scoring.default_score_type(meta)
+            if default not in scoring.SCORE_TYPES:
+                raise RegistryError(
+                    f"{folder / META}: calibration.default_score '{default}' is not a known score type "
+                    f"({sorted(scoring.SCORE_TYPES)}); recalibrate or install the module that defines it"
+                )
+            workers = [
+                Worker(name=name, folder=folder, device=dev, index=i, limits=self.limits, metrics=self.metrics)
+                for i, dev in enumerate(devices)
+            ]
+            entries[name] = ModelEntry(name=name, folder=folder, meta=meta, skeleton=skeleton, workers=workers)
+        self.entries = entries
+        for entry in entries.values():
+            info = entry.info()
+            self.metrics.model_info.labels(
+                model=entry.name,
+                kind=info["kind"],
+                architecture=info["architecture"],
+                sha256=info["sha256"],
+                devices=",".join(info["devices"]),
+            ).set(1)
+
+    def start(self) -> None:
+        """Start every worker thread; each loads its model and warms up in the background."""
+        for worker in self.workers:
+            worker.start()
+        self.started = True
+        logger.info("loading %d model(s) on %s", len(self.entries), ",".join(self.settings.device_list))
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        for worker in self.workers:
+            worker.close()
+        deadline = time.monotonic() + timeout_s
+        for worker in self.workers:
+            await asyncio.to_thread(worker.join, max(0.0, deadline - time.monotonic()))
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [w for e in self.entries.values() for w in e.workers]
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({w.device for w in self.workers})
+
+    # ---- readiness ----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.started and all(w.state is State.READY for w in self.workers)
+
+    def not_ready_reason(self) -> str:
+        if not self.started:
+            return "models are not loaded yet (the service is starting)"
+        failed = [w for w in self.workers if w.state is State.FAILED]
+        if failed:
+            return "; ".join(f"model '{w.name}' failed to load on {w.device}: {w.error}" for w in failed)
+        loading = [w for w in self.workers if w.state is State.LOADING]
+        if loading:
+            done = len(self.workers) - len(loading)
+            names = sorted({w.name for w in loading})
+            return f"loading models {names} ({done} of {len(self.workers)} workers ready)"
+        return "shutting down"
+
+    async def wait_loaded(self) -> None:
+        """Until every worker has loaded or failed (for tests and the CLI)."""
+        await asyncio.gather(*(w.loaded.wait() for w in self.workers))
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def get(self, name: str) -> ModelEntry:
+        if name not in self.entries:
+            raise UnknownModel(f"unknown model '{name}'; available: {sorted(self.entries)}")
+        return self.entries[name]
+
+    def pick(self, entry: ModelEntry) -> Worker:
+        """The ready worker with the fewest queued images; ties rotate."""
+        ready = [w for w in entry.workers if w.state is State.READY]
+        if not ready:
+            raise Unavailable(f"model '{entry.name}' is not ready: {self.not_ready_reason()}", retry_after_s=5)
+        k = next(self._round_robin) % len(ready)
+        return min(ready[k:] + ready[:k], key=lambda w: w.load)
+
+    async def score(
+        self, entry: ModelEntry, x: Tensor, y: Tensor | None, *, score_type: str, heatmap: bool
+    ) -> dict[str, Tensor]:
+        """Per-image outputs of :func:`service.scoring.compute` for x (B, C, H, W) levels, on CPU."""
+        worker = self.pick(entry)
+        payload = {"x": x, "y": y}
+        async with self._deadline(entry):
+            result: dict[str, Tensor] = await worker.run("score", ("score", score_type, heatmap), x.shape[0], payload)
+        return result
+
+    async def sample(
+        self, entry: ModelEntry, *, n: int, seed: int, temperature: float, label: int | None
+    ) -> SampleResult:
+        worker = self.pick(entry)
+        payload = {"seed": seed, "temperature": temperature, "label": label}
+        async with self._deadline(entry), worker.sample_slots:
+            result: SampleResult = await worker.run("sample", ("sample",), n, payload)
+        return result
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self, entry: ModelEntry) -> AsyncIterator[None]:
+        """Cancel the body after GENSERVE_REQUEST_TIMEOUT_S (dropping its queued job) and answer 504."""
+        seconds = self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout(seconds):
+                yield
+        except TimeoutError as e:
+            raise Timeout(
+                f"model '{entry.name}' did not answer within {seconds:g} s (GENSERVE_REQUEST_TIMEOUT_S); "
+                "the service is busy: retry later or send fewer images"
+            ) from e

@@ -1,0 +1,117 @@
+"""Request and response bodies of every endpoint; these are what /docs shows."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+Label = StrictInt | StrictStr
+
+
+class ErrorResponse(BaseModel):
+    detail: Any = Field(
+        description="what went wrong and what to change (a list of field errors for 422s from validation)"
+    )
+    request_id: str | None = Field(None, description="set on 500s; quote it when reporting the problem")
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(description="the checkpoint folder's name; pass it as `model`")
+    kind: Literal["autoregressive", "vae"]
+    architecture: str
+    shape: list[int] = Field(description="[C, H, W] of the images the model takes and draws")
+    levels: int = Field(description="values per sub-pixel (256 for 8-bit images)")
+    dataset: str | None = Field(description="name of the training data set")
+    classes: list[str] | None = Field(description="class names, for class-conditional models")
+    metrics: dict[str, Any] = Field(description="test-set metrics recorded in the checkpoint")
+    calibration: dict[str, Any] | None = Field(description="outlier calibration recorded by `genserve calibrate`")
+    sha256: str = Field(description="sha256 of the weights file")
+    devices: list[str] = Field(description="one worker per entry")
+    exact_likelihood: bool = Field(description="false where log p(x) is an estimate (a VAE's IWAE bound)")
+    conditional: bool = Field(description="true if /sample and /score need a `label`")
+    score_types: list[str] = Field(description="values accepted as `score_type` by /score")
+    default_score_type: str
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class SampleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="model name from GET /models")
+    n: int = Field(1, ge=1, description="images to draw (at most GENSERVE_MAX_SAMPLES)")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="same seed (and model, n, temperature, label, device) -> same images"
+    )
+    temperature: float | None = Field(
+        None, gt=0, description="sharpness: < 1 more typical, > 1 more varied (a VAE scales its prior's std); default 1"
+    )
+    label: Label | None = Field(None, description="class name or index; required by class-conditional models only")
+
+
+class SampleResponse(BaseModel):
+    model: str
+    seed: int = Field(description="the seed used (a random one when the request had none)")
+    label: int | None = Field(description="the class index drawn from, for class-conditional models")
+    images: list[str] = Field(description="base64 PNGs, one per sample")
+    bits_per_dim: list[float] | None = Field(
+        description="-log2 p(sample) / (C*H*W) where the model's likelihood is exact"
+    )
+    log_likelihood_nats: list[float] | None = Field(description="log p(sample) in nats where exact, else null")
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="model name from GET /models")
+    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+    score_type: str | None = Field(None, description="one of the model's score_types; default its default_score_type")
+    heatmap: bool = Field(False, description="also return a per-pixel NLL map (autoregressive models only)")
+    resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
+    label: Label | None = Field(None, description="class name or index for every image; class-conditional models only")
+
+
+class ScoreForm(BaseModel):
+    """The multipart/form-data variant of ScoreRequest: files in the `files` field."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    score_type: str | None = None
+    heatmap: bool = False
+    resize: bool = False
+    label: str | None = None
+
+
+class ScoreResult(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    log_likelihood_nats: float = Field(description="log p(x) in nats (an estimate for a VAE)")
+    bits_per_dim: float = Field(description="-log2 p(x) / (C*H*W)")
+    score: float = Field(description="the score_type's value; higher is more unusual")
+    threshold: float | None = Field(description="calibrated outlier threshold for this score, if any")
+    is_outlier: bool | None = Field(description="score > threshold, when calibrated")
+    percentile: float | None = Field(description="where the score falls among calibration quantiles (0..100)")
+    resized: bool = Field(description="true if the image was converted to the model's mode or size")
+    heatmap: str | None = Field(
+        description="base64 grayscale PNG (H x W): per-pixel NLL summed over channels, linear from 0 nats "
+        "(black) to heatmap_scale_nats or more (white)"
+    )
+    heatmap_scale_nats: float | None = Field(description="NLL drawn as white: C * ln(levels), a uniform guess")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    score_type: str
+    results: list[ScoreResult]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"
+    models: list[str]

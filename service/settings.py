@@ -1,0 +1,104 @@
+"""Service configuration from ``GENSERVE_*`` environment variables (or keyword arguments in tests).
+
+Comma lists (``GENSERVE_MODELS``, ``GENSERVE_DEVICES``, ``GENSERVE_API_KEYS``) are plain strings
+parsed by validators, so ``GENSERVE_DEVICES=cuda:0,cuda:1`` works without JSON quoting. A bad value
+refuses to start with a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def split_list(value: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def resolve_devices(spec: str) -> list[str]:
+    """Devices from a GENSERVE_DEVICES string: "auto", "cpu", "cuda", "cuda:0,cuda:1", "cpu,cpu".
+
+    "auto" means every CUDA GPU torch sees, else one CPU worker. Raises ValueError with the fix.
+    """
+    items = split_list(spec.lower())
+    if not items:
+        raise ValueError("GENSERVE_DEVICES is empty; use cpu, auto, or a list like cuda:0,cuda:1")
+    if items == ["auto"]:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    out = []
+    for item in items:
+        if not DEVICE_RE.match(item):
+            raise ValueError(f"GENSERVE_DEVICES: unknown device '{item}'; use cpu, cuda, cuda:N, or auto")
+        if item.startswith("cuda"):
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(item.partition(":")[2] or 0)
+            if n == 0:
+                raise ValueError(f"GENSERVE_DEVICES: '{item}' but torch sees no CUDA GPU; use cpu or auto")
+            if index >= n:
+                raise ValueError(f"GENSERVE_DEVICES: '{item}' but torch sees {n} GPU(s) (cuda:0..cuda:{n - 1})")
+            item = f"cuda:{index}"
+        out.append(item)
+    return out
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment; see the README for each variable."""
+
+    model_config = SettingsConfigDict(env_prefix="GENSERVE_", extra="ignore", protected_namespaces=())
+
+    model_dir: Path = Field(default=Path("checkpoints"), description="folder of checkpoints, one subfolder per model")
+    models: str = Field(default="", description="comma list of model names (subfolders) to serve; empty = all")
+    devices: str = Field(
+        default="cpu", description='"cpu", "auto", or a comma list such as "cuda:0,cuda:1" or "cpu,cpu"'
+    )
+    max_batch_size: int = Field(default=32, ge=1, description="images per forward pass")
+    max_batch_wait_ms: float = Field(default=5.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_queue: int = Field(default=256, ge=1, description="images waiting or running per worker before 503")
+    request_timeout_s: float = Field(default=60.0, gt=0, description="a request waiting longer gets 504")
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="request body limit (413 above)")
+    max_images: int = Field(default=64, ge=1, description="images per /score request")
+    max_samples: int = Field(default=64, ge=1, description="n per /sample request")
+    max_concurrent_samples: int = Field(default=2, ge=1, description="sample requests admitted per worker at once")
+    max_image_pixels: int = Field(default=4_000_000, ge=1, description="larger uploaded images are refused (413)")
+    api_keys: str = Field(default="", description="comma list of accepted API keys; empty = no auth")
+    metrics_public: bool = Field(default=False, description="serve /metrics without an API key")
+    json_logs: bool = Field(default=False, description="log one JSON object per line")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads for CPU inference")
+    warmup: bool = Field(default=True, description="run one forward pass per worker before reporting ready")
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, v: str) -> str:
+        resolve_devices(v)  # raises with the fix
+        return v
+
+    @field_validator("model_dir")
+    @classmethod
+    def _check_model_dir(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(
+                f"GENSERVE_MODEL_DIR={v} is not a folder; point it at a folder holding one "
+                "subfolder per model (each with model.json and model.safetensors)"
+            )
+        return v
+
+    @property
+    def model_names(self) -> list[str] | None:
+        """The models asked for, or None for every checkpoint in model_dir."""
+        return split_list(self.models) or None
+
+    @property
+    def device_list(self) -> list[str]:
+        return resolve_devices(self.devices)
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return split_list(self.api_keys)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny checkpoints on disk and settings for in-process service apps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models.checkpoint import save_checkpoint
+from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.vae import VAE, VAEConfig
+
+TINY_PIXELCNN = dict(
+    in_channels=1, height=8, width=8, levels=256, hidden=8, n_blocks=1, first_kernel=3, kernel=3, out_hidden=16
+)
+TINY_VAE = dict(
+    in_channels=1,
+    height=8,
+    width=8,
+    latent_dim=4,
+    hidden=8,
+    downsample=1,
+    res_blocks=1,
+    n_mixtures=2,
+    iwae_samples=4,
+    iwae_chunk=4,
+)
+
+
+def dataset_meta(classes: list[str] | None = None) -> dict[str, Any]:
+    return {"spec": "test", "name": "test", "shape": [1, 8, 8], "levels": 256, "classes": classes}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint folder with three tiny models: pixelcnn, pixelcnn-cond (classes a, b, c) and vae."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    save_checkpoint(
+        PixelCNN(PixelCNNConfig(**TINY_PIXELCNN)),
+        root / "pixelcnn",
+        dataset=dataset_meta(),
+        metrics={"test_bits_per_dim": 7.9},
+    )
+    save_checkpoint(
+        PixelCNN(PixelCNNConfig(**TINY_PIXELCNN, n_classes=3)),
+        root / "pixelcnn-cond",
+        dataset=dataset_meta(["a", "b", "c"]),
+    )
+    save_checkpoint(VAE(VAEConfig(**TINY_VAE)), root / "vae", dataset=dataset_meta())
+    return root
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def make_settings(model_dir: Path) -> Callable[..., Any]:
+    from service.settings import Settings
+
+    def make(**overrides: Any) -> Settings:
+        return Settings(**{"model_dir": model_dir, "max_batch_wait_ms": 0.0, **overrides})
+
+    return make

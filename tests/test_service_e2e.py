@@ -1,0 +1,102 @@
+"""End to end: `genserve serve` as a real process on a free port, called over HTTP."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from service_helpers import b64, decode_png, gray_png
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerLog:
+    """The server's log lines, read on a thread so the test can wait for a given line."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        assert proc.stderr is not None
+        self._stream = proc.stderr
+        self._thread = threading.Thread(target=self._read, args=(self._stream,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """After the process has exited: let the reader reach end of file, then close the pipe."""
+        self._thread.join(timeout=10)
+        self._stream.close()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, *needles: str, timeout: float = 60.0) -> None:
+        """Block until every needle has appeared in some line (the process exiting fails the test)."""
+        missing = set(needles)
+        deadline = time.monotonic() + timeout
+        missing -= {n for n in missing if any(n in line for line in self.lines)}
+        while missing:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"server did not log {sorted(missing)} in {timeout} s:\n{''.join(self.lines)}")
+            if line is None:
+                pytest.fail(f"server exited before logging {sorted(missing)}:\n{''.join(self.lines)}")
+            self.lines.append(line)
+            missing -= {n for n in missing if n in line}
+
+
+@pytest.fixture
+def server(model_dir: Path) -> Iterator[tuple[str, ServerLog]]:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENSERVE_MAX_BATCH_WAIT_MS": "1"}
+    cmd = [sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
+    proc = subprocess.Popen(
+        [*cmd, "--models", "pixelcnn,vae", "--json-logs"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    log = ServerLog(proc)
+    try:
+        log.wait_for("Uvicorn running on", "model 'pixelcnn' ready", "model 'vae' ready")
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_real_server_samples_and_scores(server):
+    url, log = server
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 200 and r.json()["models"] == ["pixelcnn", "vae"]
+        r = client.post("/sample", json={"model": "pixelcnn", "n": 2, "seed": 11})
+        assert r.status_code == 200 and r.json()["seed"] == 11
+        assert decode_png(r.json()["images"][0]).size == (8, 8)
+        r = client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png(0)), b64(gray_png(1))]})
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+        files = [("files", ("a.png", gray_png(2), "image/png"))]
+        r = client.post("/score", data={"model": "vae"}, files=files, headers={"X-Request-ID": "e2e-1"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "e2e-1"
+        assert "genserve_requests_total" in client.get("/metrics").text
+    log.wait_for('"request_id": "e2e-1"')  # one JSON log line per request

@@ -1,0 +1,48 @@
+"""The service on CUDA workers (skipped on machines without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from service_helpers import b64, gray_png, running, worker_of
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+async def test_auto_devices_serve_on_every_gpu(make_settings):
+    async with running(make_settings(devices="auto")) as (app, client):
+        n = torch.cuda.device_count()
+        info = (await client.get("/models/pixelcnn")).json()
+        assert info["devices"] == [f"cuda:{i}" for i in range(n)]
+        assert worker_of(app, "pixelcnn").model.device.type == "cuda"
+        assert (await client.get("/readyz")).status_code == 200
+
+        a = (await client.post("/sample", json={"model": "pixelcnn", "n": 3, "seed": 9})).json()
+        b = (await client.post("/sample", json={"model": "pixelcnn", "n": 3, "seed": 9})).json()
+        assert a["images"] == b["images"] and len(a["bits_per_dim"]) == 3
+        r = await client.post("/sample", json={"model": "vae", "n": 2, "seed": 1})
+        assert r.status_code == 200
+        r = await client.post("/sample", json={"model": "pixelcnn-cond", "n": 2, "seed": 1, "label": "c"})
+        assert r.status_code == 200
+
+        images = [b64(gray_png(i)) for i in range(40)]
+        r = await client.post("/score", json={"model": "pixelcnn", "images": images, "heatmap": True})
+        assert r.status_code == 200 and len(r.json()["results"]) == 40
+        r = await client.post("/score", json={"model": "vae", "images": images[:5]})
+        assert r.status_code == 200
+
+        metrics = (await client.get("/metrics")).text
+        assert 'genserve_device_memory_bytes{device="cuda:0",type="allocated"}' in metrics
+
+
+async def test_gpu_scores_match_cpu(make_settings):
+    body = {"model": "pixelcnn", "images": [b64(gray_png(i)) for i in range(4)]}
+    async with running(make_settings(models="pixelcnn", devices="cuda:0")) as (_, client):
+        gpu = (await client.post("/score", json=body)).json()["results"]
+    async with running(make_settings(models="pixelcnn", devices="cpu")) as (_, client):
+        cpu = (await client.post("/score", json=body)).json()["results"]
+    for g, c in zip(gpu, cpu, strict=True):
+        assert g["log_likelihood_nats"] == pytest.approx(c["log_likelihood_nats"], rel=1e-4)

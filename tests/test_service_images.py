@@ -1,0 +1,90 @@
+"""The pure helpers of the service: image decoding and encoding, calibration percentiles."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from service_helpers import png_bytes
+
+from service import images
+from service.errors import BadRequest, PayloadTooLarge
+from service.scoring import Calibration, calibration_for, default_score_type, percentile
+
+
+def test_decode_base64_accepts_data_urls():
+    raw = png_bytes(np.zeros((2, 2), np.uint8))
+    text = "data:image/png;base64," + base64.b64encode(raw).decode()
+    assert images.decode_base64(text, 0) == raw
+    with pytest.raises(BadRequest, match="image 3 is not valid base64"):
+        images.decode_base64("%%%", 3)
+
+
+def test_open_image_refuses_oversized_images_before_decoding(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's own check off: ours must catch it
+    big = png_bytes(np.zeros((50, 50), np.uint8))
+    with pytest.raises(PayloadTooLarge, match="image 0 is 50x50 = 2500 pixels; the limit is 1000"):
+        images.open_image(big, 0, max_pixels=1000)
+
+
+def test_fit_to_model_converts_modes_and_sizes():
+    rgba = Image.fromarray(np.full((16, 12, 4), 255, np.uint8))
+    arr, converted = images.fit_to_model(rgba, 0, shape=(1, 8, 8), model_name="m", resize=True)
+    assert converted and arr.shape == (1, 8, 8) and arr.dtype == np.uint8 and (arr == 255).all()
+    gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    arr, converted = images.fit_to_model(gray, 0, shape=(3, 8, 8), model_name="m", resize=True)
+    assert converted and arr.shape == (3, 8, 8) and (arr[0] == arr[2]).all()
+    deep = Image.fromarray(np.full((8, 8), 65535, np.uint16))
+    arr, _ = images.fit_to_model(deep, 0, shape=(1, 8, 8), model_name="m", resize=True)
+    assert (arr == 255).all()  # 16-bit values are scaled, not clipped
+    palette = Image.fromarray(np.zeros((8, 8), np.uint8)).convert("P")
+    palette.info["transparency"] = 0
+    arr, _ = images.fit_to_model(palette, 0, shape=(1, 8, 8), model_name="m", resize=True)
+    assert arr.shape == (1, 8, 8)
+    with pytest.raises(BadRequest, match=r"image 2 is 16x12 RGBA; model 'm' takes 1x8x8 grayscale \(send resize"):
+        images.fit_to_model(rgba, 2, shape=(1, 8, 8), model_name="m", resize=False)
+
+
+def test_levels_round_trip():
+    x = np.arange(256, dtype=np.uint8)
+    assert images.to_levels(x, 256) is x
+    q = images.to_levels(x, 16)
+    assert q.min() == 0 and q.max() == 15
+    assert images.from_levels(q, 16).max() == 255 and images.from_levels(np.zeros(1, np.uint8), 16)[0] == 0
+
+
+def test_png_grid_layout():
+    tiles = np.stack([np.full((1, 4, 4), 10 * (i + 1), np.uint8) for i in range(5)])
+    im = Image.open(io.BytesIO(images.png_grid(tiles, padding=1)))
+    assert im.size == (1 + 3 * 5, 1 + 2 * 5) and im.mode == "L"  # 3 columns, 2 rows
+    a = np.asarray(im)
+    assert a[1, 1] == 10 and a[1, 6] == 20 and a[6, 1] == 40 and a[6, 11] == 0  # the sixth cell is empty
+    rgb = images.png_grid(np.zeros((2, 3, 4, 4), np.uint8))
+    assert Image.open(io.BytesIO(rgb)).mode == "RGB"
+
+
+def test_heatmap_scale():
+    nll = np.array([[0.0, 1.0], [2.0, 100.0]])
+    im = Image.open(io.BytesIO(images.heatmap_png(nll, scale_nats=2.0)))
+    assert np.asarray(im).tolist() == [[0, 128], [255, 255]]
+
+
+def test_percentile_among_quantiles():
+    q = tuple(float(i) for i in range(101))  # q_k = k
+    assert percentile(-1.0, q) == 0.0 and percentile(200.0, q) == 100.0
+    assert percentile(42.5, q) == pytest.approx(42.5)
+    coarse = (0.0, 10.0, 20.0)  # q_0, q_50, q_100
+    assert percentile(5.0, coarse) == pytest.approx(25.0)
+    assert percentile(10.0, (0.0, 10.0, 10.0, 30.0)) == pytest.approx(200 / 3)  # ties: the highest rank
+
+
+def test_calibration_lookup():
+    meta = {"calibration": {"default_score": "nll", "scores": {"nll": {"threshold": 5.0, "quantiles": [3, 1, 2]}}}}
+    cal = calibration_for(meta, "nll")
+    assert cal == Calibration(threshold=5.0, quantiles=(1.0, 2.0, 3.0))
+    assert cal.is_outlier(5.5) is True and cal.is_outlier(5.0) is False
+    assert calibration_for(meta, "other") == Calibration() and Calibration().is_outlier(9.0) is None
+    assert default_score_type(meta) == "nll" and default_score_type({"calibration": None}) == "nll"

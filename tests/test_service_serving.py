@@ -1,0 +1,336 @@
+"""The serving core: readiness, dynamic batching, routing, backpressure, timeouts, cancellation, auth.
+
+Synchronisation waits on events (a gated model's ``entered``, a worker's submissions), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+from service_helpers import Gate, b64, gray_png, post_json, running, worker_of
+
+import service.batching
+from models.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.anyio
+
+ONE = {"model": "pixelcnn", "images": [b64(gray_png())]}
+
+
+async def wait_thread_event(event: threading.Event) -> None:
+    assert await anyio.to_thread.run_sync(event.wait, 10), "event not set within 10 s"
+
+
+def count_submissions(worker) -> asyncio.Event:
+    """Patch a worker so the test can wait until a given number of jobs have been queued."""
+    state = {"n": 0, "want": 0}
+    ready = asyncio.Event()
+    original = worker._submit
+
+    def submit(job):
+        original(job)
+        state["n"] += 1
+        if state["n"] >= state["want"]:
+            ready.set()
+
+    worker._submit = submit
+
+    async def wait_for(n: int) -> None:
+        state["want"] = n
+        if state["n"] >= n:
+            return
+        ready.clear()
+        await ready.wait()
+
+    ready.wait_for = wait_for  # type: ignore[attr-defined]
+    return ready
+
+
+# ---- readiness ------------------------------------------------------------------------------------
+
+
+async def test_readyz_503_until_models_loaded_then_200(make_settings, monkeypatch):
+    release = threading.Event()
+
+    def slow_load(folder, device):
+        assert release.wait(10)
+        return load_checkpoint(folder, device)
+
+    monkeypatch.setattr(service.batching, "load_checkpoint", slow_load)
+    async with running(make_settings(models="pixelcnn,vae"), wait=False) as (app, client):
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and r.headers["retry-after"] == "2"
+        assert r.json()["detail"] == "loading models ['pixelcnn', 'vae'] (0 of 2 workers ready)"
+        assert (await client.get("/healthz")).status_code == 200
+        r = await client.post("/score", json=ONE)
+        assert r.status_code == 503 and r.json()["detail"].startswith("model 'pixelcnn' is not ready: loading")
+        release.set()
+        await app.state.registry.wait_loaded()
+        r = await client.get("/readyz")
+        assert r.status_code == 200 and r.json() == {"status": "ready", "models": ["pixelcnn", "vae"]}
+
+
+async def test_readyz_before_startup_is_503(make_settings):
+    import httpx
+
+    from service.app import create_app
+
+    app = create_app(make_settings())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        r = await client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["detail"] == "models are not loaded yet (the service is starting)"
+
+
+async def test_readyz_reports_a_model_that_failed_to_load(make_settings, model_dir: Path, tmp_path: Path):
+    shutil.copytree(model_dir / "pixelcnn", tmp_path / "broken")
+    weights = tmp_path / "broken" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    async with running(make_settings(model_dir=tmp_path)) as (_, client):
+        r = await client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["detail"].startswith("model 'broken' failed to load on cpu: CheckpointError:")
+        assert "does not match" in r.json()["detail"]
+
+
+# ---- batching and routing ---------------------------------------------------------------------------
+
+
+async def test_concurrent_requests_share_one_forward_pass(make_settings):
+    async with running(make_settings(models="pixelcnn")) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model, block=True)
+        submitted = count_submissions(worker)
+        async with anyio.create_task_group() as tg:
+            results = {}
+
+            async def post(i: int, n: int) -> None:
+                results[i] = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png(i))] * n})
+
+            tg.start_soon(post, 0, 1)  # occupies the worker
+            await wait_thread_event(gate.entered)
+            for i in range(1, 4):  # three requests, 1 + 2 + 3 images, queue behind it
+                tg.start_soon(post, i, i)
+            await submitted.wait_for(4)
+            gate.release.set()
+        assert [r.status_code for r in results.values()] == [200] * 4
+        assert gate.calls == [1, 6]
+        assert [len(results[i].json()["results"]) for i in range(4)] == [1, 1, 2, 3]
+        labels = {"model": "pixelcnn", "device": "cpu", "worker": "0", "op": "score"}
+        assert app.state.metrics.sample_value("genserve_batch_images_count", labels) == 2
+        assert app.state.metrics.sample_value("genserve_batch_images_sum", labels) == 7
+
+
+async def test_batches_are_split_by_max_batch_size_and_score_options(make_settings):
+    async with running(make_settings(models="pixelcnn", max_batch_size=4)) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model, block=True)
+        submitted = count_submissions(worker)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post_json, client, "/score", ONE)
+            await wait_thread_event(gate.entered)
+            for _ in range(3):  # 3 x 2 images: two fit one pass of 4
+                tg.start_soon(post_json, client, "/score", {"model": "pixelcnn", "images": [b64(gray_png())] * 2})
+            tg.start_soon(post_json, client, "/score", {**ONE, "heatmap": True})  # another key: its own pass
+            await submitted.wait_for(5)
+            gate.release.set()
+        assert gate.calls[:3] == [1, 4, 2]  # the heatmap pass uses pixel_log_prob, not log_prob
+        ops = app.state.metrics.sample_value(
+            "genserve_batch_images_count", {"model": "pixelcnn", "device": "cpu", "worker": "0", "op": "score"}
+        )
+        assert ops == 4
+
+
+async def test_large_request_runs_in_chunks(make_settings):
+    async with running(make_settings(models="pixelcnn", max_batch_size=4)) as (app, client):
+        gate = Gate(worker_of(app, "pixelcnn").model)
+        r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png(i)) for i in range(10)]})
+        assert r.status_code == 200 and len(r.json()["results"]) == 10
+        assert gate.calls == [4, 4, 2]
+
+
+async def test_two_cpu_workers_share_the_load(make_settings):
+    async with running(make_settings(models="pixelcnn", devices="cpu,cpu")) as (app, client):
+        info = (await client.get("/models/pixelcnn")).json()
+        assert info["devices"] == ["cpu", "cpu"]
+        any_entered = threading.Event()
+        workers = app.state.registry.get("pixelcnn").workers
+        gates = [Gate(w.model, block=True, any_entered=any_entered) for w in workers]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post_json, client, "/score", ONE)
+            await wait_thread_event(any_entered)
+            busy = 0 if gates[0].entered.is_set() else 1
+            tg.start_soon(post_json, client, "/score", ONE)  # least loaded: the idle worker
+            await wait_thread_event(gates[1 - busy].entered)
+            for g in gates:
+                g.release.set()
+        assert gates[0].calls == [1] and gates[1].calls == [1]
+
+
+async def test_ties_rotate_over_workers(make_settings):
+    async with running(make_settings(models="pixelcnn", devices="cpu,cpu")) as (app, client):
+        for _ in range(4):
+            assert (await client.post("/score", json=ONE)).status_code == 200
+        for index in ("0", "1"):
+            labels = {"model": "pixelcnn", "device": "cpu", "worker": index, "op": "score"}
+            assert app.state.metrics.sample_value("genserve_batch_images_count", labels) == 2
+
+
+# ---- backpressure, timeouts, cancellation ----------------------------------------------------------------
+
+
+async def test_full_queue_is_503_with_retry_after(make_settings):
+    async with running(make_settings(models="pixelcnn", max_queue=2)) as (app, client):
+        gate = Gate(worker_of(app, "pixelcnn").model, block=True)
+        async with anyio.create_task_group() as tg:
+            first = {}
+
+            async def post_first() -> None:
+                first["r"] = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())] * 2})
+
+            tg.start_soon(post_first)
+            await wait_thread_event(gate.entered)
+            r = await client.post("/score", json=ONE)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["detail"] == (
+                "model 'pixelcnn' is busy: 2 images queued on cpu (limit 2, GENSERVE_MAX_QUEUE); retry later"
+            )
+            gate.release.set()
+        assert first["r"].status_code == 200
+
+
+async def test_request_past_timeout_is_504_and_its_job_is_dropped(make_settings):
+    async with running(make_settings(models="pixelcnn", request_timeout_s=0.2)) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model, block=True)
+        submitted = count_submissions(worker)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post_json, client, "/score", ONE)  # runs, blocked, and times out itself
+            await wait_thread_event(gate.entered)
+            r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())] * 3})
+            assert r.status_code == 504
+            assert r.json()["detail"] == (
+                "model 'pixelcnn' did not answer within 0.2 s (GENSERVE_REQUEST_TIMEOUT_S); "
+                "the service is busy: retry later or send fewer images"
+            )
+            await submitted.wait_for(2)
+            assert worker.load == 1  # only the running job: the timed-out one left the queue
+            gate.release.set()
+        app.state.settings.request_timeout_s = 30.0  # the rest must not depend on this machine's speed
+        r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())] * 2})
+        assert r.status_code == 200
+        assert gate.calls == [1, 2]  # the timed-out 3-image job never ran
+
+
+async def test_cancelled_request_is_not_computed(make_settings):
+    async with running(make_settings(models="pixelcnn")) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model, block=True)
+        submitted = count_submissions(worker)
+        first = asyncio.create_task(client.post("/score", json=ONE))
+        await wait_thread_event(gate.entered)
+        doomed = asyncio.create_task(client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())] * 5}))
+        await submitted.wait_for(2)
+        assert worker.load == 6
+        doomed.cancel()  # what a client disconnect does to the awaiting coroutine
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert worker.load == 1
+        gate.release.set()
+        assert (await first).status_code == 200
+        assert (await client.post("/score", json=ONE)).status_code == 200
+        assert gate.calls == [1, 1]
+
+
+async def test_client_disconnect_drops_its_queued_job(make_settings):
+    async with running(make_settings(models="pixelcnn")) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model, block=True)
+        submitted = count_submissions(worker)
+        first = asyncio.create_task(client.post("/score", json=ONE))
+        await wait_thread_event(gate.entered)
+
+        # A raw ASGI call whose client hangs up after sending its body, as uvicorn reports it.
+        body = json.dumps({"model": "pixelcnn", "images": [b64(gray_png())] * 5}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        hang_up = asyncio.Event()
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await hang_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/score", "raw_path": b"/score", "query_string": b"", "root_path": "", "headers": headers,
+            "client": ("127.0.0.1", 1), "server": ("test", 80),
+        }  # fmt: skip
+        call = asyncio.create_task(app(scope, receive, send))
+        await submitted.wait_for(2)
+        assert worker.load == 6
+        hang_up.set()
+        await call
+        assert sent[0]["status"] == 499 and worker.load == 1
+        gate.release.set()
+        assert (await first).status_code == 200
+        assert (await client.post("/score", json=ONE)).status_code == 200
+        assert gate.calls == [1, 1]
+        assert (
+            app.state.metrics.sample_value(
+                "genserve_requests_total", {"route": "/score", "model": "pixelcnn", "status": "499"}
+            )
+            == 1
+        )
+
+
+async def test_sample_concurrency_is_capped_per_worker(make_settings):
+    async with running(make_settings(models="pixelcnn", max_concurrent_samples=1, request_timeout_s=0.2)) as (
+        app,
+        client,
+    ):
+        worker = worker_of(app, "pixelcnn")
+        async with worker.sample_slots:  # the one slot is taken
+            r = await client.post("/sample", json={"model": "pixelcnn", "seed": 1})
+        assert r.status_code == 504
+        app.state.settings.request_timeout_s = 30.0
+        assert (await client.post("/sample", json={"model": "pixelcnn", "seed": 1})).status_code == 200
+
+
+# ---- auth -------------------------------------------------------------------------------------------
+
+
+async def test_api_keys(make_settings):
+    async with running(make_settings(models="pixelcnn", api_keys="key-one, key-two")) as (_, client):
+        r = await client.get("/models")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["detail"] == "missing or invalid API key; send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+        assert (await client.get("/models", headers={"Authorization": "Bearer wrong"})).status_code == 401
+        assert (await client.get("/models", headers={"X-API-Key": "key-"})).status_code == 401
+        assert (await client.get("/models", headers={"Authorization": "Bearer key-two"})).status_code == 200
+        assert (await client.get("/models", headers={"X-API-Key": "key-one"})).status_code == 200
+        assert (await client.post("/score", json=ONE)).status_code == 401
+        assert (await client.post("/sample", json={"model": "pixelcnn"})).status_code == 401
+        r = await client.post("/score", json=ONE, headers={"X-API-Key": "key-one"})
+        assert r.status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers={"X-API-Key": "key-two"})).status_code == 200
+
+
+async def test_public_metrics(make_settings):
+    async with running(make_settings(models="pixelcnn", api_keys="k", metrics_public=True)) as (_, client):
+        assert (await client.get("/metrics")).status_code == 200
+        assert (await client.get("/models")).status_code == 401

@@ -1,0 +1,202 @@
+"""VAE: decoder normalisation, IWAE versus ELBO, deterministic batch-invariant log_prob, sampling."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from models.likelihood import discretized_logistic_mixture_probs
+from models.vae import VAE, VAEConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and do not stall when other jobs share the CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int = 0, **overrides: Any) -> VAE:
+    cfg: dict[str, Any] = {
+        "in_channels": 1, "height": 4, "width": 4, "levels": 16, "latent_dim": 4, "hidden": 8,
+        "downsample": 1, "res_blocks": 1, "n_mixtures": 2, "iwae_samples": 16, "iwae_chunk": 16,
+    }  # fmt: skip
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return VAE(VAEConfig(**cfg)).eval()
+
+
+def images(n: int, c: int = 1, h: int = 4, w: int = 4, levels: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, levels, (n, c, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_encode_returns_mean_and_positive_std() -> None:
+    model = tiny(latent_dim=5)
+    with torch.no_grad():
+        mean, std = model.encode(images(3))
+    assert mean.shape == (3, 5) and std.shape == (3, 5)
+    assert (std > 0).all() and torch.isfinite(mean).all()
+
+
+def test_image_size_must_fit_the_downsampling() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        VAE(VAEConfig(height=6, width=4, downsample=2))
+
+
+# -- decoder likelihood --------------------------------------------------------------------------
+
+
+def test_decoder_distribution_sums_to_one_over_all_images() -> None:
+    model = tiny(height=2, width=2, levels=3, n_mixtures=3)
+    x = torch.tensor(list(itertools.product(range(3), repeat=4)), dtype=torch.uint8).view(-1, 1, 2, 2)
+    z = torch.randn(1, 4, generator=torch.Generator().manual_seed(0)) * 2
+    with torch.no_grad():
+        total = model.decoder_log_prob(x, z.expand(len(x), 4)).double().exp().sum()
+    assert total.item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_decoder_per_pixel_probabilities_sum_to_one_and_match_decoder_log_prob() -> None:
+    model = tiny(in_channels=3, levels=256)
+    z = torch.randn(2, 4, generator=torch.Generator().manual_seed(1)) * 3
+    x = images(2, c=3, levels=256)
+    with torch.no_grad():
+        w, m, s = model.decoder(z)
+        assert w.shape == m.shape == s.shape == (2, 3, 2, 4, 4)
+        probs = discretized_logistic_mixture_probs(logit_weights=w, means=m, log_scales=s, levels=256)
+        torch.testing.assert_close(probs.sum(2), torch.ones(2, 3, 4, 4), rtol=0, atol=1e-4)
+        picked = probs.gather(2, x.long().unsqueeze(2)).squeeze(2).log().flatten(1).sum(1)
+        torch.testing.assert_close(model.decoder_log_prob(x, z), picked, rtol=1e-5, atol=1e-3)
+
+
+# -- IWAE and ELBO -------------------------------------------------------------------------------
+
+
+def test_iwae_is_at_least_the_elbo_on_the_same_samples() -> None:
+    model = tiny()
+    x = images(8)
+    with torch.no_grad():
+        for k in (1, 4, 16, 64):
+            iwae, elbo = model.iwae(x, k), model.elbo(x, k)
+            assert iwae.shape == elbo.shape == (8,)
+            assert (iwae >= elbo - 1e-4).all(), k  # Jensen, per image
+        torch.testing.assert_close(model.iwae(x, 1), model.elbo(x, 1))
+        assert model.iwae(x, 64).mean() > model.elbo(x, 64).mean()
+
+
+def test_iwae_increases_with_k_on_average() -> None:
+    # A wide q(z|x) and a decoder that depends strongly on z make the importance weights spread
+    # out, so the expected gain from more samples is far above the noise of 48 noise seeds.
+    model = tiny()
+    with torch.no_grad():
+        model.encoder.head.bias[4:] = 4.0  # log-variance: std ~7 against the N(0, 1) prior
+        model.decoder.fc.weight.mul_(3.0)
+    x = images(8)
+    ks = (1, 4, 16, 64)
+    totals = torch.zeros(len(ks), dtype=torch.float64)
+    seeds = 48
+    with torch.no_grad():
+        for seed in range(seeds):
+            model.config.iwae_seed = seed
+            totals += torch.tensor([model.iwae(x, k).double().mean().item() for k in ks])
+    means = totals / seeds
+    assert (means.diff() > 0).all(), means.tolist()
+
+
+def test_importance_samples_do_not_depend_on_chunking() -> None:
+    x = images(3)
+    with torch.no_grad():
+        one = tiny(iwae_chunk=64).log_weights(x, 24)
+        chunked = tiny(iwae_chunk=5).log_weights(x, 24)
+    assert one.shape == (3, 24)
+    torch.testing.assert_close(one, chunked, rtol=1e-5, atol=1e-4)
+
+
+def test_training_objective_is_an_unbiased_negative_elbo() -> None:
+    # training_step uses the analytic KL and one reparameterised sample; log_weights uses Monte
+    # Carlo log p(z) - log q(z|x). Both estimate the same ELBO.
+    model = tiny()
+    x = images(2)
+    reps = 1024
+    xr = x.repeat_interleave(reps, dim=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        nll = model.training_step(xr).nll.view(2, reps).double()
+        step = model.training_step(x)
+        elbo = model.elbo(x, 2048).double()
+    stderr = nll.std(1) / math.sqrt(reps)
+    assert ((-nll.mean(1) - elbo).abs() < 4 * stderr + 0.05).all(), (-nll.mean(1), elbo, stderr)
+    torch.testing.assert_close(step.loss, step.nll.mean() / model.dims)
+
+
+# -- log_prob ------------------------------------------------------------------------------------
+
+
+def test_log_prob_is_deterministic_and_batch_invariant() -> None:
+    model = tiny(iwae_samples=32, iwae_chunk=8)
+    x = images(5)
+    with torch.no_grad():
+        a = model.log_prob(x)
+        b = model.log_prob(x)
+        alone = torch.cat([model.log_prob(x[i : i + 1]) for i in range(5)])
+        mixed = model.log_prob(torch.cat([x[2:3], images(7, seed=9)]))[0]
+    assert a.shape == (5,)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(alone, a, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mixed, a[2], rtol=1e-5, atol=1e-4)
+    assert (a < 0).all()
+
+
+def test_log_prob_uses_iwae_samples_and_seed_from_the_config() -> None:
+    model = tiny(iwae_samples=8)
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_prob(x), model.iwae(x, 8))
+        before = model.log_prob(x)
+        model.config.iwae_seed = 1
+        assert not torch.equal(model.log_prob(x), before)
+
+
+def test_labels_are_rejected() -> None:
+    model = tiny()
+    with pytest.raises(ValueError, match="not class-conditional"):
+        model.log_prob(images(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        model.sample(2, y=torch.tensor([0, 1]))
+
+
+def test_wrong_shape_float_or_out_of_range_images_are_rejected() -> None:
+    model = tiny()  # 16 levels
+    with pytest.raises(ValueError, match="shape"):
+        model.log_prob(images(2, h=8))
+    with pytest.raises(ValueError, match="integer"):
+        model.log_prob(images(2).float())
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        model.log_prob(images(2, levels=256, seed=1))  # 8-bit values given to a 4-bit model
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_and_well_formed() -> None:
+    model = tiny(in_channels=3, levels=7)
+    a = model.sample(5, generator=torch.Generator().manual_seed(3))
+    b = model.sample(5, generator=torch.Generator().manual_seed(3))
+    c = model.sample(5, generator=torch.Generator().manual_seed(4))
+    assert a.images.shape == (5, 3, 4, 4) and a.images.dtype == torch.uint8
+    assert int(a.images.max()) < 7
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, c.images)
+    assert a.log_prob is None  # a VAE has no exact likelihood of its samples
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_non_positive_temperature_raises(temperature: float) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        tiny().sample(1, temperature=temperature)
