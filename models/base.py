@@ -6,6 +6,7 @@ sub-pixels in [0, levels-1] (uint8 for 8-bit images), shape (B, C, H, W).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,6 +22,33 @@ class SampleOutput:
 
     images: Tensor
     log_prob: Tensor | None
+
+
+RowCallback = Callable[[int, Tensor], None]
+"""Called during sampling as ``on_row(rows_done, images)`` with the partial (n, C, H, W) images;
+raising from it stops the sampler (the exception propagates), which is how a caller cancels."""
+
+
+@dataclass
+class SamplePart:
+    """One caller's share of a batched generation (several requests sampled as one batch).
+
+    Its images depend only on its own fields, never on the other parts of the batch: the uniform
+    draws come from its own ``generator`` in the reference order, so a seed gives the same images
+    alone or batched. ``cancelled`` is polled after every row; when it returns True the part's rows
+    leave the batch and its result is None. ``on_row(rows_done, images)`` reports its progress.
+    """
+
+    n: int
+    generator: torch.Generator | None = None
+    temperature: float = 1.0
+    labels: Tensor | None = None  # (n,) class indices for conditional models
+    cancelled: Callable[[], bool] | None = None
+    on_row: RowCallback | None = None
+
+
+class SamplingCancelled(Exception):
+    """Raised inside a sampler when every part of its batch was cancelled."""
 
 
 @dataclass
@@ -104,9 +132,34 @@ class DensityModel(nn.Module):
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
         y: Tensor | None = None,
+        on_row: RowCallback | None = None,
     ) -> SampleOutput:
-        """Draw n images (n, C, H, W) uint8."""
+        """Draw n images (n, C, H, W) uint8; ``on_row`` reports progress (see RowCallback)."""
         raise NotImplementedError
+
+    def sample_parts(self, parts: list[SamplePart]) -> list[SampleOutput | None]:
+        """Sample several callers' parts; this default runs them one after another.
+
+        Models with a batched sampler override it to run all parts as one batch.
+        """
+        results: list[SampleOutput | None] = []
+        for part in parts:
+
+            def report(rows: int, images: Tensor, part: SamplePart = part) -> None:
+                if part.cancelled is not None and part.cancelled():
+                    raise SamplingCancelled
+                if part.on_row is not None:
+                    part.on_row(rows, images)
+
+            try:
+                results.append(
+                    self.sample(
+                        part.n, generator=part.generator, temperature=part.temperature, y=part.labels, on_row=report
+                    )
+                )
+            except SamplingCancelled:
+                results.append(None)
+        return results
 
     def training_step(self, x: Tensor, y: Tensor | None = None) -> TrainStep:
         """Loss for one batch; ``nll`` is the per-image quantity reported as training bits/dim."""
@@ -139,7 +192,6 @@ class AutoregressiveModel(DensityModel):
         nll = -self.log_prob(x, y)
         return TrainStep(loss=nll.mean() / self.dims, nll=nll.detach())
 
-    @torch.no_grad()
     def sample(
         self,
         n: int,
@@ -147,6 +199,20 @@ class AutoregressiveModel(DensityModel):
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
         y: Tensor | None = None,
+        on_row: RowCallback | None = None,
+    ) -> SampleOutput:
+        """Draw n images; subclasses with a faster sampler override this, the reference stays."""
+        return self.sample_naive(n, generator=generator, temperature=temperature, y=y, on_row=on_row)
+
+    @torch.no_grad()
+    def sample_naive(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        y: Tensor | None = None,
+        on_row: RowCallback | None = None,
     ) -> SampleOutput:
         """Reference sampler: one full forward pass per sub-pixel (C*H*W passes).
 
@@ -168,16 +234,22 @@ class AutoregressiveModel(DensityModel):
                     v, lp = draw_categorical(step_logits, temperature, generator)
                     x[:, c, i, j] = v
                     logp += lp
+            if on_row is not None:
+                on_row(i + 1, x)
         return SampleOutput(images=x.to(torch.uint8), log_prob=logp)
 
 
-def draw_categorical(logits: Tensor, temperature: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """One draw per row of ``logits`` (n, L) at ``temperature`` by Gumbel-max.
+def draw_categorical(
+    logits: Tensor, temperature: float | Tensor, generator: torch.Generator | None, *, u: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One draw per row of ``logits`` (n, L) at ``temperature`` (a float or (n, 1)) by Gumbel-max.
 
+    ``u`` (n, L) are the uniform draws; without it they come from ``torch.rand(n, L, generator)``.
     Returns the drawn values (n,) and their log-probability in nats under the *untempered*
     softmax (n,), the model's own likelihood of what was drawn.
     """
-    u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    if u is None:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
     gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
     logits = logits.float()
     v = (logits / temperature + gumbel).argmax(dim=1)

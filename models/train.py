@@ -162,8 +162,11 @@ class Trainer:
             from models.checkpoint import load_checkpoint
 
             init, _ = load_checkpoint(cfg.init_from, self.device)
-            model.load_state_dict(init.state_dict())
-            self.log("initialised from %s", cfg.init_from)
+            # Non-strict so a model may grow new parts (their own initialisation stays); shapes must match.
+            missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+            if unexpected:
+                raise ValueError(f"init_from {cfg.init_from}: weights {unexpected} do not exist in this model")
+            self.log("initialised from %s (new, freshly initialised: %s)", cfg.init_from, missing or "none")
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         ema = EMA(model, cfg.ema) if cfg.ema else None
         st: dict[str, Any] = {

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import DensityModel, SampleOutput, TrainStep
+from models.base import DensityModel, RowCallback, SampleOutput, TrainStep
 from models.likelihood import (
     discretized_logistic_mixture_log_prob,
     sample_discretized_logistic_mixture,
     to_unit_range,
 )
+from models.pixelcnn import Conv1x1, centre_mask
 
 
 @dataclass
@@ -39,6 +40,9 @@ class VAEConfig:
     iwae_samples: int = 128  # k for log_prob
     iwae_seed: int = 0  # fixes the importance samples, so log_prob is deterministic
     iwae_chunk: int = 32  # importance samples decoded at once (bounds memory)
+    # > 0: PixelVAE-style local autoregression (Gulrajani et al. 2017): p(x_i | z, x_<i in a k x k
+    # window) with k = decoder_context, so the decoder models local pixel correlations itself.
+    decoder_context: int = 0
 
 
 class ResBlock(nn.Module):
@@ -73,8 +77,34 @@ class Encoder(nn.Module):
         return mean, logvar.clamp(-12.0, 8.0)
 
 
+class MaskedConv2d(nn.Module):
+    """k x k conv whose output at (i, j) reads only earlier sub-pixels (mask A).
+
+    Rows above the centre in full, the centre row left of the centre, and at the centre only the
+    input channels of earlier colour groups (see :func:`centre_mask`).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, k: int, groups: int) -> None:
+        super().__init__()
+        if k % 2 == 0:
+            raise ValueError("decoder_context must be odd")
+        self.k = k
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, k, k))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        mask = torch.zeros(out_ch, in_ch, k, k)
+        mask[:, :, : k // 2] = 1.0
+        mask[:, :, k // 2, : k // 2] = 1.0
+        mask[:, :, k // 2, k // 2] = centre_mask(out_ch, in_ch, groups, include_own=False)
+        self.mask: Tensor
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.k // 2)
+
+
 class Decoder(nn.Module):
-    """z (B, latent_dim) -> mixture parameters, each (B, C, K, H, W)."""
+    """z (B, latent_dim) [and x for a local-context decoder] -> mixture parameters (B, C, K, H, W) each."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
@@ -89,13 +119,33 @@ class Decoder(nn.Module):
         layers += [ResBlock(h) for _ in range(cfg.res_blocks)] + [nn.ELU()]
         layers += [nn.Conv2d(h, cfg.in_channels * 3 * cfg.n_mixtures, 3, padding=1)]
         self.net = nn.Sequential(*layers)
+        if cfg.decoder_context:
+            n_out = cfg.in_channels * 3 * cfg.n_mixtures
+            self.ctx = MaskedConv2d(cfg.in_channels, h, cfg.decoder_context, cfg.in_channels)
+            self.ctx_mix = nn.Conv2d(h, h, 1)  # z features into the context path
+            self.ctx_out = Conv1x1(h, n_out, cfg.in_channels)  # pointwise: keeps the mask's causality
+            # Starts at zero: the context path begins as a no-op, so a factorised VAE can be extended.
+            nn.init.zeros_(self.ctx_out.weight)
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def features(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The z-only part: (output from z (B, C*3K, H, W), z features for the context path or None)."""
+        feat = self.net[:-1](self.fc(z).view(z.shape[0], -1, self.h0, self.w0))
+        return self.net[-1](feat), (self.ctx_mix(feat) if self.cfg.decoder_context else None)
+
+    def params(self, base: Tensor, mix: Tensor | None, x_unit: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Mixture parameters from :meth:`features` and, for a local-context decoder, the image."""
         cfg = self.cfg
-        out = self.net(self.fc(z).view(z.shape[0], -1, self.h0, self.w0))
-        out = out.view(z.shape[0], cfg.in_channels, 3, cfg.n_mixtures, cfg.height, cfg.width)
+        out = base
+        if mix is not None:
+            assert x_unit is not None, "a local-context decoder needs the image"
+            out = out + self.ctx_out(F.elu(self.ctx(x_unit) + mix))
+        out = out.reshape(out.shape[0], cfg.in_channels, 3, cfg.n_mixtures, out.shape[-2], out.shape[-1])
         logit_weights, means, log_scales = out.unbind(2)
         return logit_weights, torch.tanh(means) * 1.1, log_scales
+
+    def forward(self, z: Tensor, x_unit: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        base, mix = self.features(z)
+        return self.params(base, mix, x_unit)
 
 
 class VAE(DensityModel):
@@ -121,7 +171,7 @@ class VAE(DensityModel):
 
     def decoder_log_prob(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x|z) in nats, (B,): x (B, C, H, W) integers, z (B, latent_dim)."""
-        w, m, s = self.decoder(z)
+        w, m, s = self.decoder(z, to_unit_range(x, self.levels) if self.config.decoder_context else None)
         return (
             discretized_logistic_mixture_log_prob(x, logit_weights=w, means=m, log_scales=s, levels=self.levels)
             .flatten(1)
@@ -186,6 +236,7 @@ class VAE(DensityModel):
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
         y: Tensor | None = None,
+        on_row: RowCallback | None = None,
     ) -> SampleOutput:
         """Decode prior draws z ~ N(0, temperature^2 I); the likelihood of a VAE sample is not exact."""
         if temperature <= 0:
@@ -193,8 +244,38 @@ class VAE(DensityModel):
         self.check_labels(n, y)
         dev = self.device
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=dev) * temperature
+        if self.config.decoder_context:
+            return SampleOutput(images=self._sample_context(z, generator, on_row), log_prob=None)
         w, m, s = self.decoder(z)
         x = sample_discretized_logistic_mixture(
             logit_weights=w, means=m, log_scales=s, levels=self.levels, generator=generator
         )
+        if on_row is not None:
+            on_row(self.config.height, x)  # all rows at once
         return SampleOutput(images=x, log_prob=None)
+
+    def _sample_context(self, z: Tensor, generator: torch.Generator | None, on_row: RowCallback | None) -> Tensor:
+        """Sub-pixel by sub-pixel for a local-context decoder; each step reads a k x k window only."""
+        cfg, dec = self.config, self.decoder
+        n, k = z.shape[0], cfg.decoder_context
+        p = k // 2
+        base, mix = dec.features(z)
+        assert mix is not None
+        x = torch.zeros(n, cfg.in_channels, cfg.height, cfg.width, dtype=torch.uint8, device=z.device)
+        xpad = torch.zeros(n, cfg.in_channels, cfg.height + 2 * p, cfg.width + 2 * p, device=z.device)
+        for i in range(cfg.height):
+            for j in range(cfg.width):
+                window = xpad[:, :, i : i + k, j : j + k]  # centred on (i, j): the conv's zero padding
+                for c in range(cfg.in_channels):
+                    ctx = F.conv2d(window, dec.ctx.weight * dec.ctx.mask, dec.ctx.bias)  # (n, h, 1, 1)
+                    out = base[:, :, i : i + 1, j : j + 1] + dec.ctx_out(F.elu(ctx + mix[:, :, i : i + 1, j : j + 1]))
+                    out = out.view(n, cfg.in_channels, 3, cfg.n_mixtures, 1, 1)[:, c : c + 1]
+                    w, m, s = out.unbind(2)
+                    v = sample_discretized_logistic_mixture(
+                        logit_weights=w, means=torch.tanh(m) * 1.1, log_scales=s, levels=cfg.levels, generator=generator
+                    )  # (n, 1, 1, 1)
+                    x[:, c, i, j] = v[:, 0, 0, 0]
+                    xpad[:, c, i + p, j + p] = to_unit_range(v[:, 0, 0, 0], cfg.levels)
+            if on_row is not None:
+                on_row(i + 1, x)
+        return x

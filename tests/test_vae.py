@@ -200,3 +200,43 @@ def test_sampling_is_reproducible_and_well_formed() -> None:
 def test_non_positive_temperature_raises(temperature: float) -> None:
     with pytest.raises(ValueError, match="temperature"):
         tiny().sample(1, temperature=temperature)
+
+
+# -- local-context (PixelVAE-style) decoder --------------------------------------------------------
+
+
+def _context_vae(channels: int = 1, height: int = 2, width: int = 2) -> VAE:
+    torch.manual_seed(0)
+    cfg = VAEConfig(
+        in_channels=channels, height=height, width=width, levels=3, latent_dim=2, hidden=4,
+        downsample=1, n_mixtures=2, decoder_context=3,
+    )  # fmt: skip
+    model = VAE(cfg).eval()
+    with torch.no_grad():  # the context path starts as a no-op; give it weight so the tests see it
+        model.decoder.ctx_out.weight.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_context_decoder_is_normalised(channels: int) -> None:
+    model = _context_vae(channels)
+    d = channels * 4
+    images = torch.tensor(list(itertools.product(range(3), repeat=d))).view(-1, channels, 2, 2)
+    z = torch.randn(1, 2).expand(len(images), 2)
+    with torch.no_grad():
+        total = model.decoder_log_prob(images, z).exp().sum()
+    assert abs(float(total) - 1.0) < 1e-4
+
+
+def test_context_sampler_draws_from_the_decoder_distribution() -> None:
+    model = _context_vae(1, 2, 2)
+    model.config.height, model.config.width = 2, 2
+    z = torch.randn(1, 2)
+    n = 6000
+    with torch.no_grad():
+        draws = model._sample_context(z.expand(n, 2), torch.Generator().manual_seed(0), None)
+        images = torch.tensor(list(itertools.product(range(3), repeat=4))).view(-1, 1, 2, 2)
+        probs = model.decoder_log_prob(images, z.expand(len(images), 2)).exp()
+    codes = (draws.view(n, 4).long() * torch.tensor([27, 9, 3, 1])).sum(1)
+    freq = torch.bincount(codes, minlength=81).float() / n
+    assert float((freq - probs).abs().max()) < 0.03

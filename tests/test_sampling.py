@@ -1,0 +1,136 @@
+"""The cached PixelCNN sampler against the reference (naive) sampler, and batched sampling parts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.base import SamplePart
+from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.pixelcnn_sampler import sample_cached
+from models.vae import VAE, VAEConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def tiny(channels: int = 1, n_classes: int | None = None, seed: int = 0) -> PixelCNN:
+    torch.manual_seed(seed)
+    cfg = PixelCNNConfig(
+        in_channels=channels, height=5, width=6, levels=8, hidden=8, n_blocks=2,
+        first_kernel=5, kernel=3, out_hidden=16, n_classes=n_classes,
+    )  # fmt: skip
+    return PixelCNN(cfg).eval()
+
+
+CASES = [(1, None), (3, None), (1, 3), (2, 4)]
+
+
+@pytest.mark.parametrize(("channels", "n_classes"), CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_draws_the_same_images_as_naive(channels: int, n_classes: int | None, seed: int) -> None:
+    model = tiny(channels, n_classes)
+    y = torch.tensor([0, 1, 2]) % n_classes if n_classes else None
+    naive = model.sample_naive(3, generator=torch.Generator().manual_seed(seed), y=y)
+    cached = model.sample(3, generator=torch.Generator().manual_seed(seed), y=y)
+    assert torch.equal(naive.images, cached.images)
+    assert naive.log_prob is not None and cached.log_prob is not None
+    assert torch.allclose(naive.log_prob, cached.log_prob, atol=1e-4)
+
+
+@pytest.mark.parametrize(("channels", "n_classes"), CASES)
+def test_cached_logits_match_the_full_forward_pass_at_every_step(channels: int, n_classes: int | None) -> None:
+    model = tiny(channels, n_classes, seed=3)
+    y = torch.tensor([0, 1]) % n_classes if n_classes else None
+    steps: list[tuple[int, int, int, torch.Tensor]] = []
+    out = sample_cached(
+        model,
+        2,
+        generator=torch.Generator().manual_seed(4),
+        y=y,
+        on_logits=lambda i, j, c, lg: steps.append((i, j, c, lg)),
+    )
+    # Causality makes the full pass over the finished images give every step's logits.
+    with torch.no_grad():
+        full = model.logits(out.images, y)  # (B, C, L, H, W)
+    assert len(steps) == channels * 5 * 6
+    worst = max(float((lg - full[:, c, :, i, j]).abs().max()) for i, j, c, lg in steps)
+    assert worst < 1e-4
+
+
+def test_sample_log_prob_is_the_untempered_likelihood() -> None:
+    model = tiny()
+    cold = model.sample(4, generator=torch.Generator().manual_seed(0), temperature=0.05)
+    hot = model.sample(4, generator=torch.Generator().manual_seed(0), temperature=1.0)
+    assert not torch.equal(cold.images, hot.images)
+    assert cold.log_prob is not None
+    assert torch.allclose(cold.log_prob, model.log_prob(cold.images), atol=1e-4)
+
+
+def test_on_row_reports_every_row_with_partial_images() -> None:
+    model = tiny()
+    seen: list[tuple[int, int]] = []
+
+    def on_row(rows: int, images: torch.Tensor) -> None:
+        # rows below the ones done are still zero
+        assert images[:, :, rows:].sum() == 0
+        seen.append((rows, images.shape[0]))
+
+    model.sample(2, generator=torch.Generator().manual_seed(0), on_row=on_row)
+    assert seen == [(r, 2) for r in range(1, 6)]
+
+
+def test_batched_parts_match_solo_runs_and_cancelled_parts_leave() -> None:
+    model = tiny(n_classes=3)
+    specs = [(5, 1.0, [2, 1]), (6, 0.7, [0, 1]), (7, 1.3, [1, 1])]
+    solo = [
+        model.sample(2, generator=torch.Generator().manual_seed(s), temperature=t, y=torch.tensor(lab))
+        for s, t, lab in specs
+    ]
+    polls = {"n": 0}
+
+    def cancel_after_two_rows() -> bool:
+        polls["n"] += 1
+        return polls["n"] > 2
+
+    progress: list[int] = []
+    parts = [
+        SamplePart(
+            2, torch.Generator().manual_seed(5), 1.0, torch.tensor([2, 1]), on_row=lambda r, _: progress.append(r)
+        ),
+        SamplePart(3, torch.Generator().manual_seed(9), 1.0, torch.tensor([0, 0, 0]), cancelled=cancel_after_two_rows),
+        SamplePart(2, torch.Generator().manual_seed(6), 0.7, torch.tensor([0, 1])),
+        SamplePart(2, torch.Generator().manual_seed(7), 1.3, torch.tensor([1, 1])),
+    ]
+    results = model.sample_parts(parts)
+    assert results[1] is None
+    assert polls["n"] == 3  # polled after rows 1, 2 and 3; left the batch after row 3
+    assert progress == [1, 2, 3, 4, 5]
+    for got, want in zip([results[0], results[2], results[3]], solo, strict=True):
+        assert got is not None and torch.equal(got.images, want.images)
+
+
+def test_all_parts_cancelled_returns_nothing() -> None:
+    model = tiny()
+    parts = [SamplePart(2, torch.Generator().manual_seed(0), cancelled=lambda: True)]
+    assert model.sample_parts(parts) == [None]
+
+
+def test_default_sample_parts_for_a_vae() -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(height=4, width=4, latent_dim=2, hidden=4, downsample=1, n_mixtures=2)).eval()
+    solo = vae.sample(3, generator=torch.Generator().manual_seed(1))
+    got = vae.sample_parts(
+        [SamplePart(3, torch.Generator().manual_seed(1)), SamplePart(1, torch.Generator(), cancelled=lambda: True)]
+    )
+    assert got[0] is not None and torch.equal(got[0].images, solo.images)
+    assert got[1] is None
+
+
+def test_cached_sampler_refuses_dropout_in_training_mode() -> None:
+    cfg = PixelCNNConfig(height=3, width=3, levels=4, hidden=4, n_blocks=1, first_kernel=3, kernel=3, dropout=0.5)
+    model = PixelCNN(cfg).train()
+    with pytest.raises(RuntimeError, match="eval"):
+        model.sample(1)
