@@ -132,15 +132,30 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.model_dir) / args.model
-    result: dict[str, Any] = {"model": args.model, "device": args.device, "seconds": args.seconds}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "device": args.device,
+        "seconds": args.seconds,
+        "score_type": args.score_type,
+    }
     result["inprocess_batch32_images_per_s"] = in_process(folder, args.device, batch=32, seconds=args.seconds)
+    # The ceiling for any batching gain: how much faster the model itself runs at batch 32 than at 1.
+    result["inprocess_batch1_images_per_s"] = in_process(folder, args.device, batch=1, seconds=args.seconds)
+    result["inprocess_batching_ceiling"] = (
+        result["inprocess_batch32_images_per_s"] / result["inprocess_batch1_images_per_s"]
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(Path(args.model_dir), args.model, args.device, port)
     try:
         wait_ready(url, proc)
         info = httpx.get(f"{url}/models/{args.model}", timeout=10).json()
-        body: dict[str, Any] = {"model": args.model, "images": [random_png(info["shape"])]}
+        # score_type nll: the server computes what the in-process pass computes (log_prob), like for like.
+        body: dict[str, Any] = {
+            "model": args.model,
+            "images": [random_png(info["shape"])],
+            "score_type": args.score_type,
+        }
         if info["conditional"]:
             body["label"] = 0
         for clients in (1, 32):
@@ -167,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(r: dict[str, Any]) -> str:
     rows = [
+        ("in-process log_prob, batch 1", r["inprocess_batch1_images_per_s"], "", ""),
         ("in-process log_prob, batch 32", r["inprocess_batch32_images_per_s"], "", ""),
         *(
             (
@@ -184,6 +200,7 @@ def table(r: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"batching gain (32 clients / 1 client): {r['batching_gain']:.2f}x")
     lines.append(f"HTTP (32 clients) / in-process:        {r['http_vs_inprocess']:.2f}")
+    lines.append(f"in-process batch 32 / batch 1 (ceiling): {r['inprocess_batching_ceiling']:.2f}x")
     return "\n".join(lines)
 
 
@@ -193,6 +210,7 @@ def main() -> None:
     p.add_argument("--model", required=True, help="checkpoint folder name under --model-dir")
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each of the three measurements")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N, for the server and the in-process pass")
+    p.add_argument("--score-type", default="nll", help="score_type sent to /score (nll = log_prob only)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
     result = run(args)

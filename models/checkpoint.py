@@ -82,6 +82,9 @@ def save_checkpoint(
     os.replace(tmp, folder / WEIGHTS)
     meta_path = folder / META
     old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    digest = sha256_file(folder / WEIGHTS)
+    # Outlier calibration holds for the weights it was computed from; new weights need a new one.
+    same_weights = (old.get("weights") or {}).get("sha256") == digest
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": model.kind,
@@ -91,11 +94,11 @@ def save_checkpoint(
         "dataset": dataset,
         "training": training or {},
         "metrics": metrics if metrics is not None else old.get("metrics", {}),
-        "calibration": old.get("calibration"),
+        "calibration": old.get("calibration") if same_weights else None,
         "parameters": sum(int(t.numel()) for t in tensors.values()),
         "weights": {
             "file": WEIGHTS,
-            "sha256": sha256_file(folder / WEIGHTS),
+            "sha256": digest,
             "bytes": (folder / WEIGHTS).stat().st_size,
         },
     }

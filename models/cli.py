@@ -70,6 +70,67 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str) -> str:
+    import torch
+
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from models.checkpoint import update_metadata
+    from models.data import load_dataset
+    from models.outliers import calibrate, load_scorer
+
+    scorer, meta = load_scorer(args.model, _device(args.device), vae_score_k=args.vae_k)
+    spec = args.data or f"{(meta.get('dataset') or {}).get('name') or ''}:valid"
+    if spec.startswith(":"):
+        raise ValueError(f"{args.model} does not name a named training data set; pass --data (its validation split)")
+    if spec.endswith(":test"):
+        raise ValueError(f"calibrate on held-out validation data, never the test set ({spec}); e.g. NAME:valid")
+    data = load_dataset(spec)
+    cal = calibrate(
+        scorer,
+        data.images,
+        data.labels if scorer.model.n_classes is not None else None,
+        data_spec=spec,
+        fpr=args.fpr,
+        default=args.default,
+        batch_size=args.batch_size,
+        cache_dir=args.cache or None,
+        show_progress=not args.no_progress,
+    )
+    cal["command"] = args.command_line
+    summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}
+    print(json.dumps({**cal, "scores": summary}, indent=2))  # noqa: T201 - the command's output
+    if not args.dry_run:
+        update_metadata(args.model, calibration=None)  # replace, not merge, an older calibration
+        update_metadata(args.model, calibration=cal)
+    return 0
+
+
+def _eval_ood(args: argparse.Namespace) -> int:
+    from models.ood_eval import run
+
+    report = run(
+        args.model,
+        args.in_spec,
+        args.out_specs,
+        report_dir=args.report_dir,
+        name=args.name,
+        device=_device(args.device),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        limit=args.limit,
+        cache_dir=args.cache or None,
+        command=args.command_line,
+        show_progress=not args.no_progress,
+        examples=args.examples,
+    )
+    table = {spec: {n: round(m["auroc"], 4) for n, m in o["scores"].items()} for spec, o in report["out"].items()}
+    print(json.dumps({"auroc": table, "in": report["in"]["scores"]}, indent=2))  # noqa: T201
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genserve", description="Serve and train generative image models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,6 +165,49 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 
+    c = sub.add_parser(
+        "calibrate",
+        help="outlier thresholds from held-out in-distribution data, written into model.json",
+        description="Score the validation split with every score type, store each score's quantiles and the "
+        "threshold for the target false-positive rate in the checkpoint's calibration (weights untouched).",
+    )
+    c.add_argument("--model", required=True, help="checkpoint folder (its background/ companion is used too)")
+    c.add_argument("--data", help="held-out in-distribution data (default: the training data set's valid split)")
+    c.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
+    c.add_argument(
+        "--default", help="default score type (default: likelihood_ratio with a background, else complexity)"
+    )
+    c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's complexity score (default 1)")
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--cache", default="runs/ood-cache", help="score cache folder ('' for none)")
+    c.add_argument("--dry-run", action="store_true", help="print the calibration, do not write it")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_calibrate)
+
+    o = sub.add_parser(
+        "eval-ood",
+        help="AUROC, AUPRC, FPR@95%%TPR of every score type; observed FPR at the calibrated threshold",
+        description="Evaluate outlier detection: in-distribution test data against out-of-distribution sets. "
+        "Sets: any data spec (a named set without split means :test), noise:uniform[:N], constant[:N], "
+        "flip:SPEC (upside down).",
+    )
+    o.add_argument("--model", required=True, help="checkpoint folder")
+    o.add_argument("--in", dest="in_spec", default="fashion-mnist:test", help="in-distribution test data")
+    o.add_argument(
+        "--out", dest="out_specs", action="append", required=True, metavar="SPEC", help="an out-of-distribution set"
+    )
+    o.add_argument("--report-dir", default="docs/ood", help="where NAME.json, NAME.md and the PNG plots go")
+    o.add_argument("--name", help="report file name stem (default: the model folder's name)")
+    o.add_argument("--limit", type=int, help="at most this many images per set (a seeded random subset)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the synthetic sets and subsets")
+    o.add_argument("--examples", type=int, default=4, help="images per set in the heatmap figure (0: none)")
+    o.add_argument("--batch-size", type=int, default=128)
+    o.add_argument("--device", default="auto")
+    o.add_argument("--cache", default="runs/ood-cache", help="score cache folder ('' for none)")
+    o.add_argument("--no-progress", action="store_true")
+    o.set_defaults(func=_eval_ood)
+
     for name, module in EXTERNAL.items():
         try:
             importlib.import_module(module).add_parser(sub)
@@ -120,6 +224,7 @@ def _missing(exc: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["genserve", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

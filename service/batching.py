@@ -5,8 +5,10 @@ takes the oldest job, gathers queued jobs with the same key (op, score type, hea
 ``max_batch_size`` images or ``max_batch_wait_ms`` after the first one arrived, runs one forward
 pass for all of them, splits the outputs back, and resolves each future on the loop.
 
-Sampling jobs run one at a time (each has its own seed, so they never share a pass). A job whose
-request was cancelled (client gone, timeout) is removed from the queue and never computed. The
+Sampling jobs that wait together run as one batched generation (up to ``max_sample_batch`` images);
+each keeps its own seed, temperature and label, so its images are the ones it would get alone. A job
+whose request was cancelled (client gone, timeout) is removed from the queue and never computed, and
+a sampling job cancelled mid-generation leaves its batch after the current row. The
 queue is bounded by images waiting or running; a full queue refuses at once (503).
 """
 
@@ -26,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.base import DensityModel
-from models.checkpoint import load_checkpoint
+from models.base import DensityModel, SamplePart
+from models.outliers import Scorer, load_scorer
 from service import scoring
 from service.errors import Unavailable
 from service.metrics import Metrics
@@ -62,6 +64,7 @@ class BatchLimits:
     max_batch_wait_s: float
     max_queue: int
     max_concurrent_samples: int
+    max_sample_batch: int = 64
     warmup: bool = True
 
 
@@ -72,7 +75,8 @@ class SampleResult:
 
 
 class Worker:
-    """Owns one copy of a model on one device and runs all its inference on one thread."""
+    """Owns one copy of a model (and of its background model, if any) on one device and runs all
+    its inference on one thread."""
 
     def __init__(
         self, *, name: str, folder: Path, device: str, index: int, limits: BatchLimits, metrics: Metrics
@@ -84,6 +88,7 @@ class Worker:
         self.limits = limits
         self.metrics = metrics
         self.model: DensityModel | None = None
+        self.scorer: Scorer | None = None  # the model and its background companion, for /score
         self.state = State.LOADING
         self.error: str | None = None
         self.sample_slots = asyncio.Semaphore(limits.max_concurrent_samples)
@@ -163,16 +168,17 @@ class Worker:
 
     def _run(self) -> None:
         try:
-            model, _ = load_checkpoint(self.folder, self.device)
+            scorer, _ = load_scorer(self.folder, self.device)
+            model = scorer.model
             if self.limits.warmup:
-                self._warmup(model)
+                self._warmup(scorer)
         except Exception as e:
             logger.exception("model '%s' failed to load on %s", self.name, self.device)
             self.error = f"{type(e).__name__}: {e}"
             self.state = State.FAILED
             self._notify_loaded()
             return
-        self.model = model
+        self.model, self.scorer = model, scorer
         with self._cond:
             if self.state is State.LOADING:
                 self.state = State.READY
@@ -186,13 +192,14 @@ class Worker:
         with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown during loading)
             self._loop.call_soon_threadsafe(self.loaded.set)
 
-    def _warmup(self, model: DensityModel) -> None:
-        """One forward pass, so the first request does not pay for lazy initialisation."""
+    def _warmup(self, scorer: Scorer) -> None:
+        """One forward pass of every model (every score type), so the first request does not pay
+        for lazy initialisation."""
+        model = scorer.model
         c, h, w = model.shape
         x = torch.zeros(1, c, h, w, dtype=torch.uint8, device=self.device)
         y = torch.zeros(1, dtype=torch.long, device=self.device) if model.n_classes is not None else None
-        with torch.inference_mode():
-            model.log_prob(x, y)
+        scorer.compute(x, y, scorer.score_types)
 
     def _next_batch(self) -> list[Job] | None:
         """Block until work arrives; return the jobs for one pass, or None once closed."""
@@ -204,17 +211,16 @@ class Worker:
                 return None
             first = self._queue.popleft()
             batch, size = [first], first.size
-            if first.op != "score":
-                return batch
+            cap = limits.max_batch_size if first.op == "score" else limits.max_sample_batch
             deadline = first.enqueued + limits.max_batch_wait_s
-            while size < limits.max_batch_size:
+            while size < cap:
                 for job in list(self._queue):  # oldest first; other keys wait for a later pass
-                    if job.key == first.key and size + job.size <= limits.max_batch_size:
+                    if job.key == first.key and size + job.size <= cap:
                         self._queue.remove(job)
                         batch.append(job)
                         size += job.size
                 remaining = deadline - time.perf_counter()
-                if size >= limits.max_batch_size or remaining <= 0:
+                if size >= cap or remaining <= 0:
                     break
                 self._cond.wait(remaining)
                 if self.state is not State.READY:
@@ -229,7 +235,7 @@ class Worker:
                 start = time.perf_counter()
                 for job in live:
                     self.metrics.queue_wait.labels(**self._labels).observe(start - job.enqueued)
-                results = self._score(live) if live[0].op == "score" else [self._sample(live[0])]
+                results = self._score(live) if live[0].op == "score" else self._sample(live)
                 assert len(results) == len(live), "one result per job"
                 self.metrics.inference_seconds.labels(**self._labels, op=live[0].op).observe(
                     time.perf_counter() - start
@@ -254,7 +260,7 @@ class Worker:
 
     def _score(self, jobs: list[Job]) -> list[dict[str, Tensor]]:
         """One pass (in chunks of max_batch_size) over every job's images; each job gets its rows back."""
-        assert self.model is not None
+        assert self.scorer is not None
         _, score_type, heatmap = jobs[0].key
         x = torch.cat([j.payload["x"] for j in jobs]).to(self.device)
         ys = [j.payload["y"] for j in jobs]
@@ -264,7 +270,7 @@ class Worker:
         with torch.inference_mode():
             for s in range(0, total, step):
                 yc = None if y is None else y[s : s + step]
-                out = scoring.compute(self.model, x[s : s + step], yc, score_type=score_type, heatmap=heatmap)
+                out = scoring.compute(self.scorer, x[s : s + step], yc, score_type=score_type, heatmap=heatmap)
                 parts.append({k: v.cpu() for k, v in out.items()})
         merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         for k, v in merged.items():
@@ -275,16 +281,36 @@ class Worker:
             for rows in zip(*(v.split(sizes) for v in merged.values()), strict=True)
         ]
 
-    def _sample(self, job: Job) -> SampleResult:
+    def _sample(self, jobs: list[Job]) -> list[SampleResult | None]:
+        """One batched generation for every job; a job cancelled on the way gets None (nobody waits)."""
         assert self.model is not None
-        p = job.payload
-        gen = torch.Generator(device=self.device).manual_seed(p["seed"])
-        y = None if p["label"] is None else torch.full((job.size,), p["label"], dtype=torch.long, device=self.device)
+        parts = []
+        for job in jobs:
+            p = job.payload
+            label = p["label"]
+            parts.append(
+                SamplePart(
+                    n=job.size,
+                    generator=torch.Generator(device=self.device).manual_seed(p["seed"]),
+                    temperature=p["temperature"],
+                    labels=None
+                    if label is None
+                    else torch.full((job.size,), label, dtype=torch.long, device=self.device),
+                    cancelled=lambda job=job: job.cancelled,  # type: ignore[misc]
+                    on_row=p.get("on_row"),
+                )
+            )
         with torch.inference_mode():
-            out = self.model.sample(job.size, generator=gen, temperature=p["temperature"], y=y)
-        assert out.images.shape[0] == job.size, f"{out.images.shape[0]} samples for n={job.size}"
-        log_prob = None if out.log_prob is None else out.log_prob.float().cpu()
-        return SampleResult(images=out.images.cpu(), log_prob=log_prob)
+            outs = self.model.sample_parts(parts)
+        results: list[SampleResult | None] = []
+        for job, out in zip(jobs, outs, strict=True):
+            if out is None:
+                results.append(None)
+                continue
+            assert out.images.shape[0] == job.size, f"{out.images.shape[0]} samples for n={job.size}"
+            log_prob = None if out.log_prob is None else out.log_prob.float().cpu()
+            results.append(SampleResult(images=out.images.cpu(), log_prob=log_prob))
+        return results
 
     def _set_depth(self) -> None:
         self.metrics.queue_images.labels(**self._labels).set(self._pending)

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.base import AutoregressiveModel, DensityModel
+from models.base import AutoregressiveModel, DensityModel, RowCallback
 from models.checkpoint import META, CheckpointError, build_model, read_metadata
+from models.outliers import BACKGROUND, available_score_types, stale_calibration
 from service import scoring
 from service.batching import BatchLimits, SampleResult, State, Worker
 from service.errors import BadRequest, Timeout, Unavailable, UnknownModel
@@ -45,6 +46,7 @@ class ModelEntry:
     meta: dict[str, Any]
     skeleton: DensityModel  # built on the "meta" device: properties only, no weights
     workers: list[Worker]
+    background_meta: dict[str, Any] | None = None  # the background model in <folder>/background/, if any
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -73,8 +75,12 @@ class ModelEntry:
         return [str(c) for c in classes] if classes else None
 
     @property
+    def score_types(self) -> list[str]:
+        return available_score_types(has_background=self.background_meta is not None)
+
+    @property
     def default_score_type(self) -> str:
-        return scoring.default_score_type(self.meta)
+        return scoring.default_score_type(self.meta, background=self.background_meta is not None)
 
     def info(self) -> dict[str, Any]:
         dataset = self.meta.get("dataset") or {}
@@ -92,8 +98,9 @@ class ModelEntry:
             "devices": [w.device for w in self.workers],
             "exact_likelihood": bool(self.skeleton.exact),
             "conditional": self.n_classes is not None,
-            "score_types": sorted(scoring.SCORE_TYPES),
+            "score_types": self.score_types,
             "default_score_type": self.default_score_type,
+            "background": None if self.background_meta is None else background_info(self.background_meta),
         }
 
     def label_index(self, label: int | str | None) -> int | None:
@@ -119,9 +126,19 @@ class ModelEntry:
 
     def resolve_score_type(self, requested: str | None) -> str:
         name = requested or self.default_score_type
-        if name not in scoring.SCORE_TYPES:
-            raise BadRequest(f"unknown score_type '{name}'; model '{self.name}' offers {sorted(scoring.SCORE_TYPES)}")
+        if name not in self.score_types:
+            raise BadRequest(f"unknown score_type '{name}'; model '{self.name}' offers {self.score_types}")
         return name
+
+
+def background_info(meta: dict[str, Any]) -> dict[str, Any]:
+    """What /models says about a background model: architecture, size, perturbation, weights."""
+    return {
+        "architecture": meta.get("architecture"),
+        "parameters": meta.get("parameters"),
+        "perturb": (meta.get("dataset") or {}).get("perturb"),
+        "sha256": meta["weights"].get("sha256", ""),
+    }
 
 
 def skeleton_model(folder: Path, meta: dict[str, Any]) -> DensityModel:
@@ -131,6 +148,26 @@ def skeleton_model(folder: Path, meta: dict[str, Any]) -> DensityModel:
             return build_model(meta["architecture"], meta["config"])
     except (TypeError, ValueError) as e:
         raise RegistryError(f"{folder / META}: config does not build a model: {e}") from e
+
+
+def background_metadata(folder: Path, skeleton: DensityModel) -> dict[str, Any] | None:
+    """The metadata of ``folder``'s background model, None if it has none; RegistryError unless the
+    background takes the model's images and is unconditional."""
+    if not scoring.has_background(folder):
+        return None
+    bg_folder = folder / BACKGROUND
+    try:
+        meta = read_metadata(bg_folder)
+    except CheckpointError as e:
+        raise RegistryError(str(e)) from e
+    bg = skeleton_model(bg_folder, meta)
+    if bg.shape != skeleton.shape or bg.levels != skeleton.levels or bg.n_classes is not None:
+        raise RegistryError(
+            f"{bg_folder / META}: the background model takes {bg.shape} images with {bg.levels} levels"
+            f"{' and labels' if bg.n_classes is not None else ''}; its model takes {skeleton.shape} with "
+            f"{skeleton.levels}, unconditionally. Retrain it for this model or remove {bg_folder}"
+        )
+    return meta
 
 
 class ModelRegistry:
@@ -147,6 +184,7 @@ class ModelRegistry:
             max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
             max_queue=settings.max_queue,
             max_concurrent_samples=settings.max_concurrent_samples,
+            max_sample_batch=settings.max_sample_batch,
             warmup=settings.warmup,
         )
 
@@ -178,17 +216,27 @@ class ModelRegistry:
             except CheckpointError as e:
                 raise RegistryError(str(e)) from e
             skeleton = skeleton_model(folder, meta)
-            default = scoring.default_score_type(meta)
-            if default not in scoring.SCORE_TYPES:
-                raise RegistryError(
-                    f"{folder / META}: calibration.default_score '{default}' is not a known score type "
-                    f"({sorted(scoring.SCORE_TYPES)}); recalibrate or install the module that defines it"
-                )
+            bg_meta = background_metadata(folder, skeleton)
             workers = [
                 Worker(name=name, folder=folder, device=dev, index=i, limits=self.limits, metrics=self.metrics)
                 for i, dev in enumerate(devices)
             ]
-            entries[name] = ModelEntry(name=name, folder=folder, meta=meta, skeleton=skeleton, workers=workers)
+            entry = ModelEntry(
+                name=name, folder=folder, meta=meta, skeleton=skeleton, workers=workers, background_meta=bg_meta
+            )
+            stale = stale_calibration(meta, bg_meta)
+            if stale:
+                raise RegistryError(
+                    f"{folder / META}: the outlier calibration is stale ({stale}); "
+                    f"rerun `genserve calibrate --model {folder}`"
+                )
+            default = entry.default_score_type
+            if default not in entry.score_types:
+                raise RegistryError(
+                    f"{folder / META}: calibration.default_score '{default}' is not a score type of this model "
+                    f"({entry.score_types}); recalibrate it (`genserve calibrate --model {folder}`)"
+                )
+            entries[name] = entry
         self.entries = entries
         for entry in entries.values():
             info = entry.info()
@@ -271,10 +319,18 @@ class ModelRegistry:
         return result
 
     async def sample(
-        self, entry: ModelEntry, *, n: int, seed: int, temperature: float, label: int | None
+        self,
+        entry: ModelEntry,
+        *,
+        n: int,
+        seed: int,
+        temperature: float,
+        label: int | None,
+        on_row: RowCallback | None = None,
     ) -> SampleResult:
+        """Draw n images on the least-loaded worker; ``on_row(rows_done, images)`` runs on its thread."""
         worker = self.pick(entry)
-        payload = {"seed": seed, "temperature": temperature, "label": label}
+        payload = {"seed": seed, "temperature": temperature, "label": label, "on_row": on_row}
         async with self._deadline(entry), worker.sample_slots:
             result: SampleResult = await worker.run("sample", ("sample",), n, payload)
         return result

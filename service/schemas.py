@@ -31,7 +31,10 @@ class ModelInfo(BaseModel):
     exact_likelihood: bool = Field(description="false where log p(x) is an estimate (a VAE's IWAE bound)")
     conditional: bool = Field(description="true if /sample and /score need a `label`")
     score_types: list[str] = Field(description="values accepted as `score_type` by /score")
-    default_score_type: str
+    default_score_type: str = Field(description="the score /score uses unless a request names another")
+    background: dict[str, Any] | None = Field(
+        description="the background model behind `likelihood_ratio` (Ren et al. 2019), if the model has one"
+    )
 
 
 class ModelList(BaseModel):
@@ -88,7 +91,9 @@ class ScoreForm(BaseModel):
 
 class ScoreResult(BaseModel):
     index: int = Field(description="position of the image in the request")
-    log_likelihood_nats: float = Field(description="log p(x) in nats (an estimate for a VAE)")
+    log_likelihood_nats: float = Field(
+        description="log p(x) in nats (for a VAE the IWAE estimate behind the score, k in calibration)"
+    )
     bits_per_dim: float = Field(description="-log2 p(x) / (C*H*W)")
     score: float = Field(description="the score_type's value; higher is more unusual")
     threshold: float | None = Field(description="calibrated outlier threshold for this score, if any")
@@ -96,8 +101,8 @@ class ScoreResult(BaseModel):
     percentile: float | None = Field(description="where the score falls among calibration quantiles (0..100)")
     resized: bool = Field(description="true if the image was converted to the model's mode or size")
     heatmap: str | None = Field(
-        description="base64 grayscale PNG (H x W): per-pixel NLL summed over channels, linear from 0 nats "
-        "(black) to heatmap_scale_nats or more (white)"
+        description="base64 grayscale PNG (H x W): per-pixel NLL summed over channels (for likelihood_ratio "
+        "minus the background model's), linear from 0 nats or less (black) to heatmap_scale_nats or more (white)"
     )
     heatmap_scale_nats: float | None = Field(description="NLL drawn as white: C * ln(levels), a uniform guess")
 

@@ -1,88 +1,52 @@
-"""Score types: the one place that says what /score computes for a batch of images.
+"""Score types as the service sees them: what /score computes for a batch, and how it is judged.
 
-A score type is a name looked up in :data:`SCORE_TYPES`. Its function maps ``(model, x, y)`` —
-x uint8 (B, C, H, W) on the model's device, y (B,) class indices or None — to per-image tensors:
-``log_prob`` (B,) in nats and ``score`` (B,), higher meaning more unusual. The built-in "nll" score
-is bits/dim. More score types plug in from ``models/outliers.py`` when it exists: that module
-exposes ``SCORES = {name: fn}`` with the same signature, and they are registered at import.
+The scores themselves live in :mod:`models.outliers`: each worker holds a
+:class:`~models.outliers.Scorer` built from its model folder (the model, plus the background model
+in ``<folder>/background/`` on the same device where there is one), and :func:`compute` runs it.
+Which score types a model offers follows from its folder alone (:func:`score_types_for`), so
+``/models`` and request validation need no loaded weights.
 
 How a score is judged comes from the checkpoint's ``calibration`` (written by ``genserve
 calibrate``): ``{"default_score": name, "scores": {name: {"threshold": t, "quantiles": [q_0..q_100]}}}``.
 ``is_outlier = score > threshold``; the percentile is where the score falls among the quantiles.
+An uncalibrated model defaults to the score type the evaluation recommends, without a threshold.
 """
 
 from __future__ import annotations
 
 import bisect
-import importlib
-import importlib.util
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from models.base import AutoregressiveModel, DensityModel
-from models.likelihood import bits_per_dim
+from models.base import DensityModel
+from models.checkpoint import META
+from models.outliers import BACKGROUND, SCORE_TYPES, Scorer, available_score_types, recommended_score
 
-ScoreFn = Callable[[DensityModel, Tensor, Tensor | None], dict[str, Tensor]]
-DEFAULT_SCORE = "nll"
-
-
-@dataclass(frozen=True)
-class ScoreType:
-    name: str
-    fn: ScoreFn
-    description: str = ""
+__all__ = ["SCORE_TYPES", "Calibration", "calibration_for", "compute", "default_score_type", "percentile"]
 
 
-SCORE_TYPES: dict[str, ScoreType] = {}
+def has_background(folder: Path) -> bool:
+    return (folder / BACKGROUND / META).is_file()
 
 
-def register(name: str, fn: ScoreFn, description: str = "") -> None:
-    SCORE_TYPES[name] = ScoreType(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+def score_types_for(folder: Path) -> list[str]:
+    """The score types a model folder offers (``likelihood_ratio`` needs a background model)."""
+    return available_score_types(has_background=has_background(folder))
 
 
-def nll_from_log_prob(model: DensityModel, log_prob: Tensor) -> dict[str, Tensor]:
-    return {"log_prob": log_prob, "score": torch.as_tensor(bits_per_dim(log_prob.double(), model.dims))}
-
-
-def nll_score(model: DensityModel, x: Tensor, y: Tensor | None) -> dict[str, Tensor]:
-    """Negative log-likelihood in bits/dim (the model's own log p(x))."""
-    return nll_from_log_prob(model, model.log_prob(x, y))
-
-
-register(DEFAULT_SCORE, nll_score)
-
-
-def load_plugins() -> None:
-    """Register the score types of ``models/outliers.py`` (its ``SCORES`` dict) when that module exists."""
-    if importlib.util.find_spec("models.outliers") is None:
-        return
-    module = importlib.import_module("models.outliers")
-    for name, fn in getattr(module, "SCORES", {}).items():
-        register(name, fn)
-
-
-load_plugins()
-
-
-def compute(model: DensityModel, x: Tensor, y: Tensor | None, *, score_type: str, heatmap: bool) -> dict[str, Tensor]:
-    """Per-image outputs for a batch: ``log_prob`` (B,) nats, ``score`` (B,), and with ``heatmap``
-    ``heatmap`` (B, H, W): -log p(x_i | x_<i) summed over channels, in nats (autoregressive models)."""
+def compute(scorer: Scorer, x: Tensor, y: Tensor | None, *, score_type: str, heatmap: bool) -> dict[str, Tensor]:
+    """Per-image outputs for a batch: ``log_prob`` (B,) nats (the estimate the score used), ``score``
+    (B,), and with ``heatmap`` ``heatmap`` (B, H, W): the per-pixel anomaly in nats (-log p(x_i | x_<i)
+    summed over channels; for ``likelihood_ratio`` minus the background model's)."""
     b = x.shape[0]
+    got = scorer.compute(x, y, [score_type], heatmap=heatmap)
+    out = {"log_prob": got.log_prob[score_type], "score": got.scores[score_type]}
     if heatmap:
-        assert isinstance(model, AutoregressiveModel), "heatmaps need per-pixel likelihoods"
-        pixel = model.pixel_log_prob(x, y)  # (B, C, H, W) nats
-        if score_type == DEFAULT_SCORE:
-            out = nll_from_log_prob(model, pixel.flatten(1).sum(1))  # the same sum log_prob takes
-        else:
-            out = SCORE_TYPES[score_type].fn(model, x, y)
-        out["heatmap"] = -pixel.sum(1)  # (B, H, W)
-    else:
-        out = SCORE_TYPES[score_type].fn(model, x, y)
+        out["heatmap"] = got.heatmaps[score_type]
     for key, value in out.items():
         assert value.shape[0] == b, f"score '{score_type}' gave {key} of shape {tuple(value.shape)} for {b} images"
     return out
@@ -107,8 +71,9 @@ class Calibration:
         return None if self.quantiles is None else percentile(score, self.quantiles)
 
 
-def default_score_type(meta: dict[str, Any]) -> str:
-    return str((meta.get("calibration") or {}).get("default_score") or DEFAULT_SCORE)
+def default_score_type(meta: dict[str, Any], *, background: bool = False) -> str:
+    """The calibrated default, else the recommended score for a model with (or without) a background."""
+    return str((meta.get("calibration") or {}).get("default_score") or recommended_score(has_background=background))
 
 
 def calibration_for(meta: dict[str, Any], score_type: str) -> Calibration:

@@ -66,7 +66,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="request body limit (413 above)")
     max_images: int = Field(default=64, ge=1, description="images per /score request")
     max_samples: int = Field(default=64, ge=1, description="n per /sample request")
-    max_concurrent_samples: int = Field(default=2, ge=1, description="sample requests admitted per worker at once")
+    max_concurrent_samples: int = Field(
+        default=8, ge=1, description="sample requests admitted per worker at once (queued or generating)"
+    )
+    max_sample_batch: int = Field(
+        default=64, ge=1, description="images generated together in one batched sampling pass (several requests)"
+    )
     max_image_pixels: int = Field(default=4_000_000, ge=1, description="larger uploaded images are refused (413)")
     api_keys: str = Field(default="", description="comma list of accepted API keys; empty = no auth")
     metrics_public: bool = Field(default=False, description="serve /metrics without an API key")

@@ -134,7 +134,8 @@ async def test_sample_validation_errors_keep_fastapi_format(client):
 
 async def test_score_json_matches_model_log_prob(client, model_dir):
     data = [gray_png(0), gray_png(1)]
-    r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(d) for d in data]})
+    body = {"model": "pixelcnn", "images": [b64(d) for d in data], "score_type": "nll"}
+    r = await client.post("/score", json=body)
     assert r.status_code == 200
     body = r.json()
     assert body["model"] == "pixelcnn" and body["score_type"] == "nll"
@@ -269,7 +270,7 @@ async def test_score_too_many_images_is_422(make_settings):
 async def test_score_unknown_score_type_is_422(client):
     r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())], "score_type": "magic"})
     assert r.status_code == 422
-    assert r.json()["detail"] == "unknown score_type 'magic'; model 'pixelcnn' offers ['nll']"
+    assert r.json()["detail"] == "unknown score_type 'magic'; model 'pixelcnn' offers ['complexity', 'nll']"
 
 
 async def test_score_empty_list_and_wrong_content_type(client):

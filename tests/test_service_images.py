@@ -87,4 +87,5 @@ def test_calibration_lookup():
     assert cal == Calibration(threshold=5.0, quantiles=(1.0, 2.0, 3.0))
     assert cal.is_outlier(5.5) is True and cal.is_outlier(5.0) is False
     assert calibration_for(meta, "other") == Calibration() and Calibration().is_outlier(9.0) is None
-    assert default_score_type(meta) == "nll" and default_score_type({"calibration": None}) == "nll"
+    assert default_score_type(meta) == "nll"
+    assert default_score_type({"calibration": None}) == "complexity"  # uncalibrated: the recommended score

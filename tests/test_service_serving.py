@@ -16,7 +16,7 @@ import pytest
 from service_helpers import Gate, b64, gray_png, post_json, running, worker_of
 
 import service.batching
-from models.checkpoint import load_checkpoint
+from models.outliers import load_scorer
 
 pytestmark = pytest.mark.anyio
 
@@ -60,9 +60,9 @@ async def test_readyz_503_until_models_loaded_then_200(make_settings, monkeypatc
 
     def slow_load(folder, device):
         assert release.wait(10)
-        return load_checkpoint(folder, device)
+        return load_scorer(folder, device)
 
-    monkeypatch.setattr(service.batching, "load_checkpoint", slow_load)
+    monkeypatch.setattr(service.batching, "load_scorer", slow_load)
     async with running(make_settings(models="pixelcnn,vae"), wait=False) as (app, client):
         r = await client.get("/readyz")
         assert r.status_code == 503 and r.headers["retry-after"] == "2"

@@ -1,0 +1,90 @@
+"""What does an outlier score cost, relative to one forward pass of the main model?
+
+For each model: the time of one forward pass (an autoregressive model's ``log_prob``; a VAE's
+encoder and one decoder pass, ``iwae(x, k=1)``), and of every score type as the service computes it
+(``Scorer.compute``: the model, the background model where the score needs it, the PNG coder), on
+the same batches, interleaved so that a busy machine slows both alike. Prints a table and JSON;
+the ratio of the default score is what docs/ood.md reports (target: at most 2.5).
+
+    python bench/outlier_cost.py --model checkpoints/pixelcnn-fmnist --model checkpoints/vae-fmnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.outliers import Scorer, load_scorer
+from models.vae import VAE
+from service.scoring import default_score_type
+
+
+def forward(scorer: Scorer, x: torch.Tensor) -> None:
+    """One forward pass of the main model."""
+    model = scorer.model
+    with torch.inference_mode():
+        if isinstance(model, VAE):
+            model.iwae(x, 1)
+        else:
+            model.log_prob(x)
+
+
+def measure(folder: str, *, batch: int, repeats: int, device: str) -> dict[str, Any]:
+    scorer, meta = load_scorer(folder, device)
+    default = default_score_type(meta, background=scorer.background is not None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, *scorer.model.shape), generator=gen, dtype=torch.uint8).to(device)
+    # Real-looking images matter little for the cost; a fixed random batch keeps the script data-free.
+    runs: dict[str, list[float]] = {"forward": [], **{n: [] for n in scorer.score_types}}
+    forward(scorer, x)  # warm-up
+    scorer.compute(x, None, scorer.score_types)
+    for _ in range(repeats):
+        for name in runs:
+            t0 = time.perf_counter()
+            if name == "forward":
+                forward(scorer, x)
+            else:
+                scorer.compute(x, None, [name])
+            runs[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "model": folder,
+        "batch": batch,
+        "repeats": repeats,
+        "device": device,
+        "default_score": default,
+        "vae_score_k": scorer.vae_score_k if isinstance(scorer.model, VAE) else None,
+        "forward_images_per_s": batch / med["forward"],
+        "seconds": med,
+        "ratio_to_forward": {k: med[k] / med["forward"] for k in scorer.score_types},
+        "default_ratio": med[default] / med["forward"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", required=True, help="checkpoint folder (repeatable)")
+    p.add_argument("--batch", type=int, default=32, help="images per pass (the service's default batch)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    results = [measure(m, batch=args.batch, repeats=args.repeats, device=args.device) for m in args.model]
+    print(f"{'model':32} {'forward img/s':>14} {'score':>18} {'ratio':>7}")  # noqa: T201
+    for r in results:
+        for name, ratio in r["ratio_to_forward"].items():
+            mark = " (default)" if name == r["default_score"] else ""
+            print(f"{r['model']:32} {r['forward_images_per_s']:14.1f} {name + mark:>18} {ratio:7.2f}")  # noqa: T201
+    print(json.dumps(results, indent=2))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,534 @@
+"""Outlier scores for density models, and their calibration.
+
+Raw likelihood is a poor outlier score: a PixelCNN trained on Fashion-MNIST gives MNIST digits a
+*higher* likelihood than its own test images (Nalisnick et al. 2019, "Do Deep Generative Models
+Know What They Don't Know?"), because simple images are cheap to code under any image model.
+Two corrections remove that shared "simplicity" term:
+
+- ``likelihood_ratio`` (Ren et al. 2019, "Likelihood Ratios for Out-of-Distribution Detection"):
+  log p_bg(x) - log p(x), with p_bg a smaller model of the same family trained on inputs whose
+  sub-pixels were replaced by uniform noise at rate ~0.2 (``genserve train --perturb 0.2``). The
+  background model learns the population statistics and not the semantics; the ratio keeps the
+  semantics. The background is shipped beside its model in ``<folder>/background/``.
+- ``complexity`` (Serrà et al. 2020, "Input Complexity and Out-of-Distribution Detection with
+  Likelihood-based Generative Models"): -log2 p(x) - L(x), with L(x) the code length of a generic
+  lossless compressor (lossless WebP, falling back to the raw pixels where it expands the image),
+  which measures the same simplicity without having been trained on anything.
+
+Every score is in bits per dimension and higher means more anomalous. The score functions below are
+pure functions of model outputs; :class:`Scorer` runs one loaded model (and its background) on a
+batch and applies them, and it is the only path the service, ``genserve calibrate`` and
+``genserve eval-ood`` use, so a calibrated threshold always judges the function it was computed from.
+
+Calibration (:func:`calibrate_scores`): the empirical quantiles of a score on held-out in-
+distribution data and the threshold whose false-positive rate is the target (conformal order
+statistic: the k-th smallest of n scores with k = ceil((n + 1)(1 - fpr)); a new in-distribution
+image then lies above it with probability at most fpr, and about fpr for large n).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from models.base import AutoregressiveModel, DensityModel
+from models.checkpoint import META, load_checkpoint
+from models.likelihood import bits_per_dim
+from models.vae import VAE
+
+logger = logging.getLogger(__name__)
+
+BACKGROUND = "background"  # a model folder's companion background model (Ren et al.)
+NLL, COMPLEXITY, RATIO = "nll", "complexity", "likelihood_ratio"
+DEFAULT_FPR = 0.01
+N_QUANTILES = 100  # calibration stores q_0 .. q_100 (percentiles)
+# IWAE samples behind a VAE's outlier scores (the served ones and their calibration). log_prob's 128
+# cost ~100 decoder passes per image; the evaluation in docs/ood.md finds k=1 as good for detection.
+DEFAULT_VAE_SCORE_K = 1
+
+
+# ---- scores: pure functions of model outputs ------------------------------------------------------
+
+
+def nll_score(log_prob: Tensor, *, dims: int) -> Tensor:
+    """Raw negative log-likelihood in bits/dim: log_prob (B,) nats -> (B,) float64."""
+    return torch.as_tensor(bits_per_dim(log_prob.double(), dims))
+
+
+def complexity_score(log_prob: Tensor, *, code_bits: Tensor, dims: int) -> Tensor:
+    """Serrà et al.'s S(x) = -log2 p(x) - L(x), per dimension: (B,) float64 bits/dim.
+
+    log_prob: (B,) nats; code_bits: (B,) lossless code length L(x) of each image in bits.
+    """
+    assert log_prob.shape == code_bits.shape, (log_prob.shape, code_bits.shape)
+    return nll_score(log_prob, dims=dims) - code_bits.double().to(log_prob.device) / dims
+
+
+def likelihood_ratio_score(log_prob: Tensor, *, background_log_prob: Tensor, dims: int) -> Tensor:
+    """Ren et al.'s -LLR(x) = log p_bg(x) - log p(x), per dimension: (B,) float64 bits/dim.
+
+    log_prob, background_log_prob: (B,) nats under the model and its background model.
+    """
+    assert log_prob.shape == background_log_prob.shape, (log_prob.shape, background_log_prob.shape)
+    return nll_score(log_prob, dims=dims) - nll_score(background_log_prob, dims=dims)
+
+
+def png_code_bits(x: Tensor) -> Tensor:
+    """Bits of each image's PNG stream at maximum compression (zlib level 9, Pillow's filter choice):
+    the IDAT payload, without the file's constant signature and chunk framing, which a decoder that
+    knows the image shape does not need. x (B, C, H, W) integers, C in {1, 3}, values < 256 ->
+    (B,) float64."""
+    assert x.dim() == 4 and x.shape[1] in (1, 3), x.shape
+    arr = x.detach().to("cpu", torch.uint8).numpy()
+    bits = []
+    for im in arr:
+        buf = io.BytesIO()
+        pil = Image.fromarray(im[0] if im.shape[0] == 1 else np.ascontiguousarray(im.transpose(1, 2, 0)))
+        pil.save(buf, format="PNG", optimize=True, compress_level=9)
+        bits.append(8.0 * _idat_bytes(buf.getvalue()))
+    return torch.tensor(bits, dtype=torch.float64)
+
+
+def _idat_bytes(png: bytes) -> int:
+    """Total length of a PNG file's IDAT chunks (its compressed image data)."""
+    pos, total = 8, 0  # after the 8-byte signature: chunks of length (4), type (4), data, crc (4)
+    while pos + 8 <= len(png):
+        length = struct.unpack(">I", png[pos : pos + 4])[0]
+        if png[pos + 4 : pos + 8] == b"IDAT":
+            total += length
+        pos += 12 + length
+    return total
+
+
+def webp_code_bits(x: Tensor) -> Tensor:
+    """Bits of each image as lossless WebP (quality 100, method 4: libwebp's default effort): the VP8L
+    bitstream, without the file's constant RIFF framing. x (B, C, H, W) integers, C in {1, 3},
+    values < 256 -> (B,) float64."""
+    assert x.dim() == 4 and x.shape[1] in (1, 3), x.shape
+    arr = x.detach().to("cpu", torch.uint8).numpy()
+    bits = []
+    for im in arr:
+        buf = io.BytesIO()
+        pil = Image.fromarray(im[0] if im.shape[0] == 1 else np.ascontiguousarray(im.transpose(1, 2, 0)))
+        pil.save(buf, format="WEBP", lossless=True, quality=100, method=4)
+        data = buf.getvalue()
+        # RIFF header (12 bytes), then one chunk: "VP8L", its length (4 bytes, little-endian), the bitstream.
+        vp8l = struct.unpack("<I", data[16:20])[0] if data[12:16] == b"VP8L" else len(data)
+        bits.append(8.0 * vp8l)
+    return torch.tensor(bits, dtype=torch.float64)
+
+
+CODER = "webp-lossless-q100-m4|raw"  # what code_length_bits is; calibrations record it
+
+
+def code_length_bits(x: Tensor, *, levels: int) -> Tensor:
+    """L(x) of the complexity score: the shorter of the lossless WebP bitstream and the raw image
+    (D log2(levels) bits, what incompressible noise costs), plus one bit saying which: a lossless code
+    length in bits, (B,) float64, for x (B, C, H, W) integers in [0, levels-1].
+
+    WebP's lossless coder (spatial prediction, colour cache, entropy-coded residuals) codes these
+    images ~0.06 bits/dim shorter than PNG and separates better (bench/complexity_coders.py); the raw
+    fallback keeps noise, which every coder expands, from looking less surprising than it is."""
+    raw = x[0].numel() * math.log2(levels)
+    return 1.0 + torch.clamp(webp_code_bits(x), max=raw)
+
+
+def coder_version() -> str:
+    """The libwebp that :func:`webp_code_bits` ran (recorded with a calibration)."""
+    from PIL import features
+
+    return f"libwebp {features.version('webp')}, Pillow {Image.__version__}"
+
+
+@dataclass(frozen=True)
+class ScoreType:
+    name: str
+    description: str
+    needs_background: bool = False
+
+
+SCORE_TYPES: dict[str, ScoreType] = {
+    NLL: ScoreType(NLL, "raw negative log-likelihood, bits/dim (fails on simple out-of-distribution images)"),
+    COMPLEXITY: ScoreType(COMPLEXITY, "NLL minus lossless WebP code length, bits/dim (Serrà et al. 2020)"),
+    RATIO: ScoreType(RATIO, "NLL minus the background model's NLL, bits/dim (Ren et al. 2019)", needs_background=True),
+}
+
+
+def available_score_types(*, has_background: bool) -> list[str]:
+    """Score types a model offers: all but likelihood_ratio, which needs a background model."""
+    return sorted(n for n, t in SCORE_TYPES.items() if has_background or not t.needs_background)
+
+
+def recommended_score(*, has_background: bool) -> str:
+    """The default chosen by the evaluation in docs/ood.md: the complexity-corrected likelihood, for
+    every model. (The shipped background model's likelihood ratio lost to it on MNIST and failed on
+    constant images, which the background model finds harder than the main model does.)"""
+    del has_background  # a stronger background model may earn the ratio the default: measure first
+    return COMPLEXITY
+
+
+# ---- the scorer: one loaded model (and its background) -------------------------------------------
+
+
+@dataclass
+class ModelOutputs:
+    """What the models say about a batch: log p(x) and log p_bg(x) in nats (B,), float32, and where
+    asked the per-pixel log-probabilities (B, C, H, W)."""
+
+    log_prob: Tensor
+    background_log_prob: Tensor | None = None
+    pixel_log_prob: Tensor | None = None
+    background_pixel_log_prob: Tensor | None = None
+
+
+@dataclass
+class ScoreBatch:
+    """Per-image outputs for one batch, each keyed by score type.
+
+    log_prob: the log p(x) estimate (nats, (B,)) the score used (a VAE's: IWAE with ``vae_score_k``);
+    scores: (B,) bits/dim; heatmaps: (B, H, W) per-pixel anomaly in nats (autoregressive models).
+    """
+
+    log_prob: dict[str, Tensor]
+    scores: dict[str, Tensor]
+    heatmaps: dict[str, Tensor]
+
+
+class Scorer:
+    """Outlier scores of one model, with its background companion where it has one.
+
+    ``vae_score_k``: importance samples of the IWAE estimate of log p(x) behind every score of a VAE
+    (its ``log_prob`` uses ``iwae_samples``, 128 for the shipped model, a hundred decoder passes).
+    """
+
+    def __init__(
+        self,
+        model: DensityModel,
+        background: DensityModel | None = None,
+        *,
+        vae_score_k: int = DEFAULT_VAE_SCORE_K,
+        weights_sha256: str = "",
+        background_sha256: str | None = None,
+    ) -> None:
+        if background is not None:
+            if background.shape != model.shape or background.levels != model.levels:
+                raise ValueError(
+                    f"background model takes {background.shape} images with {background.levels} levels; "
+                    f"its model takes {model.shape} with {model.levels}"
+                )
+            if background.n_classes is not None:
+                raise ValueError("a background model must be unconditional")
+        if vae_score_k < 1:
+            raise ValueError(f"vae_score_k must be at least 1, got {vae_score_k}")
+        self.model = model
+        self.background = background
+        self.vae_score_k = vae_score_k
+        self.weights_sha256 = weights_sha256
+        self.background_sha256 = background_sha256
+
+    @property
+    def fingerprint(self) -> str:
+        """What fixes this scorer's outputs (for caches): both models' weights and the VAE's k."""
+        parts = [self.weights_sha256, self.background_sha256 or "-", str(self.vae_score_k), "outputs-v2"]
+        if not self.weights_sha256:
+            raise ValueError("a scorer built without weights_sha256 cannot be cached; use load_scorer")
+        return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
+
+    @property
+    def score_types(self) -> list[str]:
+        return available_score_types(has_background=self.background is not None)
+
+    @property
+    def recommended(self) -> str:
+        return recommended_score(has_background=self.background is not None)
+
+    @property
+    def per_pixel(self) -> bool:
+        return isinstance(self.model, AutoregressiveModel)
+
+    def check(self, names: Sequence[str], *, heatmap: bool = False) -> None:
+        unknown = [n for n in names if n not in self.score_types]
+        if unknown:
+            raise ValueError(f"unknown score type(s) {unknown}; this model offers {self.score_types}")
+        if heatmap and not self.per_pixel:
+            raise ValueError("heatmaps need per-pixel likelihoods, which only autoregressive models give")
+
+    @torch.inference_mode()
+    def outputs(self, x: Tensor, y: Tensor | None = None, *, background: bool, pixels: bool = False) -> ModelOutputs:
+        """The model passes behind every score, for images x (B, C, H, W) integer levels on the model's
+        device: log p(x) (a VAE's IWAE with ``vae_score_k``), with ``background`` the background
+        model's log p_bg(x), with ``pixels`` the per-pixel log-probabilities of both."""
+        pixel: Tensor | None = None
+        bg_pixel: Tensor | None = None
+        bg_lp: Tensor | None = None
+        if isinstance(self.model, VAE):
+            assert not pixels, "a VAE has no per-pixel likelihoods"
+            lp = self.model.iwae(x, self.vae_score_k)  # (B,) nats
+        elif pixels:
+            assert isinstance(self.model, AutoregressiveModel)
+            pixel = self.model.pixel_log_prob(x, y)  # (B, C, H, W) nats
+            lp = pixel.flatten(1).sum(1)  # the same sum log_prob takes
+        else:
+            lp = self.model.log_prob(x, y)
+        if background:
+            assert self.background is not None, "this model has no background model"
+            if pixels:
+                assert isinstance(self.background, AutoregressiveModel), "per-pixel maps need an AR background"
+                bg_pixel = self.background.pixel_log_prob(x)
+                bg_lp = bg_pixel.flatten(1).sum(1)
+            else:
+                bg_lp = self.background.log_prob(x)
+        return ModelOutputs(
+            log_prob=lp.float(),
+            background_log_prob=None if bg_lp is None else bg_lp.float(),
+            pixel_log_prob=pixel,
+            background_pixel_log_prob=bg_pixel,
+        )
+
+    def scores_from(
+        self, names: Sequence[str], outputs: ModelOutputs, *, code_bits: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Scores (B,) bits/dim from model outputs and, for ``complexity``, the code lengths (B,):
+        the one function behind /score, ``genserve calibrate`` and ``genserve eval-ood``."""
+        dims = self.model.dims
+        out = {}
+        for n in names:
+            if n == NLL:
+                out[n] = nll_score(outputs.log_prob, dims=dims)
+            elif n == COMPLEXITY:
+                assert code_bits is not None
+                out[n] = complexity_score(outputs.log_prob, code_bits=code_bits, dims=dims)
+            elif n == RATIO:
+                assert outputs.background_log_prob is not None
+                out[n] = likelihood_ratio_score(
+                    outputs.log_prob, background_log_prob=outputs.background_log_prob, dims=dims
+                )
+            else:
+                raise ValueError(f"unknown score type '{n}'")
+        return out
+
+    def compute(
+        self, x: Tensor, y: Tensor | None = None, names: Sequence[str] = (), *, heatmap: bool = False
+    ) -> ScoreBatch:
+        """Scores ``names`` of images x (B, C, H, W) integer levels on the model's device (y: labels
+        of a class-conditional model), sharing the passes the scores have in common; with ``heatmap``
+        each score's per-pixel map (autoregressive models)."""
+        names = list(dict.fromkeys(names)) or [self.recommended]
+        self.check(names, heatmap=heatmap)
+        o = self.outputs(x, y, background=RATIO in names, pixels=heatmap)
+        code_bits = code_length_bits(x, levels=self.model.levels) if COMPLEXITY in names else None
+        scores = self.scores_from(names, o, code_bits=code_bits)
+        heatmaps = {}
+        if o.pixel_log_prob is not None:
+            for n in names:
+                bg = o.background_pixel_log_prob if n == RATIO else None
+                heatmaps[n] = pixel_anomaly(o.pixel_log_prob, background_pixel_log_prob=bg)
+        return ScoreBatch(log_prob=dict.fromkeys(names, o.log_prob), scores=scores, heatmaps=heatmaps)
+
+
+def pixel_anomaly(pixel_log_prob: Tensor, *, background_pixel_log_prob: Tensor | None = None) -> Tensor:
+    """Per-pixel anomaly map (B, H, W) in nats, summed over channels: -log p(x_i | x_<i), minus the
+    background model's -log p_bg(x_i | x_<i) where given (then negative where the background finds
+    the pixel harder than the model does). Inputs: (B, C, H, W) log-probabilities in nats."""
+    nll = -pixel_log_prob.float().sum(1)
+    if background_pixel_log_prob is None:
+        return nll
+    assert background_pixel_log_prob.shape == pixel_log_prob.shape
+    return nll + background_pixel_log_prob.float().sum(1)
+
+
+def load_scorer(
+    folder: str | Path, device: str | torch.device = "cpu", *, vae_score_k: int | None = None
+) -> tuple[Scorer, dict[str, Any]]:
+    """A model folder's scorer: the model, its ``background/`` companion if present (same device), and
+    the VAE score k recorded by its calibration (``vae_score_k`` overrides it). Returns (scorer, the
+    model's metadata)."""
+    folder = Path(folder)
+    model, meta = load_checkpoint(folder, device)
+    background, bg_meta = None, None
+    if (folder / BACKGROUND / META).is_file():
+        background, bg_meta = load_checkpoint(folder / BACKGROUND, device)
+    k = vae_score_k or int((meta.get("calibration") or {}).get("vae_score_k") or DEFAULT_VAE_SCORE_K)
+    scorer = Scorer(
+        model,
+        background,
+        vae_score_k=k,
+        weights_sha256=meta["weights"]["sha256"],
+        background_sha256=bg_meta["weights"]["sha256"] if bg_meta else None,
+    )
+    return scorer, meta
+
+
+def stale_calibration(meta: dict[str, Any], background_meta: dict[str, Any] | None) -> str | None:
+    """Why a checkpoint's calibration does not fit its weights (or its background's), else None."""
+    cal = meta.get("calibration") or {}
+    if not cal:
+        return None
+    if cal.get("weights_sha256") and cal["weights_sha256"] != meta["weights"].get("sha256"):
+        return "it was computed for other weights"
+    bg_sha = background_meta["weights"].get("sha256") if background_meta else None
+    if "background_sha256" in cal and cal["background_sha256"] != bg_sha:
+        return "it was computed with another background model"
+    coder = (cal.get("coder") or {}).get("name")
+    if coder and coder != CODER:
+        return f"its complexity score used the coder '{coder}', this genserve uses '{CODER}'"
+    return None
+
+
+# ---- scoring whole data sets -----------------------------------------------------------------------
+
+
+def score_images(
+    scorer: Scorer,
+    images: Tensor,
+    labels: Tensor | None = None,
+    names: Sequence[str] = (),
+    *,
+    batch_size: int = 128,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Every score in ``names`` (default: all the scorer offers) for images (N, C, H, W), as float64
+    arrays (N,): the model passes (:meth:`Scorer.outputs`) batch by batch, then
+    :meth:`Scorer.scores_from`, as /score does. With ``cache_dir``, the model outputs (the costly
+    part) are kept in ``cache_dir/<key>.npz``, keyed by the scorer's fingerprint and the images'
+    bytes, so a rerun, or calibrate after eval-ood, costs no model pass."""
+    from models.evaluate import progress
+
+    names = list(names) or scorer.score_types
+    scorer.check(names)
+    if scorer.model.n_classes is not None and labels is None:
+        raise ValueError(
+            "a class-conditional model scores log p(x|y) and needs labels; outlier detection needs p(x) "
+            "= sum_y p(x|y) p(y), which costs one pass per class: use an unconditional model"
+        )
+    need = ["log_prob"] + (["background_log_prob"] if RATIO in names else [])
+    path = None
+    cached: dict[str, np.ndarray] = {}
+    if cache_dir is not None:
+        h = hashlib.sha256(scorer.fingerprint.encode())
+        h.update(images.numpy().tobytes())
+        if labels is not None:
+            h.update(labels.numpy().tobytes())
+        path = Path(cache_dir) / f"{h.hexdigest()[:24]}.npz"
+        if path.is_file():
+            with np.load(path) as f:
+                cached = {k: f[k] for k in f.files}
+    if not all(k in cached for k in need):
+        dev = scorer.model.device
+        parts: dict[str, list[Tensor]] = {k: [] for k in need}
+        starts = range(0, len(images), batch_size)
+        for s in progress(starts, total=len(starts), desc="model passes", enabled=show_progress):
+            x = images[s : s + batch_size].to(dev)
+            y = None if labels is None else labels[s : s + batch_size].to(dev)
+            o = scorer.outputs(x, y, background=RATIO in names)
+            parts["log_prob"].append(o.log_prob.cpu())
+            if o.background_log_prob is not None:
+                parts["background_log_prob"].append(o.background_log_prob.cpu())
+        cached.update({k: torch.cat(v).numpy() for k, v in parts.items()})
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **cached)  # type: ignore[arg-type]  # numpy's stub types the kwargs as its bool flag
+            tmp.replace(path)
+    bg = cached.get("background_log_prob")
+    outputs = ModelOutputs(
+        log_prob=torch.from_numpy(cached["log_prob"]),
+        background_log_prob=None if bg is None or RATIO not in names else torch.from_numpy(bg),
+    )
+    code_bits = code_length_bits(images, levels=scorer.model.levels) if COMPLEXITY in names else None
+    return {n: v.numpy() for n, v in scorer.scores_from(names, outputs, code_bits=code_bits).items()}
+
+
+# ---- calibration -----------------------------------------------------------------------------------
+
+
+def conformal_rank(n: int, fpr: float) -> int:
+    """1-based rank k of the threshold among n sorted scores: k = ceil((n + 1)(1 - fpr)), at most n."""
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"target false-positive rate must lie in (0, 1), got {fpr}")
+    if n < 1:
+        raise ValueError("calibration needs at least one score")
+    return min(n, math.ceil((n + 1) * (1.0 - fpr) - 1e-9))
+
+
+def calibrate_scores(scores: np.ndarray, *, fpr: float = DEFAULT_FPR, n_quantiles: int = N_QUANTILES) -> dict[str, Any]:
+    """Threshold and quantiles of one score's in-distribution values (N,).
+
+    ``is_outlier = score > threshold`` flags a fresh in-distribution image with probability about
+    ``fpr``; ``quantiles`` are q_0 .. q_K (K = n_quantiles, linear interpolation) for percentiles.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if not np.isfinite(s).all():
+        raise ValueError(f"{int((~np.isfinite(s)).sum())} calibration scores are not finite")
+    n = len(s)
+    k = conformal_rank(n, fpr)
+    if (n + 1) * (1.0 - fpr) > n:
+        logger.warning("%d calibration images cannot resolve a false-positive rate of %g; use more", n, fpr)
+    threshold = float(s[k - 1])
+    return {
+        "threshold": threshold,
+        "quantiles": [float(q) for q in np.quantile(s, np.linspace(0.0, 1.0, n_quantiles + 1))],
+        "fpr_on_calibration": float((s > threshold).mean()),
+        "mean": float(s.mean()),
+        "std": float(s.std()),
+    }
+
+
+def calibrate(
+    scorer: Scorer,
+    images: Tensor,
+    labels: Tensor | None = None,
+    *,
+    data_spec: str,
+    fpr: float = DEFAULT_FPR,
+    default: str | None = None,
+    batch_size: int = 128,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on
+    in-distribution held-out images (never the test set)."""
+    if scorer.model.n_classes is not None:
+        raise ValueError(
+            f"a class-conditional model scores log p(x|y) for a given label; outlier detection needs p(x) = "
+            f"sum_y p(x|y) p(y), {scorer.model.n_classes} passes per image: calibrate an unconditional model"
+        )
+    default = default or scorer.recommended
+    scorer.check([default])
+    t0 = time.perf_counter()
+    values = score_images(
+        scorer, images, labels, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
+    )
+    cal: dict[str, Any] = {
+        "default_score": default,
+        "target_fpr": fpr,
+        "data": data_spec,
+        "n": len(images),
+        "method": "threshold = k-th smallest score, k = ceil((n+1)(1-target_fpr)); is_outlier = score > threshold",
+        "scores": {n: {**calibrate_scores(v, fpr=fpr), **score_units(n)} for n, v in values.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if isinstance(scorer.model, VAE):
+        cal["vae_score_k"] = scorer.vae_score_k  # the service reads it back: same k as calibrated
+    cal["weights_sha256"] = scorer.weights_sha256
+    cal["background_sha256"] = scorer.background_sha256
+    cal["coder"] = {"name": CODER, "version": coder_version()}
+    return cal
+
+
+def score_units(name: str) -> dict[str, str]:
+    return {"units": "bits/dim, higher = more anomalous", "description": SCORE_TYPES[name].description}

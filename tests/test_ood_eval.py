@@ -1,0 +1,128 @@
+"""``genserve calibrate`` and ``genserve eval-ood``: metrics on known cases, synthetic sets, and both
+commands end to end on a tiny checkpoint with npz data sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_PIXELCNN, dataset_meta
+
+from models.checkpoint import read_metadata, save_checkpoint, sha256_file
+from models.cli import main
+from models.ood_eval import auprc, auroc, fpr_at_tpr, load_eval_set
+from models.pixelcnn import PixelCNN, PixelCNNConfig
+
+SHAPE = (1, 8, 8)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+
+def test_auroc_matches_pairwise_counting_with_ties():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 6, 50).astype(float)
+    b = rng.integers(2, 8, 40).astype(float)
+    pairs = (b[None, :] > a[:, None]).mean() + 0.5 * (b[None, :] == a[:, None]).mean()
+    assert auroc(a, b) == pytest.approx(pairs)
+    assert auroc(np.zeros(3), np.ones(3)) == 1.0 and auroc(np.ones(3), np.zeros(3)) == 0.0
+    assert auroc(np.ones(4), np.ones(5)) == pytest.approx(0.5)
+
+
+def test_auprc_and_fpr_at_95_tpr():
+    assert auprc(np.zeros(5), np.ones(5)) == pytest.approx(1.0)
+    # Out-of-distribution scores 1..100, in-distribution 96..105: flagging 95 of 100 needs a threshold of 6.
+    out, inn = np.arange(1, 101, dtype=float), np.arange(96, 106, dtype=float)
+    assert fpr_at_tpr(inn, out, 0.95) == pytest.approx(1.0)
+    assert fpr_at_tpr(np.arange(10.0), np.arange(5.0, 105.0), 0.95) == pytest.approx(0.0)
+    assert fpr_at_tpr(np.arange(10.0), np.arange(0.0, 100.0), 0.95) == pytest.approx(0.5)  # threshold 5
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, 300), rng.normal(1, 1, 300)
+    assert 0.5 < auprc(a, b) < 1.0
+
+
+# ---- synthetic sets -------------------------------------------------------------------------------------
+
+
+def test_synthetic_sets_are_deterministic_and_shaped_like_the_model(tmp_path: Path):
+    noise = load_eval_set("noise:uniform:20", shape=SHAPE, levels=256, seed=3)
+    again = load_eval_set("noise:uniform:20", shape=SHAPE, levels=256, seed=3)
+    assert noise.images.shape == (20, *SHAPE) and noise.images.dtype == torch.uint8
+    assert torch.equal(noise.images, again.images)
+    assert not torch.equal(noise.images, load_eval_set("noise", shape=SHAPE, levels=256, seed=4).images[:20])
+    const = load_eval_set("constant", shape=SHAPE, levels=256)
+    assert len(const) == 256 and (const.images.flatten(1).float().std(1) == 0).all()
+    assert const.images[0].max() == 0 and const.images[-1].min() == 255
+    images = torch.randint(0, 256, (6, 8, 8), dtype=torch.uint8).numpy()
+    np.savez(tmp_path / "d.npz", images=images)
+    flipped = load_eval_set(f"flip:npz:{tmp_path / 'd.npz'}", shape=SHAPE, levels=256)
+    assert np.array_equal(flipped.images[:, 0].numpy(), images[:, ::-1, :])
+    assert len(load_eval_set(f"npz:{tmp_path / 'd.npz'}", shape=SHAPE, levels=256, limit=4)) == 4
+    with pytest.raises(ValueError, match="the model takes"):
+        load_eval_set(f"npz:{tmp_path / 'd.npz'}", shape=(1, 4, 4), levels=256)
+
+
+# ---- the commands end to end ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path / "m"
+    save_checkpoint(PixelCNN(PixelCNNConfig(**TINY_PIXELCNN)), folder, dataset=dataset_meta())
+    save_checkpoint(PixelCNN(PixelCNNConfig(**TINY_PIXELCNN)), folder / "background", dataset=dataset_meta())
+    return folder
+
+
+def npz(path: Path, n: int, seed: int, high: int = 256) -> str:
+    rng = np.random.default_rng(seed)
+    np.savez(path, images=rng.integers(0, high, size=(n, 8, 8), dtype=np.uint8))
+    return f"npz:{path}"
+
+
+def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, capsys):
+    weights_sha = sha256_file(tiny_model / "model.safetensors")
+    valid = npz(tmp_path / "valid.npz", 60, 0, high=64)
+    assert main(["calibrate", "--model", str(tiny_model), "--data", valid, "--fpr", "0.05", "--no-progress"]) == 0
+    meta = read_metadata(tiny_model)
+    cal = meta["calibration"]
+    assert cal["default_score"] == "complexity" and cal["target_fpr"] == 0.05 and cal["n"] == 60
+    assert set(cal["scores"]) == {"nll", "complexity", "likelihood_ratio"}
+    assert cal["command"].startswith("genserve calibrate --model")
+    assert sha256_file(tiny_model / "model.safetensors") == weights_sha == meta["weights"]["sha256"]
+    printed = json.loads(capsys.readouterr().out)
+    assert "quantiles" not in printed["scores"]["nll"]
+
+    test = npz(tmp_path / "test.npz", 50, 1, high=64)
+    other = npz(tmp_path / "other.npz", 30, 2)
+    report_dir = tmp_path / "report"
+    argv = ["eval-ood", "--model", str(tiny_model), "--in", test, "--out", other, "--out", "noise:uniform:25"]
+    argv += ["--report-dir", str(report_dir), "--no-progress"]
+    argv += ["--cache", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    report = json.loads((report_dir / "m.json").read_text())
+    assert list(report["out"]) == [other, "noise:uniform:25"]
+    assert report["default_score"] == "complexity" and report["in"]["n"] == 50
+    for o in report["out"].values():
+        for m in o["scores"].values():
+            assert 0 <= m["auroc"] <= 1 and 0 <= m["auprc"] <= 1 and 0 <= m["fpr_at_95_tpr"] <= 1
+            assert 0 <= m["flagged_at_threshold"] <= 1
+    assert report["out"]["noise:uniform:25"]["n"] == 25
+    for entry in report["in"]["scores"].values():
+        assert 0 <= entry["observed_fpr_at_threshold"] <= 1
+    md = (report_dir / "m.md").read_text()
+    assert "| noise:uniform:25 | 25 |" in md and "genserve eval-ood" in md
+    for png in ("m-roc.png", "m-hist.png", "m-heatmaps.png"):
+        assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_refuses_the_test_split_and_conditional_models(tiny_model: Path, tmp_path: Path):
+    assert main(["calibrate", "--model", str(tiny_model), "--data", "fashion-mnist:test"]) == 2
+    cond = tmp_path / "cond"
+    save_checkpoint(PixelCNN(PixelCNNConfig(**TINY_PIXELCNN, n_classes=3)), cond, dataset=dataset_meta(["a", "b", "c"]))
+    valid = npz(tmp_path / "v.npz", 8, 0)
+    assert main(["calibrate", "--model", str(cond), "--data", valid, "--no-progress"]) == 2
+    assert read_metadata(cond)["calibration"] is None
