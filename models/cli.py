@@ -174,13 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="checkpoint folder (its background/ companion is used too)")
     c.add_argument("--data", help="held-out in-distribution data (default: the training data set's valid split)")
     c.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
-    c.add_argument(
-        "--default", help="default score type (default: likelihood_ratio with a background, else complexity)"
-    )
-    c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's complexity score (default 1)")
+    c.add_argument("--default", help="default score type (default: complexity, the evaluation's choice)")
+    c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's scores (default 1)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--device", default="auto")
-    c.add_argument("--cache", default="runs/ood-cache", help="score cache folder ('' for none)")
+    c.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
     c.add_argument("--dry-run", action="store_true", help="print the calibration, do not write it")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_calibrate)
@@ -204,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--examples", type=int, default=4, help="images per set in the heatmap figure (0: none)")
     o.add_argument("--batch-size", type=int, default=128)
     o.add_argument("--device", default="auto")
-    o.add_argument("--cache", default="runs/ood-cache", help="score cache folder ('' for none)")
+    o.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(func=_eval_ood)
 
