@@ -2,9 +2,10 @@
 
 For each model: the time of one forward pass (an autoregressive model's ``log_prob``; a VAE's
 encoder and one decoder pass, ``iwae(x, k=1)``), and of every score type as the service computes it
-(``Scorer.compute``: the model, the background model where the score needs it, the PNG coder), on
+(``Scorer.compute``: the model, the background model where the score needs it, the WebP coder), on
 the same batches, interleaved so that a busy machine slows both alike. Prints a table and JSON;
-the ratio of the default score is what docs/ood.md reports (target: at most 2.5).
+the ratio of the default score is what docs/ood.md reports (target: at most 2.5). For a VAE it also
+times the model's own ``log_prob`` (IWAE with ``iwae_samples``) once, for scale.
 
     python bench/outlier_cost.py --model checkpoints/pixelcnn-fmnist --model checkpoints/vae-fmnist
 """
@@ -56,6 +57,11 @@ def measure(folder: str, *, batch: int, repeats: int, device: str) -> dict[str, 
                 scorer.compute(x, None, [name])
             runs[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in runs.items()}
+    if isinstance(scorer.model, VAE):  # for scale: the model's own log_prob (IWAE with iwae_samples)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            scorer.model.log_prob(x)
+        med["log_prob"] = time.perf_counter() - t0
     return {
         "model": folder,
         "batch": batch,
@@ -63,10 +69,12 @@ def measure(folder: str, *, batch: int, repeats: int, device: str) -> dict[str, 
         "device": device,
         "default_score": default,
         "vae_score_k": scorer.vae_score_k if isinstance(scorer.model, VAE) else None,
+        "vae_iwae_samples": scorer.model.config.iwae_samples if isinstance(scorer.model, VAE) else None,
         "forward_images_per_s": batch / med["forward"],
         "seconds": med,
         "ratio_to_forward": {k: med[k] / med["forward"] for k in scorer.score_types},
         "default_ratio": med[default] / med["forward"],
+        "log_prob_ratio": med["log_prob"] / med["forward"] if "log_prob" in med else None,
     }
 
 
@@ -83,6 +91,9 @@ def main() -> None:
         for name, ratio in r["ratio_to_forward"].items():
             mark = " (default)" if name == r["default_score"] else ""
             print(f"{r['model']:32} {r['forward_images_per_s']:14.1f} {name + mark:>18} {ratio:7.2f}")  # noqa: T201
+        if r["log_prob_ratio"] is not None:
+            k = f"log_prob (k={r['vae_iwae_samples']})"
+            print(f"{r['model']:32} {r['forward_images_per_s']:14.1f} {k:>18} {r['log_prob_ratio']:7.2f}")  # noqa: T201
     print(json.dumps(results, indent=2))  # noqa: T201
 
 
