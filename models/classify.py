@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,6 +35,36 @@ def uniform_prior(n_classes: int) -> Tensor:
     return torch.full((n_classes,), 1.0 / n_classes)
 
 
+def training_prior(meta: dict[str, Any], n_classes: int) -> Tensor:
+    """p(y) of a conditional checkpoint: its training split's class frequencies (``dataset.class_counts``
+    in model.json, written by ``genserve train``), uniform where the metadata has none. Shape (K,)."""
+    counts = (meta.get("dataset") or {}).get("class_counts")
+    if not counts:
+        return uniform_prior(n_classes)
+    c = torch.tensor([float(v) for v in counts], dtype=torch.float64)
+    if c.shape != (n_classes,) or bool((c < 0).any()) or float(c.sum()) <= 0:
+        raise ValueError(f"dataset.class_counts {counts} does not fit a model with {n_classes} classes")
+    return (c / c.sum()).float()
+
+
+def check_prior(prior: Tensor, n_classes: int) -> None:
+    if (
+        prior.shape != (n_classes,)
+        or not math.isclose(float(prior.sum()), 1.0, abs_tol=1e-4)
+        or bool((prior < 0).any())
+    ):
+        raise ValueError(f"prior must be {n_classes} non-negative probabilities summing to 1")
+
+
+def posterior_from(log_likelihood: Tensor, prior: Tensor) -> Posterior:
+    """Bayes' rule from log p(x|y) (B, K) nats and p(y) (K,): log p(x) (B,) and log p(y|x) (B, K)."""
+    log_joint = log_likelihood + prior.to(log_likelihood.device, log_likelihood.dtype).log()
+    log_marginal = torch.logsumexp(log_joint, dim=1)
+    return Posterior(
+        log_likelihood=log_likelihood, log_marginal=log_marginal, log_posterior=log_joint - log_marginal[:, None]
+    )
+
+
 def class_posterior(model: DensityModel, x: Tensor, prior: Tensor | None = None) -> Posterior:
     """Bayes' rule over every class of a class-conditional model.
 
@@ -44,12 +75,16 @@ def class_posterior(model: DensityModel, x: Tensor, prior: Tensor | None = None)
     if k is None:
         raise ValueError("classification needs a class-conditional model (n_classes set)")
     prior = uniform_prior(k) if prior is None else prior
-    if prior.shape != (k,) or not math.isclose(float(prior.sum()), 1.0, abs_tol=1e-4) or bool((prior < 0).any()):
-        raise ValueError(f"prior must be {k} non-negative probabilities summing to 1")
+    check_prior(prior, k)
+    return posterior_from(class_log_likelihood(model, x), prior)
+
+
+def class_log_likelihood(model: DensityModel, x: Tensor) -> Tensor:
+    """log p(x|y) in nats for every class y: (B, K), one model pass per class."""
+    k = model.n_classes
+    if k is None:
+        raise ValueError("classification needs a class-conditional model (n_classes set)")
     b = x.shape[0]
-    loglik = torch.stack(
+    return torch.stack(
         [model.log_prob(x, torch.full((b,), c, dtype=torch.long, device=x.device)) for c in range(k)], dim=1
-    )  # (B, K)
-    log_joint = loglik + prior.to(loglik.device, loglik.dtype).log()
-    log_marginal = torch.logsumexp(log_joint, dim=1)
-    return Posterior(log_likelihood=loglik, log_marginal=log_marginal, log_posterior=log_joint - log_marginal[:, None])
+    )

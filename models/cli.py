@@ -91,7 +91,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     cal = calibrate(
         scorer,
         data.images,
-        data.labels if scorer.model.n_classes is not None else None,
+        None,  # a conditional model is calibrated on p(x) = sum_y p(x|y) p(y)
         data_spec=spec,
         fpr=args.fpr,
         default=args.default,
@@ -128,6 +128,49 @@ def _eval_ood(args: argparse.Namespace) -> int:
     )
     table = {spec: {n: round(m["auroc"], 4) for n, m in o["scores"].items()} for spec, o in report["out"].items()}
     print(json.dumps({"auroc": table, "in": report["in"]["scores"]}, indent=2))  # noqa: T201
+    return 0
+
+
+def _eval_classify(args: argparse.Namespace) -> int:
+    from models.classify_eval import run
+
+    report = run(
+        args.model,
+        args.in_spec,
+        args.out_specs or [],
+        report=args.report,
+        device=_device(args.device),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        limit=args.limit,
+        cache_dir=args.cache or None,
+        command=args.command_line,
+        show_progress=not args.no_progress,
+    )
+    summary = {"in": {k: v for k, v in report["in"].items() if k not in ("confusion", "per_class_accuracy")}}
+    summary["out"] = report["out"]
+    print(json.dumps(summary, indent=2))  # noqa: T201 - the command's output
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from models.probe import run
+
+    report = run(
+        args.model,
+        train_spec=args.train,
+        test_spec=args.test,
+        features=args.features,
+        l2=args.l2,
+        device=_device(args.device),
+        batch_size=args.batch_size,
+        command=args.command_line,
+    )
+    text = json.dumps(report, indent=2)
+    print(text)  # noqa: T201 - the command's output
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text + "\n")
     return 0
 
 
@@ -205,6 +248,41 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(func=_eval_ood)
+
+    k = sub.add_parser(
+        "eval-classify",
+        help="accuracy of Bayes'-rule classification and the share refused, in and out of distribution",
+        description="Classify labelled test images by p(y|x) with a calibrated class-conditional model; refuse "
+        "those whose p(x) fails the calibrated outlier test; report accuracy and refusal rates (out-of-"
+        "distribution sets as in eval-ood).",
+    )
+    k.add_argument("--model", required=True, help="calibrated class-conditional checkpoint folder")
+    k.add_argument("--in", dest="in_spec", default="fashion-mnist:test", help="labelled in-distribution test data")
+    k.add_argument("--out", dest="out_specs", action="append", metavar="SPEC", help="an out-of-distribution set")
+    k.add_argument("--report", help="write the JSON report here and a markdown table beside it (.md)")
+    k.add_argument("--limit", type=int, help="at most this many images per set (a seeded random subset)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the subsets and synthetic sets")
+    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--device", default="auto")
+    k.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=_eval_classify)
+
+    p = sub.add_parser(
+        "probe",
+        help="linear-probe accuracy of a VAE's latent features (logistic regression, train -> test)",
+        description="Encode the training and test images with the VAE's encoder q(z|x), fit a multinomial "
+        "logistic regression on the training features and report its accuracy on the test features.",
+    )
+    p.add_argument("--model", required=True, help="VAE checkpoint folder")
+    p.add_argument("--train", default="fashion-mnist:train-full", help="labelled data to fit on")
+    p.add_argument("--test", default="fashion-mnist:test", help="labelled data to report on")
+    p.add_argument("--features", choices=["mean", "mean+std"], default="mean", help="latent mean, or mean and std")
+    p.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on the weights (per training image)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--report", help="write the JSON report here too")
+    p.set_defaults(func=_probe)
 
     for name, module in EXTERNAL.items():
         try:

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from models.base import AutoregressiveModel, DensityModel
 from models.checkpoint import META, load_checkpoint
+from models.classify import check_prior, class_log_likelihood, posterior_from, training_prior, uniform_prior
 from models.likelihood import bits_per_dim
 from models.vae import VAE
 
@@ -193,6 +194,7 @@ class ModelOutputs:
     background_log_prob: Tensor | None = None
     pixel_log_prob: Tensor | None = None
     background_pixel_log_prob: Tensor | None = None
+    class_log_likelihood: Tensor | None = None  # (B, K) log p(x|y) per class, when log_prob is p(x)'s
 
 
 @dataclass
@@ -200,12 +202,15 @@ class ScoreBatch:
     """Per-image outputs for one batch, each keyed by score type.
 
     log_prob: the log p(x) estimate (nats, (B,)) the score used (a VAE's: IWAE with ``vae_score_k``);
-    scores: (B,) bits/dim; heatmaps: (B, H, W) per-pixel anomaly in nats (autoregressive models).
+    scores: (B,) bits/dim; heatmaps: (B, H, W) per-pixel anomaly in nats (autoregressive models);
+    class_log_likelihood: (B, K) log p(x|y) in nats for every class, where a class-conditional model
+    scored unlabelled images (then log_prob is log p(x) = log sum_y p(x|y) p(y)).
     """
 
     log_prob: dict[str, Tensor]
     scores: dict[str, Tensor]
     heatmaps: dict[str, Tensor]
+    class_log_likelihood: Tensor | None = None
 
 
 class Scorer:
@@ -213,6 +218,10 @@ class Scorer:
 
     ``vae_score_k``: importance samples of the IWAE estimate of log p(x) behind every score of a VAE
     (its ``log_prob`` uses ``iwae_samples``, 128 for the shipped model, a hundred decoder passes).
+
+    A class-conditional model given no labels scores its marginal p(x) = sum_y p(x|y) p(y) (``prior``
+    p(y), shape (K,), default uniform; one pass per class): the density the outlier test and
+    classification with rejection need. Given labels it scores p(x|y).
     """
 
     def __init__(
@@ -223,7 +232,13 @@ class Scorer:
         vae_score_k: int = DEFAULT_VAE_SCORE_K,
         weights_sha256: str = "",
         background_sha256: str | None = None,
+        prior: Tensor | None = None,
     ) -> None:
+        if model.n_classes is not None:
+            prior = uniform_prior(model.n_classes) if prior is None else prior.float()
+            check_prior(prior, model.n_classes)
+        elif prior is not None:
+            raise ValueError("a class prior needs a class-conditional model")
         if background is not None:
             if background.shape != model.shape or background.levels != model.levels:
                 raise ValueError(
@@ -239,11 +254,14 @@ class Scorer:
         self.vae_score_k = vae_score_k
         self.weights_sha256 = weights_sha256
         self.background_sha256 = background_sha256
+        self.prior = prior
 
     @property
     def fingerprint(self) -> str:
         """What fixes this scorer's outputs (for caches): both models' weights and the VAE's k."""
         parts = [self.weights_sha256, self.background_sha256 or "-", str(self.vae_score_k), "outputs-v2"]
+        if self.prior is not None:
+            parts.append(",".join(f"{p:.8g}" for p in self.prior.tolist()))
         if not self.weights_sha256:
             raise ValueError("a scorer built without weights_sha256 cannot be cached; use load_scorer")
         return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
@@ -260,12 +278,17 @@ class Scorer:
     def per_pixel(self) -> bool:
         return isinstance(self.model, AutoregressiveModel)
 
-    def check(self, names: Sequence[str], *, heatmap: bool = False) -> None:
+    def check(self, names: Sequence[str], *, heatmap: bool = False, labelled: bool = False) -> None:
         unknown = [n for n in names if n not in self.score_types]
         if unknown:
             raise ValueError(f"unknown score type(s) {unknown}; this model offers {self.score_types}")
         if heatmap and not self.per_pixel:
             raise ValueError("heatmaps need per-pixel likelihoods, which only autoregressive models give")
+        if heatmap and self.model.n_classes is not None and not labelled:
+            raise ValueError(
+                "a class-conditional model's p(x) is a mixture over classes with no per-pixel factorisation; "
+                "a heatmap needs a label (per-pixel log p(x_i | x_<i, y))"
+            )
 
     @torch.inference_mode()
     def outputs(self, x: Tensor, y: Tensor | None = None, *, background: bool, pixels: bool = False) -> ModelOutputs:
@@ -275,7 +298,12 @@ class Scorer:
         pixel: Tensor | None = None
         bg_pixel: Tensor | None = None
         bg_lp: Tensor | None = None
-        if isinstance(self.model, VAE):
+        class_ll: Tensor | None = None
+        if self.model.n_classes is not None and y is None:
+            assert not pixels and self.prior is not None, "p(x) of a conditional model has no per-pixel terms"
+            class_ll = class_log_likelihood(self.model, x)  # (B, K) nats, K passes
+            lp = posterior_from(class_ll, self.prior).log_marginal
+        elif isinstance(self.model, VAE):
             assert not pixels, "a VAE has no per-pixel likelihoods"
             lp = self.model.iwae(x, self.vae_score_k)  # (B,) nats
         elif pixels:
@@ -297,6 +325,7 @@ class Scorer:
             background_log_prob=None if bg_lp is None else bg_lp.float(),
             pixel_log_prob=pixel,
             background_pixel_log_prob=bg_pixel,
+            class_log_likelihood=None if class_ll is None else class_ll.float(),
         )
 
     def scores_from(
@@ -328,7 +357,7 @@ class Scorer:
         of a class-conditional model), sharing the passes the scores have in common; with ``heatmap``
         each score's per-pixel map (autoregressive models)."""
         names = list(dict.fromkeys(names)) or [self.recommended]
-        self.check(names, heatmap=heatmap)
+        self.check(names, heatmap=heatmap, labelled=y is not None)
         o = self.outputs(x, y, background=RATIO in names, pixels=heatmap)
         code_bits = code_length_bits(x, levels=self.model.levels) if COMPLEXITY in names else None
         scores = self.scores_from(names, o, code_bits=code_bits)
@@ -337,7 +366,12 @@ class Scorer:
             for n in names:
                 bg = o.background_pixel_log_prob if n == RATIO else None
                 heatmaps[n] = pixel_anomaly(o.pixel_log_prob, background_pixel_log_prob=bg)
-        return ScoreBatch(log_prob=dict.fromkeys(names, o.log_prob), scores=scores, heatmaps=heatmaps)
+        return ScoreBatch(
+            log_prob=dict.fromkeys(names, o.log_prob),
+            scores=scores,
+            heatmaps=heatmaps,
+            class_log_likelihood=o.class_log_likelihood,
+        )
 
 
 def pixel_anomaly(pixel_log_prob: Tensor, *, background_pixel_log_prob: Tensor | None = None) -> Tensor:
@@ -363,12 +397,14 @@ def load_scorer(
     if (folder / BACKGROUND / META).is_file():
         background, bg_meta = load_checkpoint(folder / BACKGROUND, device)
     k = vae_score_k or int((meta.get("calibration") or {}).get("vae_score_k") or DEFAULT_VAE_SCORE_K)
+    prior = None if model.n_classes is None else training_prior(meta, model.n_classes)
     scorer = Scorer(
         model,
         background,
         vae_score_k=k,
         weights_sha256=meta["weights"]["sha256"],
         background_sha256=bg_meta["weights"]["sha256"] if bg_meta else None,
+        prior=prior,
     )
     return scorer, meta
 
@@ -383,6 +419,10 @@ def stale_calibration(meta: dict[str, Any], background_meta: dict[str, Any] | No
     bg_sha = background_meta["weights"].get("sha256") if background_meta else None
     if "background_sha256" in cal and cal["background_sha256"] != bg_sha:
         return "it was computed with another background model"
+    if cal.get("prior") is not None:
+        now = training_prior(meta, len(cal["prior"])).tolist()
+        if any(abs(a - b) > 1e-6 for a, b in zip(now, cal["prior"], strict=True)):
+            return "it used another class prior p(y) than dataset.class_counts gives"
     coder = (cal.get("coder") or {}).get("name")
     if coder and coder != CODER:
         return f"its complexity score used the coder '{coder}', this genserve uses '{CODER}'"
@@ -392,31 +432,26 @@ def stale_calibration(meta: dict[str, Any], background_meta: dict[str, Any] | No
 # ---- scoring whole data sets -----------------------------------------------------------------------
 
 
-def score_images(
+def model_outputs(
     scorer: Scorer,
     images: Tensor,
     labels: Tensor | None = None,
-    names: Sequence[str] = (),
     *,
+    background: bool = False,
     batch_size: int = 128,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Every score in ``names`` (default: all the scorer offers) for images (N, C, H, W), as float64
-    arrays (N,): the model passes (:meth:`Scorer.outputs`) batch by batch, then
-    :meth:`Scorer.scores_from`, as /score does. With ``cache_dir``, the model outputs (the costly
-    part) are kept in ``cache_dir/<key>.npz``, keyed by the scorer's fingerprint and the images'
-    bytes, so a rerun, or calibrate after eval-ood, costs no model pass."""
+    """The model passes (:meth:`Scorer.outputs`) over images (N, C, H, W), batch by batch: arrays
+    ``log_prob`` (N,) nats, with ``background`` ``background_log_prob`` (N,), and for a
+    class-conditional model without labels ``class_log_likelihood`` (N, K). With ``cache_dir`` they
+    are kept in ``cache_dir/<key>.npz``, keyed by the scorer's fingerprint and the images' (and
+    labels') bytes, so a rerun, or calibrate after eval-ood, costs no model pass."""
     from models.evaluate import progress
 
-    names = list(names) or scorer.score_types
-    scorer.check(names)
+    need = ["log_prob"] + (["background_log_prob"] if background else [])
     if scorer.model.n_classes is not None and labels is None:
-        raise ValueError(
-            "a class-conditional model scores log p(x|y) and needs labels; outlier detection needs p(x) "
-            "= sum_y p(x|y) p(y), which costs one pass per class: use an unconditional model"
-        )
-    need = ["log_prob"] + (["background_log_prob"] if RATIO in names else [])
+        need.append("class_log_likelihood")
     path = None
     cached: dict[str, np.ndarray] = {}
     if cache_dir is not None:
@@ -435,20 +470,53 @@ def score_images(
         for s in progress(starts, total=len(starts), desc="model passes", enabled=show_progress):
             x = images[s : s + batch_size].to(dev)
             y = None if labels is None else labels[s : s + batch_size].to(dev)
-            o = scorer.outputs(x, y, background=RATIO in names)
-            parts["log_prob"].append(o.log_prob.cpu())
-            if o.background_log_prob is not None:
-                parts["background_log_prob"].append(o.background_log_prob.cpu())
+            o = scorer.outputs(x, y, background=background)
+            got = {
+                "log_prob": o.log_prob,
+                "background_log_prob": o.background_log_prob,
+                "class_log_likelihood": o.class_log_likelihood,
+            }
+            for k in need:
+                value = got[k]
+                assert value is not None, k
+                parts[k].append(value.cpu())
         cached.update({k: torch.cat(v).numpy() for k, v in parts.items()})
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, **cached)  # type: ignore[arg-type]  # numpy's stub types the kwargs as its bool flag
             tmp.replace(path)
-    bg = cached.get("background_log_prob")
+    return {k: cached[k] for k in need}
+
+
+def score_images(
+    scorer: Scorer,
+    images: Tensor,
+    labels: Tensor | None = None,
+    names: Sequence[str] = (),
+    *,
+    batch_size: int = 128,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Every score in ``names`` (default: all the scorer offers) for images (N, C, H, W), as float64
+    arrays (N,): :func:`model_outputs`, then :meth:`Scorer.scores_from`, as /score does. A
+    class-conditional model without ``labels`` scores p(x) = sum_y p(x|y) p(y) (K passes per image)."""
+    names = list(names) or scorer.score_types
+    scorer.check(names)
+    got = model_outputs(
+        scorer,
+        images,
+        labels,
+        background=RATIO in names,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        show_progress=show_progress,
+    )
+    bg = got.get("background_log_prob")
     outputs = ModelOutputs(
-        log_prob=torch.from_numpy(cached["log_prob"]),
-        background_log_prob=None if bg is None or RATIO not in names else torch.from_numpy(bg),
+        log_prob=torch.from_numpy(got["log_prob"]),
+        background_log_prob=None if bg is None else torch.from_numpy(bg),
     )
     code_bits = code_length_bits(images, levels=scorer.model.levels) if COMPLEXITY in names else None
     return {n: v.numpy() for n, v in scorer.scores_from(names, outputs, code_bits=code_bits).items()}
@@ -502,11 +570,13 @@ def calibrate(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on
-    in-distribution held-out images (never the test set)."""
-    if scorer.model.n_classes is not None:
+    in-distribution held-out images (never the test set). A class-conditional model is calibrated on
+    its marginal p(x) = sum_y p(x|y) p(y) (pass no labels): the test /classify and unlabelled /score
+    apply."""
+    if scorer.model.n_classes is not None and labels is not None:
         raise ValueError(
-            f"a class-conditional model scores log p(x|y) for a given label; outlier detection needs p(x) = "
-            f"sum_y p(x|y) p(y), {scorer.model.n_classes} passes per image: calibrate an unconditional model"
+            "calibrate a class-conditional model on p(x) = sum_y p(x|y) p(y), the density its outlier test "
+            "uses: pass no labels"
         )
     default = default or scorer.recommended
     scorer.check([default])
@@ -523,6 +593,9 @@ def calibrate(
         "scores": {n: {**calibrate_scores(v, fpr=fpr), **score_units(n)} for n, v in values.items()},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if scorer.prior is not None:
+        cal["likelihood"] = "p(x) = sum_y p(x|y) p(y), p(y) the training class frequencies"
+        cal["prior"] = [round(float(p), 8) for p in scorer.prior]
     if isinstance(scorer.model, VAE):
         cal["vae_score_k"] = scorer.vae_score_k  # the service reads it back: same k as calibrated
     cal["weights_sha256"] = scorer.weights_sha256

@@ -35,6 +35,9 @@ from models.likelihood import bits_per_dim
 
 logger = logging.getLogger(__name__)
 STATE = "train_state.safetensors"
+# Budget fields a resumed run may change (extend or cut its time or epochs); the learning-rate schedule
+# then follows the new budget from where the run stands.
+RESUMABLE_BUDGET = ("max_minutes", "epochs")
 STATE_META = "train_state.json"
 
 
@@ -134,6 +137,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.out = Path(cfg.out)
         self.is_main = self.rank == 0
+        self.class_counts: list[int] | None = None  # training labels per class (conditional models)
 
     def log(self, msg: str, *args: Any) -> None:
         if self.is_main:
@@ -147,6 +151,8 @@ class Trainer:
             if train.labels is None or train.classes is None:
                 raise ValueError(f"{train.spec}: a conditional model needs labels and class names")
             mc["n_classes"] = len(train.classes)
+            # p(y) for Bayes' rule: the training split's class frequencies, recorded in model.json
+            self.class_counts = torch.bincount(train.labels.long(), minlength=len(train.classes)).tolist()
         return build_model(self.cfg.architecture, mc)
 
     def run(self) -> dict[str, Any]:
@@ -358,6 +364,7 @@ class Trainer:
             "levels": model.levels,
             "classes": list(NAMED[name]["classes"]) if name in NAMED else None,
             "perturb": self.cfg.perturb,
+            "class_counts": self.class_counts,
         }
 
     def test_eval(self, test: ImageDataset) -> dict[str, Any]:
@@ -408,7 +415,7 @@ class Trainer:
         saved = {
             k: v
             for k, v in meta["config"].items()
-            if k not in ("progress", "out", "device", "test_eval", "save_every_minutes")
+            if k not in ("progress", "out", "device", "test_eval", "save_every_minutes", *RESUMABLE_BUDGET)
         }
         now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in saved}
         if saved != now:

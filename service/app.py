@@ -24,7 +24,7 @@ from service.limits import BodySizeLimitMiddleware
 from service.logs import RequestLogMiddleware, configure_json_logs
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import ModelRegistry
-from service.routes import health, models, sample, sample_stream, score
+from service.routes import classify, encode, health, models, sample, sample_stream, score
 from service.settings import Settings
 
 logger = logging.getLogger("genserve.app")
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)  # /healthz and /readyz are open; /metrics checks keys itself
     protected = [Depends(require_api_key)]
-    for router in (models.router, sample.router, sample_stream.router, score.router):
+    for router in (models.router, sample.router, sample_stream.router, score.router, classify.router, encode.router):
         app.include_router(router, dependencies=protected)
 
     # Added innermost first: the request log wraps metrics, which wraps the body limit.

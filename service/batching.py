@@ -30,6 +30,7 @@ from torch import Tensor
 
 from models.base import DensityModel, SamplePart
 from models.outliers import Scorer, load_scorer
+from models.vae import VAE
 from service import scoring
 from service.errors import Unavailable
 from service.metrics import Metrics
@@ -48,7 +49,7 @@ class State(StrEnum):
 class Job:
     """Work for one request: ``size`` images to score (``x``) or to draw (``n``)."""
 
-    op: str  # "score" or "sample"
+    op: str  # "score", "encode" or "sample"
     key: tuple[Any, ...]  # jobs with equal keys may share a forward pass
     size: int
     payload: dict[str, Any]
@@ -211,7 +212,7 @@ class Worker:
                 return None
             first = self._queue.popleft()
             batch, size = [first], first.size
-            cap = limits.max_batch_size if first.op == "score" else limits.max_sample_batch
+            cap = limits.max_sample_batch if first.op == "sample" else limits.max_batch_size
             deadline = first.enqueued + limits.max_batch_wait_s
             while size < cap:
                 for job in list(self._queue):  # oldest first; other keys wait for a later pass
@@ -235,7 +236,13 @@ class Worker:
                 start = time.perf_counter()
                 for job in live:
                     self.metrics.queue_wait.labels(**self._labels).observe(start - job.enqueued)
-                results = self._score(live) if live[0].op == "score" else self._sample(live)
+                results: list[Any]
+                if live[0].op == "score":
+                    results = self._score(live)
+                elif live[0].op == "encode":
+                    results = self._encode(live)
+                else:
+                    results = self._sample(live)
                 assert len(results) == len(live), "one result per job"
                 self.metrics.inference_seconds.labels(**self._labels, op=live[0].op).observe(
                     time.perf_counter() - start
@@ -261,7 +268,7 @@ class Worker:
     def _score(self, jobs: list[Job]) -> list[dict[str, Tensor]]:
         """One pass (in chunks of max_batch_size) over every job's images; each job gets its rows back."""
         assert self.scorer is not None
-        _, score_type, heatmap = jobs[0].key
+        _, score_type, heatmap, _unlabelled = jobs[0].key
         x = torch.cat([j.payload["x"] for j in jobs]).to(self.device)
         ys = [j.payload["y"] for j in jobs]
         y = None if ys[0] is None else torch.cat(ys).to(self.device)
@@ -280,6 +287,22 @@ class Worker:
             dict(zip(merged, rows, strict=True))
             for rows in zip(*(v.split(sizes) for v in merged.values()), strict=True)
         ]
+
+    def _encode(self, jobs: list[Job]) -> list[dict[str, Tensor]]:
+        """q(z|x) of every job's images (a VAE's encoder), in chunks of max_batch_size."""
+        model = self.model
+        assert isinstance(model, VAE)
+        x = torch.cat([j.payload["x"] for j in jobs]).to(self.device)
+        means, stds = [], []
+        with torch.inference_mode():
+            for s in range(0, x.shape[0], self.limits.max_batch_size):
+                m, sd = model.encode(x[s : s + self.limits.max_batch_size])
+                means.append(m.float().cpu())
+                stds.append(sd.float().cpu())
+        mean, std = torch.cat(means), torch.cat(stds)
+        assert mean.shape[0] == x.shape[0], f"{mean.shape[0]} codes for {x.shape[0]} images"
+        sizes = [j.size for j in jobs]
+        return [{"mean": m, "std": sd} for m, sd in zip(mean.split(sizes), std.split(sizes), strict=True)]
 
     def _sample(self, jobs: list[Job]) -> list[SampleResult | None]:
         """One batched generation for every job; a job cancelled on the way gets None (nobody waits)."""

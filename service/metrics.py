@@ -58,6 +58,16 @@ class Metrics:
         )
         self.images_scored = Counter("genserve_images_scored", "images scored", ["model", "score_type"], registry=r)
         self.images_sampled = Counter("genserve_images_sampled", "images drawn", ["model"], registry=r)
+        self.images_classified = Counter(
+            "genserve_images_classified", "images classified by /classify", ["model"], registry=r
+        )
+        self.classify_refused = Counter(
+            "genserve_classify_refused",
+            "images /classify refused (p(x) failed the outlier test)",
+            ["model"],
+            registry=r,
+        )
+        self.images_encoded = Counter("genserve_images_encoded", "images encoded by /encode", ["model"], registry=r)
         self.model_info = Gauge(
             "genserve_model_info",
             "1 for each served model, its description in labels",

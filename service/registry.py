@@ -23,6 +23,7 @@ from torch import Tensor
 
 from models.base import AutoregressiveModel, DensityModel, RowCallback
 from models.checkpoint import META, CheckpointError, build_model, read_metadata
+from models.classify import training_prior
 from models.outliers import BACKGROUND, available_score_types, stale_calibration
 from service import scoring
 from service.batching import BatchLimits, SampleResult, State, Worker
@@ -75,6 +76,12 @@ class ModelEntry:
         return [str(c) for c in classes] if classes else None
 
     @property
+    def prior(self) -> list[float]:
+        """p(y) of a class-conditional model: its training class frequencies (uniform if unrecorded)."""
+        assert self.n_classes is not None
+        return [float(p) for p in training_prior(self.meta, self.n_classes)]
+
+    @property
     def score_types(self) -> list[str]:
         return available_score_types(has_background=self.background_meta is not None)
 
@@ -103,8 +110,9 @@ class ModelEntry:
             "background": None if self.background_meta is None else background_info(self.background_meta),
         }
 
-    def label_index(self, label: int | str | None) -> int | None:
-        """The class index for a request's label (a name or an index); 422 unless it fits the model."""
+    def label_index(self, label: int | str | None, *, required: bool = True) -> int | None:
+        """The class index for a request's label (a name or an index); 422 unless it fits the model
+        (or, with ``required``, if a class-conditional model gets none)."""
         n = self.n_classes
         if n is None:
             if label is not None:
@@ -113,6 +121,8 @@ class ModelEntry:
         names = self.classes
         choices = f"one of {names} or an index 0..{n - 1}" if names else f"an index 0..{n - 1}"
         if label is None:
+            if not required:
+                return None
             raise BadRequest(f"model '{self.name}' is class-conditional; send 'label': {choices}")
         if isinstance(label, str):
             if names and label in names:
@@ -314,8 +324,16 @@ class ModelRegistry:
         """Per-image outputs of :func:`service.scoring.compute` for x (B, C, H, W) levels, on CPU."""
         worker = self.pick(entry)
         payload = {"x": x, "y": y}
+        key = ("score", score_type, heatmap, y is None)  # labelled and unlabelled images never share a pass
         async with self._deadline(entry):
-            result: dict[str, Tensor] = await worker.run("score", ("score", score_type, heatmap), x.shape[0], payload)
+            result: dict[str, Tensor] = await worker.run("score", key, x.shape[0], payload)
+        return result
+
+    async def encode(self, entry: ModelEntry, x: Tensor) -> dict[str, Tensor]:
+        """A VAE's q(z|x) for x (B, C, H, W) levels: ``mean`` and ``std``, each (B, latent_dim), on CPU."""
+        worker = self.pick(entry)
+        async with self._deadline(entry):
+            result: dict[str, Tensor] = await worker.run("encode", ("encode",), x.shape[0], {"x": x})
         return result
 
     async def sample(

@@ -29,7 +29,10 @@ class ModelInfo(BaseModel):
     sha256: str = Field(description="sha256 of the weights file")
     devices: list[str] = Field(description="one worker per entry")
     exact_likelihood: bool = Field(description="false where log p(x) is an estimate (a VAE's IWAE bound)")
-    conditional: bool = Field(description="true if /sample and /score need a `label`")
+    conditional: bool = Field(
+        description="true for class-conditional models: /sample needs a `label`, /classify works, and /score "
+        "scores p(x) = sum_y p(x|y) p(y) without a label or p(x|y) with one"
+    )
     score_types: list[str] = Field(description="values accepted as `score_type` by /score")
     default_score_type: str = Field(description="the score /score uses unless a request names another")
     background: dict[str, Any] | None = Field(
@@ -74,7 +77,11 @@ class ScoreRequest(BaseModel):
     score_type: str | None = Field(None, description="one of the model's score_types; default its default_score_type")
     heatmap: bool = Field(False, description="also return a per-pixel NLL map (autoregressive models only)")
     resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
-    label: Label | None = Field(None, description="class name or index for every image; class-conditional models only")
+    label: Label | None = Field(
+        None,
+        description="class-conditional models only: score p(x|y) for this class (name or index) instead of "
+        "p(x) = sum_y p(x|y) p(y); the calibration is of p(x), so labelled scores carry no threshold",
+    )
 
 
 class ScoreForm(BaseModel):
@@ -111,6 +118,83 @@ class ScoreResponse(BaseModel):
     model: str
     score_type: str
     results: list[ScoreResult]
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="a class-conditional model from GET /models (`conditional: true`)")
+    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+    resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
+
+
+class ClassifyForm(BaseModel):
+    """The multipart/form-data variant of ClassifyRequest: files in the `files` field."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    resize: bool = False
+
+
+class ClassifyResult(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    predicted: str | None = Field(
+        description="the most probable class under p(y|x); null when the image is rejected (or not calibrated "
+        "and rejected is null: then the argmax is still given)"
+    )
+    predicted_index: int | None = Field(description="index of `predicted` in the model's classes")
+    probability: float = Field(description="p(predicted | x), or of the argmax class when rejected")
+    posterior: dict[str, float] = Field(description="p(y|x) for every class by Bayes' rule; sums to 1")
+    log_likelihood_nats: float = Field(description="log p(x) = log sum_y p(x|y) p(y) in nats (exact)")
+    bits_per_dim: float = Field(description="-log2 p(x) / (C*H*W)")
+    class_log_likelihood_nats: dict[str, float] = Field(description="log p(x|y) in nats for every class")
+    score: float = Field(description="the outlier score of p(x) (the model's default score type)")
+    threshold: float | None = Field(description="the calibrated threshold; null if the model is not calibrated")
+    percentile: float | None = Field(description="where the score falls among calibration quantiles (0..100)")
+    rejected: bool | None = Field(
+        description="true when p(x) fails the calibrated outlier test (score > threshold): the image does not "
+        "look like the training data, so no class is given; null if the model is not calibrated"
+    )
+    resized: bool = Field(description="true if the image was converted to the model's mode or size")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    classes: list[str]
+    prior: list[float] = Field(description="p(y), the training class frequencies, in class order")
+    score_type: str = Field(description="the outlier score behind `rejected`")
+    results: list[ClassifyResult]
+
+
+class EncodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="a VAE from GET /models (`kind: vae`)")
+    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+    resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
+
+
+class EncodeForm(BaseModel):
+    """The multipart/form-data variant of EncodeRequest: files in the `files` field."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    resize: bool = False
+
+
+class EncodeResult(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    mean: list[float] = Field(description="mean of q(z|x), latent_dim values")
+    std: list[float] = Field(description="standard deviation of q(z|x), latent_dim values (> 0)")
+    resized: bool = Field(description="true if the image was converted to the model's mode or size")
+
+
+class EncodeResponse(BaseModel):
+    model: str
+    latent_dim: int = Field(description="length of each mean and std")
+    results: list[EncodeResult]
 
 
 class HealthResponse(BaseModel):

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from models.base import DensityModel
 from models.checkpoint import META
+from models.classify import posterior_from
 from models.outliers import BACKGROUND, SCORE_TYPES, Scorer, available_score_types, recommended_score
 
 __all__ = ["SCORE_TYPES", "Calibration", "calibration_for", "compute", "default_score_type", "percentile"]
@@ -41,12 +42,19 @@ def score_types_for(folder: Path) -> list[str]:
 def compute(scorer: Scorer, x: Tensor, y: Tensor | None, *, score_type: str, heatmap: bool) -> dict[str, Tensor]:
     """Per-image outputs for a batch: ``log_prob`` (B,) nats (the estimate the score used), ``score``
     (B,), and with ``heatmap`` ``heatmap`` (B, H, W): the per-pixel anomaly in nats (-log p(x_i | x_<i)
-    summed over channels; for ``likelihood_ratio`` minus the background model's)."""
+    summed over channels; for ``likelihood_ratio`` minus the background model's). A class-conditional
+    model given no labels scores p(x) = sum_y p(x|y) p(y) and adds ``class_log_likelihood`` (B, K)
+    log p(x|y) and ``class_log_posterior`` (B, K) log p(y|x) by Bayes' rule with the training prior."""
     b = x.shape[0]
     got = scorer.compute(x, y, [score_type], heatmap=heatmap)
     out = {"log_prob": got.log_prob[score_type], "score": got.scores[score_type]}
     if heatmap:
         out["heatmap"] = got.heatmaps[score_type]
+    if got.class_log_likelihood is not None:
+        assert scorer.prior is not None
+        out["class_log_likelihood"] = got.class_log_likelihood
+        log_lik, prior = got.class_log_likelihood.double(), scorer.prior.double()  # float64: sums to 1 tightly
+        out["class_log_posterior"] = posterior_from(log_lik, prior).log_posterior
     for key, value in out.items():
         assert value.shape[0] == b, f"score '{score_type}' gave {key} of shape {tuple(value.shape)} for {b} images"
     return out

@@ -4,6 +4,7 @@ commands end to end on a tiny checkpoint with npz data sets."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ import torch
 from conftest import TINY_PIXELCNN, dataset_meta
 
 from models.checkpoint import read_metadata, save_checkpoint, sha256_file
+from models.classify import class_posterior
 from models.cli import main
 from models.ood_eval import auprc, auroc, fpr_at_tpr, load_eval_set
+from models.outliers import load_scorer, score_images
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 
 SHAPE = (1, 8, 8)
@@ -119,10 +122,66 @@ def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, ca
         assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_calibrate_refuses_the_test_split_and_conditional_models(tiny_model: Path, tmp_path: Path):
+def test_calibrate_refuses_the_test_split(tiny_model: Path):
     assert main(["calibrate", "--model", str(tiny_model), "--data", "fashion-mnist:test"]) == 2
+    assert read_metadata(tiny_model)["calibration"] is None
+
+
+def labelled_npz(path: Path, n: int, seed: int, high: int = 256) -> str:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, high, size=(n, 8, 8), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(n) % 3)
+    return f"npz:{path}"
+
+
+def test_a_conditional_model_calibrates_on_p_x_then_eval_classify(tmp_path: Path, capsys):
+    """calibrate scores p(x) = sum_y p(x|y) p(y) (the recorded prior); eval-classify's accuracy and
+    refusal rates agree with Bayes' rule and the threshold computed here."""
+    torch.manual_seed(0)
     cond = tmp_path / "cond"
-    save_checkpoint(PixelCNN(PixelCNNConfig(**TINY_PIXELCNN, n_classes=3)), cond, dataset=dataset_meta(["a", "b", "c"]))
-    valid = npz(tmp_path / "v.npz", 8, 0)
-    assert main(["calibrate", "--model", str(cond), "--data", valid, "--no-progress"]) == 2
-    assert read_metadata(cond)["calibration"] is None
+    save_checkpoint(
+        PixelCNN(PixelCNNConfig(**TINY_PIXELCNN, n_classes=3)),
+        cond,
+        dataset={**dataset_meta(["a", "b", "c"]), "class_counts": [2, 1, 1]},
+    )
+    valid = npz(tmp_path / "v.npz", 40, 0, high=64)
+    assert (
+        main(["calibrate", "--model", str(cond), "--data", valid, "--fpr", "0.1", "--no-progress", "--cache", ""]) == 0
+    )
+    cal = read_metadata(cond)["calibration"]
+    assert cal["prior"] == [0.5, 0.25, 0.25] and cal["likelihood"].startswith("p(x) = sum_y")
+    scorer, _ = load_scorer(cond)
+    model = scorer.model
+    x = torch.from_numpy(np.load(tmp_path / "v.npz")["images"])[:, None]
+    with torch.no_grad():
+        expected = class_posterior(model, x, torch.tensor([0.5, 0.25, 0.25])).log_marginal
+    nll = score_images(scorer, x, names=["nll"], show_progress=False)["nll"]
+    np.testing.assert_allclose(nll, -expected.double().numpy() / (64 * math.log(2)), rtol=1e-5)
+
+    test = labelled_npz(tmp_path / "t.npz", 30, 1, high=64)
+    other = npz(tmp_path / "o.npz", 20, 2)
+    report = tmp_path / "r" / "cond.json"
+    argv = ["eval-classify", "--model", str(cond), "--in", test, "--out", other, "--report", str(report)]
+    assert main([*argv, "--no-progress", "--cache", str(tmp_path / "cache")]) == 0
+    r = json.loads(report.read_text())
+    t = np.load(tmp_path / "t.npz")
+    xt, yt = torch.from_numpy(t["images"])[:, None], t["labels"]
+    with torch.no_grad():
+        post = class_posterior(model, xt, torch.tensor([0.5, 0.25, 0.25]))
+    assert r["in"]["accuracy"] == pytest.approx(float((post.predicted.numpy() == yt).mean()))
+    threshold = cal["scores"]["complexity"]["threshold"]
+    scores = score_images(scorer, xt, names=["complexity"], show_progress=False)["complexity"]
+    assert r["threshold"] == threshold and r["in"]["rejected"] == pytest.approx(float((scores > threshold).mean()))
+    xo = torch.from_numpy(np.load(tmp_path / "o.npz")["images"])[:, None]
+    out_scores = score_images(scorer, xo, names=["complexity"], show_progress=False)["complexity"]
+    assert r["out"][other]["rejected"] == pytest.approx(float((out_scores > threshold).mean()))
+    assert sum(r["out"][other]["predicted_counts"]) == 20 and np.array(r["in"]["confusion"]).sum() == 30
+    assert "| " + test + " | 30 |" in report.with_suffix(".md").read_text()
+    printed = json.loads(capsys.readouterr().out.split("\n}\n", 1)[1])  # after calibrate's JSON
+    assert printed["in"]["n"] == 30
+    # unlabelled test data, an uncalibrated model and an unconditional one are refused
+    assert main(["eval-classify", "--model", str(cond), "--in", valid, "--no-progress"]) == 2
+    save_checkpoint(model, tmp_path / "uncal", dataset=dataset_meta(["a", "b", "c"]))
+    assert main(["eval-classify", "--model", str(tmp_path / "uncal"), "--in", test, "--no-progress"]) == 2
+    save_checkpoint(PixelCNN(PixelCNNConfig(**TINY_PIXELCNN)), tmp_path / "plain", dataset=dataset_meta())
+    assert main(["eval-classify", "--model", str(tmp_path / "plain"), "--in", test, "--no-progress"]) == 2

@@ -205,6 +205,55 @@ def test_score_images_caches_by_images(tmp_path: Path):
     assert len(list(tmp_path.glob("*.npz"))) == 2
 
 
+def tiny_conditional(seed: int = 0) -> PixelCNN:
+    torch.manual_seed(seed)
+    return PixelCNN(PixelCNNConfig(**TINY_PIXELCNN, n_classes=3)).eval()
+
+
+def test_a_conditional_model_without_labels_scores_its_marginal_p_x(tmp_path: Path):
+    model = tiny_conditional()
+    prior = torch.tensor([0.2, 0.3, 0.5])
+    scorer = Scorer(model, prior=prior, weights_sha256="0" * 64)
+    x = images(6)
+    got = scorer.compute(x, None, [NLL, COMPLEXITY])
+    with torch.no_grad():
+        per_class = torch.stack([model.log_prob(x, torch.full((6,), c)) for c in range(3)], dim=1)
+    expected = torch.logsumexp(per_class.double() + prior.double().log(), dim=1)
+    torch.testing.assert_close(got.log_prob[NLL].double(), expected, rtol=1e-5, atol=1e-3)
+    assert got.class_log_likelihood is not None
+    torch.testing.assert_close(got.class_log_likelihood, per_class, rtol=1e-5, atol=1e-3)
+    labelled = scorer.compute(x, torch.full((6,), 1), [NLL])  # with labels: p(x|y)
+    torch.testing.assert_close(labelled.log_prob[NLL], per_class[:, 1], rtol=1e-5, atol=1e-3)
+    assert labelled.class_log_likelihood is None
+    with pytest.raises(ValueError, match="a heatmap needs a label"):
+        scorer.compute(x, None, [NLL], heatmap=True)
+    assert scorer.compute(x, torch.zeros(6, dtype=torch.long), [NLL], heatmap=True).heatmaps[NLL].shape == (6, 8, 8)
+    # the cache keeps the per-class likelihoods, and the prior is part of the key
+    a = score_images(scorer, x, cache_dir=tmp_path, show_progress=False)
+    other = Scorer(model, prior=torch.tensor([0.5, 0.3, 0.2]), weights_sha256="0" * 64)
+    b = score_images(other, x, cache_dir=tmp_path, show_progress=False)
+    assert len(list(tmp_path.glob("*.npz"))) == 2 and not np.allclose(a[NLL], b[NLL])
+    with pytest.raises(ValueError, match="prior must be 3"):
+        Scorer(model, prior=torch.tensor([0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        Scorer(tiny_pixelcnn(), prior=torch.tensor([1.0]))
+
+
+def test_a_conditional_model_is_calibrated_on_p_x_with_its_training_prior(tmp_path: Path):
+    dataset = {**dataset_meta(["a", "b", "c"]), "class_counts": [1, 1, 2]}
+    save_checkpoint(tiny_conditional(), tmp_path, dataset=dataset)
+    scorer, _ = load_scorer(tmp_path)
+    assert scorer.prior is not None and scorer.prior.tolist() == [0.25, 0.25, 0.5]
+    with pytest.raises(ValueError, match="pass no labels"):
+        calibrate(scorer, images(10), torch.zeros(10, dtype=torch.long), data_spec="x", show_progress=False)
+    cal = calibrate(scorer, images(10), data_spec="x", fpr=0.2, show_progress=False)
+    assert cal["prior"] == [0.25, 0.25, 0.5]
+    meta = update_metadata(tmp_path, calibration=cal)
+    assert stale_calibration(meta, None) is None
+    changed = {**meta, "dataset": {**dataset, "class_counts": [1, 1, 1]}}
+    assert stale_calibration(changed, None) == "it used another class prior p(y) than dataset.class_counts gives"
+
+
 # ---- calibration ------------------------------------------------------------------------------------
 
 

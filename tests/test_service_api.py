@@ -182,8 +182,16 @@ async def test_score_label_for_conditional_model(client):
     c = await client.post("/score", json={"model": "pixelcnn-cond", "images": img, "label": 2})
     assert a.status_code == c.status_code == 200
     assert a.json()["results"][0]["log_likelihood_nats"] != c.json()["results"][0]["log_likelihood_nats"]
+    # without a label: p(x) = sum_y p(x|y) p(y), here with a uniform prior (no class counts recorded)
     r = await client.post("/score", json={"model": "pixelcnn-cond", "images": img})
-    assert r.status_code == 422 and "is class-conditional; send 'label'" in r.json()["detail"]
+    assert r.status_code == 200
+    lls = [a.json()["results"][0]["log_likelihood_nats"], None, c.json()["results"][0]["log_likelihood_nats"]]
+    b = await client.post("/score", json={"model": "pixelcnn-cond", "images": img, "label": "b"})
+    lls[1] = b.json()["results"][0]["log_likelihood_nats"]
+    expected = math.log(sum(math.exp(v) for v in lls) / 3)
+    assert r.json()["results"][0]["log_likelihood_nats"] == pytest.approx(expected, rel=1e-5)
+    r = await client.post("/score", json={"model": "pixelcnn-cond", "images": img, "heatmap": True})
+    assert r.status_code == 422 and "send 'label' for a heatmap of p(x|y)" in r.json()["detail"]
     r = await client.post("/score", json={"model": "vae", "images": img, "label": "a"})
     assert r.status_code == 422 and r.json()["detail"] == "model 'vae' is not class-conditional; remove 'label'"
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from models import train as train_mod
 from models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from models.cli import main
-from models.data import load_dataset
+from models.data import load_dataset, validation_indices
 from models.train import STATE, STATE_META, TrainConfig, train
 from models.vae import VAE, VAEConfig
 
@@ -219,13 +219,21 @@ def test_rerunning_a_finished_run_changes_nothing(npz: str, tmp_path: Path) -> N
     assert len(log_records(out)) == 2
 
 
-@pytest.mark.parametrize("change", [{"lr": 5e-3}, {"epochs": 3}, {"model": {**TINY_PIXELCNN, "hidden": 6}}])
+@pytest.mark.parametrize("change", [{"lr": 5e-3}, {"batch_size": 4}, {"model": {**TINY_PIXELCNN, "hidden": 6}}])
 def test_resuming_with_a_different_config_is_refused(npz: str, tmp_path: Path, change: dict[str, Any]) -> None:
     out = tmp_path / "run"
     train(config(npz, out, epochs=1))
     with pytest.raises(ValueError, match=f"different config.*{next(iter(change))}") as err:
         train(config(npz, out, **{"epochs": 1, **change}))
     assert str(out / STATE_META) in str(err.value)
+
+
+def test_a_finished_run_resumes_with_a_larger_budget(npz: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(config(npz, out, epochs=1))
+    result = train(config(npz, out, epochs=2))  # the budget may grow: training goes on from the state
+    assert result["epochs_done"] == 2 and result["steps"] == 14
+    assert [r["epoch"] for r in log_records(out)] == [1, 2]
 
 
 # -- named datasets, conditioning, test evaluation -----------------------------------------------
@@ -252,6 +260,11 @@ def test_conditional_model_on_a_named_dataset_reports_test_metrics(
     assert result["test"]["test_data"] == "fashion-mnist:test"
     model, meta = load_checkpoint(out)
     assert model.n_classes == 10 and meta["dataset"]["classes"][0] == "T-shirt/top"
+    # p(y) for Bayes' rule: the training split's labels per class (the validation images left out)
+    train_idx, _ = validation_indices(60)
+    assert (
+        meta["dataset"]["class_counts"] == np.bincount((np.arange(60) % 10)[train_idx.numpy()], minlength=10).tolist()
+    )
     assert meta["metrics"]["test_bits_per_dim"] == pytest.approx(result["test"]["test_bits_per_dim"])
 
 

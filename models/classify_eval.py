@@ -1,0 +1,161 @@
+"""``genserve eval-classify``: classification by Bayes' rule with refusal, measured.
+
+For a calibrated class-conditional model: on labelled in-distribution test data, the accuracy of
+argmax_y p(y|x) (p(y) the training class frequencies), the share refused (the outlier test on p(x) =
+sum_y p(x|y) p(y) at the calibrated threshold: the observed false-positive rate) and the accuracy on
+the images kept; on each out-of-distribution set, the share refused. Writes a JSON report and a
+markdown table. The model passes (K per image) are cached like ``eval-ood``'s, and ``calibrate``'s
+cached validation passes are reused where the images match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.classify import posterior_from
+from models.ood_eval import load_eval_set
+from models.outliers import ModelOutputs, Scorer, code_length_bits, load_scorer, model_outputs
+
+logger = logging.getLogger(__name__)
+
+
+def classify_set(
+    scorer: Scorer,
+    images: torch.Tensor,
+    *,
+    score_type: str,
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per image of (N, C, H, W): ``predicted`` class (N,), ``log_posterior`` (N, K), ``log_marginal``
+    log p(x) in nats (N,) and ``score`` (N,) of ``score_type`` on p(x)."""
+    got = model_outputs(scorer, images, None, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress)
+    assert scorer.prior is not None, "classification needs a class-conditional model"
+    post = posterior_from(torch.from_numpy(got["class_log_likelihood"]).double(), scorer.prior.double())
+    outputs = ModelOutputs(log_prob=post.log_marginal.float())
+    code_bits = code_length_bits(images, levels=scorer.model.levels) if score_type == "complexity" else None
+    score = scorer.scores_from([score_type], outputs, code_bits=code_bits)[score_type]
+    return {
+        "predicted": post.predicted.numpy(),
+        "log_posterior": post.log_posterior.numpy(),
+        "log_marginal": post.log_marginal.numpy(),
+        "score": score.numpy(),
+    }
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float | None:
+    return float((pred == labels).mean()) if len(labels) else None
+
+
+def run(
+    model_folder: str | Path,
+    in_spec: str,
+    out_specs: list[str],
+    *,
+    report: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    seed: int = 0,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    command: str = "",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate; returns the report and, with ``report`` (a path ending .json), writes it and a .md."""
+    t0 = time.perf_counter()
+    scorer, meta = load_scorer(model_folder, device)
+    k = scorer.model.n_classes
+    if k is None or scorer.prior is None:
+        raise ValueError(f"{model_folder}: classification needs a class-conditional model")
+    cal = meta.get("calibration") or {}
+    if not cal:
+        raise ValueError(f"{model_folder}: not calibrated; run `genserve calibrate --model {model_folder}` first")
+    score_type = str(cal["default_score"])
+    threshold = float(cal["scores"][score_type]["threshold"])
+    classes = list((meta.get("dataset") or {}).get("classes") or [str(i) for i in range(k)])
+    kw: dict[str, Any] = {"score_type": score_type, "batch_size": batch_size, "cache_dir": cache_dir}
+    kw["show_progress"] = show_progress
+
+    data = load_eval_set(in_spec, shape=scorer.model.shape, levels=scorer.model.levels, seed=seed, limit=limit)
+    if data.labels is None:
+        raise ValueError(f"{in_spec} has no labels; accuracy needs a labelled test set")
+    labels = data.labels.numpy()
+    got = classify_set(scorer, data.images, **kw)
+    rejected = got["score"] > threshold
+    pred = got["predicted"]
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    result: dict[str, Any] = {
+        "model": str(model_folder),
+        "classes": classes,
+        "prior": [round(float(p), 6) for p in scorer.prior],
+        "score_type": score_type,
+        "threshold": threshold,
+        "target_fpr": cal.get("target_fpr"),
+        "calibration_data": cal.get("data"),
+        "in": {
+            "spec": in_spec,
+            "n": len(data),
+            "accuracy": _accuracy(pred, labels),
+            "rejected": float(rejected.mean()),
+            "accuracy_kept": _accuracy(pred[~rejected], labels[~rejected]),
+            "per_class_accuracy": {c: _accuracy(pred[labels == i], labels[labels == i]) for i, c in enumerate(classes)},
+            "mean_bits_per_dim": float(-got["log_marginal"].mean() / (scorer.model.dims * np.log(2))),
+            "confusion": confusion.tolist(),
+        },
+        "out": {},
+        "limit": limit,
+        "seed": seed,
+        "command": command,
+    }
+    for spec in out_specs:
+        o = load_eval_set(spec, shape=scorer.model.shape, levels=scorer.model.levels, seed=seed, limit=limit)
+        g = classify_set(scorer, o.images, **kw)
+        result["out"][spec] = {
+            "n": len(o),
+            "rejected": float((g["score"] > threshold).mean()),
+            "mean_bits_per_dim": float(-g["log_marginal"].mean() / (scorer.model.dims * np.log(2))),
+            "predicted_counts": np.bincount(g["predicted"], minlength=k).tolist(),
+        }
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    if report is not None:
+        path = Path(report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        path.with_suffix(".md").write_text(markdown(result))
+        logger.info("wrote %s and %s", path, path.with_suffix(".md"))
+    return result
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The report as a markdown table (one row per data set)."""
+    i = r["in"]
+    lines = [
+        f"# Classification with refusal: {Path(r['model']).name}",
+        "",
+        f"Bayes' rule over {len(r['classes'])} classes with the training prior; refusal when the "
+        f"`{r['score_type']}` score of p(x) exceeds the calibrated threshold {r['threshold']:.4f} "
+        f"(target false-positive rate {r['target_fpr']}, calibrated on {r['calibration_data']}).",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        "| data | images | accuracy | refused | accuracy on kept | mean bits/dim of p(x) |",
+        "|---|---|---|---|---|---|",
+        f"| {i['spec']} | {i['n']} | {i['accuracy']:.4f} | {i['rejected']:.4f} | {i['accuracy_kept']:.4f} | "
+        f"{i['mean_bits_per_dim']:.3f} |",
+    ]
+    for spec, o in r["out"].items():
+        lines.append(
+            f"| {spec} (out of distribution) | {o['n']} | - | {o['rejected']:.4f} | - | {o['mean_bits_per_dim']:.3f} |"
+        )
+    lines += ["", "Per-class accuracy:", "", "| class | accuracy |", "|---|---|"]
+    lines += [f"| {c} | {a:.4f} |" for c, a in i["per_class_accuracy"].items() if a is not None]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,127 @@
+"""POST /classify: Bayes'-rule classification with refusal, for class-conditional models.
+
+Per image the model gives log p(x|y) for every class (one pass per class); Bayes' rule with the
+training prior gives p(y|x) and p(x) = sum_y p(x|y) p(y) (models/classify.py). An image whose p(x)
+fails the calibrated outlier test (the model's default score above its threshold) is rejected:
+no class is forced on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from models.likelihood import bits_per_dim
+from service import scoring
+from service.deps import AppMetrics, AppSettings, Registry
+from service.disconnect import unless_disconnected
+from service.errors import BadRequest
+from service.registry import ModelEntry
+from service.routes.sample import ERRORS
+from service.schemas import ClassifyForm, ClassifyRequest, ClassifyResponse, ClassifyResult, ErrorResponse
+from service.uploads import check_count, decode_all, read_upload, request_body
+
+router = APIRouter(tags=["classify"])
+
+
+def conditional_entry(registry: Registry, name: str) -> ModelEntry:
+    entry = registry.get(name)
+    if entry.n_classes is None:
+        conditional = sorted(e.name for e in registry.entries.values() if e.n_classes is not None)
+        raise BadRequest(
+            f"model '{entry.name}' is not class-conditional, so it has no p(x|y) to classify with; "
+            f"use a model with `conditional: true` in GET /models ({conditional or 'none served'})"
+        )
+    return entry
+
+
+def build_results(
+    entry: ModelEntry, score_type: str, out: dict[str, torch.Tensor], converted: list[bool]
+) -> list[ClassifyResult]:
+    classes = entry.classes or [str(i) for i in range(entry.n_classes or 0)]
+    calibration = scoring.calibration_for(entry.meta, score_type)
+    log_px = out["log_prob"].double()
+    bpd = torch.as_tensor(bits_per_dim(log_px, entry.dims))
+    posterior = out["class_log_posterior"].double().exp()
+    results = []
+    for i, changed in enumerate(converted):
+        p = posterior[i]
+        best = int(p.argmax())
+        score = float(out["score"][i])
+        rejected = calibration.is_outlier(score)
+        results.append(
+            ClassifyResult(
+                index=i,
+                predicted=None if rejected else classes[best],
+                predicted_index=None if rejected else best,
+                probability=float(p[best]),
+                posterior={c: float(v) for c, v in zip(classes, p.tolist(), strict=True)},
+                log_likelihood_nats=float(log_px[i]),
+                bits_per_dim=float(bpd[i]),
+                class_log_likelihood_nats={
+                    c: float(v) for c, v in zip(classes, out["class_log_likelihood"][i].tolist(), strict=True)
+                },
+                score=score,
+                threshold=calibration.threshold,
+                percentile=calibration.percentile(score),
+                rejected=rejected,
+                resized=changed,
+            )
+        )
+    return results
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    summary="Classify images by Bayes' rule; refuse those unlike the training data",
+    description=(
+        "For class-conditional models: p(y|x) = p(x|y) p(y) / p(x) for every class, and `rejected: true` "
+        "where p(x) = sum_y p(x|y) p(y) fails the calibrated outlier test. JSON with base64 `images`, or "
+        "multipart/form-data with `files` and a `model` field. Costs one model pass per class."
+    ),
+    openapi_extra=request_body(ClassifyRequest, {"resize": {"type": "boolean", "default": False}}),
+    responses={
+        **ERRORS,
+        413: {"model": ErrorResponse, "description": "body or image too large"},
+        415: {"model": ErrorResponse, "description": "neither JSON nor multipart"},
+        422: {"model": ErrorResponse, "description": "not a conditional model, bad image, wrong size, too many"},
+    },
+)
+async def classify(
+    request: Request,
+    registry: Registry,
+    settings: AppSettings,
+    metrics: AppMetrics,
+    resize: bool | None = Query(None, description="convert mode and size instead of refusing"),
+) -> ClassifyResponse:
+    parsed, data = await read_upload(request, ClassifyRequest, ClassifyForm)
+    entry = conditional_entry(registry, parsed.model)
+    request.state.model = entry.name
+    request.state.images = len(data)
+    check_count(len(data), settings.max_images)
+    score_type = entry.default_score_type
+    x, converted = await run_in_threadpool(
+        decode_all, data, entry, resize=bool(resize or parsed.resize), max_pixels=settings.max_image_pixels
+    )
+    b = x.shape[0]
+    work = registry.score(entry, torch.from_numpy(x), None, score_type=score_type, heatmap=False)
+    out = await unless_disconnected(request, work)
+    assert all(v.shape[0] == b for v in out.values()), "one output per image"
+    results = await run_in_threadpool(build_results, entry, score_type, out, converted)
+    metrics.images_classified.labels(model=entry.name).inc(b)
+    refused = sum(1 for r in results if r.rejected)
+    if refused:
+        metrics.classify_refused.labels(model=entry.name).inc(refused)
+    prior = entry.prior
+    assert math.isclose(sum(prior), 1.0, abs_tol=1e-4)
+    return ClassifyResponse(
+        model=entry.name,
+        classes=entry.classes or [str(i) for i in range(len(prior))],
+        prior=prior,
+        score_type=score_type,
+        results=results,
+    )

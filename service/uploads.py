@@ -1,0 +1,106 @@
+"""Image uploads shared by /score, /classify and /encode: JSON with base64 ``images`` or
+multipart/form-data with one or more ``files``, decoded and checked against the model's input."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from service import images
+from service.errors import BadRequest, UnsupportedMediaType
+from service.registry import ModelEntry
+
+J = TypeVar("J", bound=BaseModel)
+F = TypeVar("F", bound=BaseModel)
+
+
+def validation_error(e: ValidationError, where: str) -> RequestValidationError:
+    return RequestValidationError([{**err, "loc": (where, *err["loc"])} for err in e.errors(include_url=False)])
+
+
+def multipart_schema(fields: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI schema of a multipart variant: ``model``, ``files`` and the given extra fields."""
+    return {
+        "type": "object",
+        "required": ["model", "files"],
+        "properties": {
+            "model": {"type": "string"},
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            **fields,
+        },
+    }
+
+
+def request_body(json_model: type[BaseModel], form_fields: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that takes both content types."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": json_model.model_json_schema()},
+                "multipart/form-data": {"schema": multipart_schema(form_fields)},
+            },
+        }
+    }
+
+
+async def read_upload(request: Request, json_model: type[J], form_model: type[F]) -> tuple[J | F, list[bytes | str]]:
+    """The request's options (validated by ``json_model`` or ``form_model``) and its images: raw bytes
+    (multipart) or base64 text (JSON, from the body's ``images``)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            body = json_model.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise validation_error(e, "body") from e
+        return body, list(body.images)  # type: ignore[attr-defined]
+    if content_type == "multipart/form-data":
+        async with request.form() as form:
+            files = form.getlist("files")
+            fields = {k: v for k, v in form.multi_items() if k != "files"}
+            if any(not isinstance(v, str) for v in fields.values()):
+                raise BadRequest("send images in the form field 'files'; other fields hold plain values")
+            try:
+                parsed = form_model.model_validate(fields)
+            except ValidationError as e:
+                raise validation_error(e, "body") from e
+            if not files:
+                raise BadRequest("send one or more images in the form field 'files'")
+            data: list[bytes | str] = []
+            for i, f in enumerate(files):
+                if not isinstance(f, UploadFile):
+                    raise BadRequest(f"files[{i}] is a text field; upload image files under 'files'")
+                data.append(await f.read())
+        return parsed, data
+    raise UnsupportedMediaType(
+        f"content type '{content_type or 'none'}' is not accepted; send application/json or multipart/form-data"
+    )
+
+
+def check_count(n: int, max_images: int) -> None:
+    if n > max_images:
+        raise BadRequest(
+            f"{n} images is over the limit of {max_images} per request (GENSERVE_MAX_IMAGES); "
+            "split them over several requests"
+        )
+
+
+def decode_all(
+    data: list[bytes | str], entry: ModelEntry, *, resize: bool, max_pixels: int
+) -> tuple[np.ndarray, list[bool]]:
+    """Every image as model levels (B, C, H, W) uint8, and whether each was converted."""
+    arrays, converted = [], []
+    for i, item in enumerate(data):
+        raw = images.decode_base64(item, i) if isinstance(item, str) else item
+        if not raw:
+            raise BadRequest(f"image {i} is empty")
+        im = images.open_image(raw, i, max_pixels=max_pixels)
+        arr, changed = images.fit_to_model(im, i, shape=entry.shape, model_name=entry.name, resize=resize)
+        arrays.append(arr)
+        converted.append(changed)
+    return images.to_levels(np.stack(arrays), entry.levels), converted
