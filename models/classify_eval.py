@@ -21,7 +21,7 @@ import torch
 
 from models.classify import posterior_from
 from models.ood_eval import load_eval_set
-from models.outliers import ModelOutputs, Scorer, code_length_bits, load_scorer, model_outputs
+from models.outliers import ModelOutputs, Scorer, code_length_bits, load_scorer, model_outputs, needs_code
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def classify_set(
     assert scorer.prior is not None, "classification needs a class-conditional model"
     post = posterior_from(torch.from_numpy(got["class_log_likelihood"]).double(), scorer.prior.double())
     outputs = ModelOutputs(log_prob=post.log_marginal.float())
-    code_bits = code_length_bits(images, levels=scorer.model.levels) if score_type == "complexity" else None
+    code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code([score_type]) else None
     score = scorer.scores_from([score_type], outputs, code_bits=code_bits)[score_type]
     return {
         "predicted": post.predicted.numpy(),

@@ -92,8 +92,8 @@ def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, ca
     assert main(["calibrate", "--model", str(tiny_model), "--data", valid, "--fpr", "0.05", "--no-progress"]) == 0
     meta = read_metadata(tiny_model)
     cal = meta["calibration"]
-    assert cal["default_score"] == "complexity" and cal["target_fpr"] == 0.05 and cal["n"] == 60
-    assert set(cal["scores"]) == {"nll", "complexity", "likelihood_ratio"}
+    assert cal["default_score"] == "complexity_guarded" and cal["target_fpr"] == 0.05 and cal["n"] == 60
+    assert set(cal["scores"]) == {"nll", "complexity", "complexity_guarded", "likelihood_ratio"}
     assert cal["command"].startswith("genserve calibrate --model")
     assert sha256_file(tiny_model / "model.safetensors") == weights_sha == meta["weights"]["sha256"]
     printed = json.loads(capsys.readouterr().out)
@@ -108,7 +108,7 @@ def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, ca
     assert main(argv) == 0
     report = json.loads((report_dir / "m.json").read_text())
     assert list(report["out"]) == [other, "noise:uniform:25"]
-    assert report["default_score"] == "complexity" and report["in"]["n"] == 50
+    assert report["default_score"] == "complexity_guarded" and report["in"]["n"] == 50
     for o in report["out"].values():
         for m in o["scores"].values():
             assert 0 <= m["auroc"] <= 1 and 0 <= m["auprc"] <= 1 and 0 <= m["fpr_at_95_tpr"] <= 1
@@ -169,11 +169,11 @@ def test_a_conditional_model_calibrates_on_p_x_then_eval_classify(tmp_path: Path
     with torch.no_grad():
         post = class_posterior(model, xt, torch.tensor([0.5, 0.25, 0.25]))
     assert r["in"]["accuracy"] == pytest.approx(float((post.predicted.numpy() == yt).mean()))
-    threshold = cal["scores"]["complexity"]["threshold"]
-    scores = score_images(scorer, xt, names=["complexity"], show_progress=False)["complexity"]
+    threshold = cal["scores"]["complexity_guarded"]["threshold"]
+    scores = score_images(scorer, xt, names=["complexity_guarded"], show_progress=False)["complexity_guarded"]
     assert r["threshold"] == threshold and r["in"]["rejected"] == pytest.approx(float((scores > threshold).mean()))
     xo = torch.from_numpy(np.load(tmp_path / "o.npz")["images"])[:, None]
-    out_scores = score_images(scorer, xo, names=["complexity"], show_progress=False)["complexity"]
+    out_scores = score_images(scorer, xo, names=["complexity_guarded"], show_progress=False)["complexity_guarded"]
     assert r["out"][other]["rejected"] == pytest.approx(float((out_scores > threshold).mean()))
     assert sum(r["out"][other]["predicted_counts"]) == 20 and np.array(r["in"]["confusion"]).sum() == 30
     assert "| " + test + " | 30 |" in report.with_suffix(".md").read_text()

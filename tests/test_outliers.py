@@ -17,6 +17,8 @@ from PIL import Image
 from models.checkpoint import read_metadata, save_checkpoint, update_metadata
 from models.outliers import (
     COMPLEXITY,
+    GUARD_WEIGHT,
+    GUARDED,
     NLL,
     RATIO,
     Scorer,
@@ -25,6 +27,7 @@ from models.outliers import (
     code_length_bits,
     complexity_score,
     conformal_rank,
+    guarded_score,
     likelihood_ratio_score,
     load_scorer,
     nll_score,
@@ -126,7 +129,7 @@ def test_pixel_anomaly_shape_sign_and_background_correction():
 def test_scorer_autoregressive_shares_one_pass_and_matches_log_prob():
     model = tiny_pixelcnn()
     scorer = Scorer(model, tiny_pixelcnn(seed=1))
-    assert scorer.score_types == [COMPLEXITY, RATIO, NLL]  # sorted names
+    assert scorer.score_types == [COMPLEXITY, GUARDED, RATIO, NLL]  # sorted names
     x = images()
     got = scorer.compute(x, None, [NLL, COMPLEXITY, RATIO], heatmap=True)
     with torch.no_grad():
@@ -156,7 +159,7 @@ def test_vae_scores_use_the_scorers_k():
     torch.manual_seed(0)
     vae = VAE(VAEConfig(**TINY_VAE)).eval()
     scorer = Scorer(vae, vae_score_k=2)
-    assert scorer.score_types == [COMPLEXITY, NLL]
+    assert scorer.score_types == [COMPLEXITY, GUARDED, NLL]
     x = images()
     got = scorer.compute(x, None, [NLL, COMPLEXITY])
     with torch.no_grad():
@@ -254,6 +257,26 @@ def test_a_conditional_model_is_calibrated_on_p_x_with_its_training_prior(tmp_pa
     assert stale_calibration(changed, None) == "it used another class prior p(y) than dataset.class_counts gives"
 
 
+def test_the_guard_adds_the_nll_above_the_calibration_range_and_nothing_below(tmp_path: Path):
+    c, n = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 7.5, 5.0])
+    assert guarded_score(c, n, nll_cap=5.0).tolist() == [1.0, -2.0 + GUARD_WEIGHT * 2.5, 0.5]
+    assert torch.equal(guarded_score(c, n, nll_cap=None), c)  # uncalibrated: complexity
+    save_checkpoint(tiny_pixelcnn(), tmp_path, dataset=dataset_meta())
+    scorer, _ = load_scorer(tmp_path)
+    dark = torch.randint(0, 32, (30, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    cal = calibrate(scorer, dark, data_spec="x", fpr=0.1, show_progress=False)
+    val = score_images(scorer, dark, show_progress=False)
+    assert cal["nll_cap"] == pytest.approx(float(val[NLL].max())) and scorer.nll_cap == cal["nll_cap"]
+    np.testing.assert_allclose(val[GUARDED], val[COMPLEXITY])  # on its own calibration data: complexity
+    update_metadata(tmp_path, calibration=cal)
+    loaded, _ = load_scorer(tmp_path)
+    assert loaded.nll_cap == cal["nll_cap"]
+    x = images(8)
+    got = score_images(loaded, x, show_progress=False)
+    expected = got[COMPLEXITY] + GUARD_WEIGHT * np.maximum(0.0, got[NLL] - cal["nll_cap"])
+    np.testing.assert_allclose(got[GUARDED], expected)
+
+
 # ---- calibration ------------------------------------------------------------------------------------
 
 
@@ -281,8 +304,8 @@ def test_calibration_reaches_the_target_fpr_on_a_known_distribution(fpr: float):
 def test_calibrate_writes_every_score_type_and_the_default():
     scorer = Scorer(tiny_pixelcnn(), tiny_pixelcnn(1))
     cal = calibrate(scorer, images(40), data_spec="npz:x", fpr=0.1, show_progress=False)
-    assert cal["default_score"] == COMPLEXITY and cal["n"] == 40 and cal["target_fpr"] == 0.1
-    assert sorted(cal["scores"]) == [COMPLEXITY, RATIO, NLL]
+    assert cal["default_score"] == GUARDED and cal["n"] == 40 and cal["target_fpr"] == 0.1
+    assert sorted(cal["scores"]) == [COMPLEXITY, GUARDED, RATIO, NLL]
     for entry in cal["scores"].values():
         assert entry["fpr_on_calibration"] <= 0.1 and len(entry["quantiles"]) == 101
     with pytest.raises(ValueError, match="unknown score type"):

@@ -278,7 +278,10 @@ async def test_score_too_many_images_is_422(make_settings):
 async def test_score_unknown_score_type_is_422(client):
     r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())], "score_type": "magic"})
     assert r.status_code == 422
-    assert r.json()["detail"] == "unknown score_type 'magic'; model 'pixelcnn' offers ['complexity', 'nll']"
+    assert (
+        r.json()["detail"]
+        == "unknown score_type 'magic'; model 'pixelcnn' offers ['complexity', 'complexity_guarded', 'nll']"
+    )
 
 
 async def test_score_empty_list_and_wrong_content_type(client):

@@ -59,7 +59,7 @@ async def test_classify_matches_bayes_rule_on_the_model(client, classify_dir: Pa
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["classes"] == ["a", "b", "c"] and body["prior"] == pytest.approx([0.25, 0.5, 0.25])
-    assert body["score_type"] == "complexity"
+    assert body["score_type"] == "complexity_guarded"
     model, _ = load_checkpoint(classify_dir / "cond")
     with torch.no_grad():
         post = class_posterior(model, x.long(), torch.tensor([0.25, 0.5, 0.25]))
@@ -87,10 +87,10 @@ async def test_classify_refuses_exactly_the_images_over_the_threshold(make_setti
     folder = tmp_path / "m" / "cond"
     x = images(6, seed=3)
     scorer, meta = load_scorer(folder)
-    scores = score_images(scorer, x, names=["complexity"], show_progress=False)["complexity"]
+    scores = score_images(scorer, x, names=["complexity_guarded"], show_progress=False)["complexity_guarded"]
     threshold = float(np.median(scores))
     cal = meta["calibration"]
-    cal["scores"]["complexity"]["threshold"] = threshold
+    cal["scores"]["complexity_guarded"]["threshold"] = threshold
     update_metadata(folder, calibration=cal)
     async with running(make_settings(model_dir=tmp_path / "m")) as (_app, c):
         r = await c.post("/classify", json={"model": "cond", "images": as_pngs(x)})

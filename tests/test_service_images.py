@@ -88,4 +88,4 @@ def test_calibration_lookup():
     assert cal.is_outlier(5.5) is True and cal.is_outlier(5.0) is False
     assert calibration_for(meta, "other") == Calibration() and Calibration().is_outlier(9.0) is None
     assert default_score_type(meta) == "nll"
-    assert default_score_type({"calibration": None}) == "complexity"  # uncalibrated: the recommended score
+    assert default_score_type({"calibration": None}) == "complexity_guarded"  # uncalibrated: the recommended score

@@ -59,11 +59,11 @@ async def test_models_show_score_types_default_calibration_and_background(client
     _, c = client
     models = {m["name"]: m for m in (await c.get("/models")).json()["models"]}
     pc, vae = models["pc"], models["vae"]
-    assert pc["score_types"] == ["complexity", "likelihood_ratio", "nll"]
-    assert vae["score_types"] == ["complexity", "nll"] and vae["background"] is None
-    assert pc["default_score_type"] == "complexity" == pc["calibration"]["default_score"]
+    assert pc["score_types"] == ["complexity", "complexity_guarded", "likelihood_ratio", "nll"]
+    assert vae["score_types"] == ["complexity", "complexity_guarded", "nll"] and vae["background"] is None
+    assert pc["default_score_type"] == "complexity_guarded" == pc["calibration"]["default_score"]
     assert pc["background"]["architecture"] == "gated_pixelcnn" and len(pc["background"]["sha256"]) == 64
-    assert set(pc["calibration"]["scores"]) == {"complexity", "likelihood_ratio", "nll"}
+    assert set(pc["calibration"]["scores"]) == {"complexity", "complexity_guarded", "likelihood_ratio", "nll"}
     assert vae["calibration"]["vae_score_k"] == 1
 
 
@@ -74,7 +74,7 @@ async def test_every_result_carries_consistent_outlier_fields(client, model: str
     r = await c.post("/score", json={"model": model, "images": imgs})
     assert r.status_code == 200
     body = r.json()
-    assert body["score_type"] == "complexity"
+    assert body["score_type"] == "complexity_guarded"
     cal = (await c.get(f"/models/{model}")).json()["calibration"]["scores"]["complexity"]
     for res in body["results"]:
         assert res["threshold"] == cal["threshold"]
@@ -84,7 +84,7 @@ async def test_every_result_carries_consistent_outlier_fields(client, model: str
     flags = [res["is_outlier"] for res in body["results"]]
     assert flags == [False, False, True]
     flagged = app.state.metrics.sample_value(
-        "genserve_outliers_flagged_total", {"model": model, "score_type": "complexity"}
+        "genserve_outliers_flagged_total", {"model": model, "score_type": "complexity_guarded"}
     )
     assert flagged == sum(flags)
 
@@ -110,11 +110,15 @@ async def test_unknown_score_type_lists_the_models_own_types(client):
     r = await c.post("/score", json={"model": "pc", "images": [dark_png()], "score_type": "magic"})
     assert r.status_code == 422
     assert (
-        r.json()["detail"] == "unknown score_type 'magic'; model 'pc' offers ['complexity', 'likelihood_ratio', 'nll']"
+        r.json()["detail"] == "unknown score_type 'magic'; model 'pc' offers "
+        "['complexity', 'complexity_guarded', 'likelihood_ratio', 'nll']"
     )
     r = await c.post("/score", json={"model": "vae", "images": [dark_png()], "score_type": "likelihood_ratio"})
     assert r.status_code == 422
-    assert r.json()["detail"] == "unknown score_type 'likelihood_ratio'; model 'vae' offers ['complexity', 'nll']"
+    assert (
+        r.json()["detail"]
+        == "unknown score_type 'likelihood_ratio'; model 'vae' offers ['complexity', 'complexity_guarded', 'nll']"
+    )
 
 
 async def test_heatmaps_per_score_type(client):
