@@ -55,6 +55,18 @@ def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float | None:
     return float((pred == labels).mean()) if len(labels) else None
 
 
+def confidence(log_posterior: np.ndarray, correct: np.ndarray) -> dict[str, float | None]:
+    """How sure the classifier is, and how right when sure: mean p(predicted|x), the share of images
+    with p(predicted|x) > 0.99, and the accuracy on those."""
+    p = np.exp(log_posterior.max(1))
+    sure = p > 0.99
+    return {
+        "mean_probability": float(p.mean()),
+        "share_above_0.99": float(sure.mean()),
+        "accuracy_above_0.99": float(correct[sure].mean()) if sure.any() else None,
+    }
+
+
 def run(
     model_folder: str | Path,
     in_spec: str,
@@ -109,6 +121,7 @@ def run(
             "accuracy_kept": _accuracy(pred[~rejected], labels[~rejected]),
             "per_class_accuracy": {c: _accuracy(pred[labels == i], labels[labels == i]) for i, c in enumerate(classes)},
             "mean_bits_per_dim": float(-got["log_marginal"].mean() / (scorer.model.dims * np.log(2))),
+            "confidence": confidence(got["log_posterior"], pred == labels),
             "confusion": confusion.tolist(),
         },
         "out": {},
@@ -156,6 +169,14 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {spec} (out of distribution) | {o['n']} | - | {o['rejected']:.4f} | - | {o['mean_bits_per_dim']:.3f} |"
         )
+    c = i["confidence"]
+    lines += [
+        "",
+        f"Confidence on {i['spec']}: mean p(predicted|x) {c['mean_probability']:.4f}; "
+        f"{c['share_above_0.99']:.2%} of the images have p > 0.99, and "
+        + ("none" if c["accuracy_above_0.99"] is None else f"{c['accuracy_above_0.99']:.4f}")
+        + " of those are right.",
+    ]
     lines += ["", "Per-class accuracy:", "", "| class | accuracy |", "|---|---|"]
     lines += [f"| {c} | {a:.4f} |" for c, a in i["per_class_accuracy"].items() if a is not None]
     return "\n".join(lines) + "\n"

@@ -222,7 +222,8 @@ def run(
     (out_dir / f"{name}.md").write_text(markdown(report, name=name))
     plot_roc(raw, report, out_dir / f"{name}-roc.png", title=name)
     plot_hist(raw, report, out_dir / f"{name}-hist.png", title=name)
-    if examples and scorer.per_pixel:
+    # p(x) = sum_y p(x|y) p(y) of a class-conditional model has no per-pixel terms: no heatmaps
+    if examples and scorer.per_pixel and scorer.model.n_classes is None:
         plot_heatmaps(scorer, [in_data, *outs], out_dir / f"{name}-heatmaps.png", n=examples, title=name)
     return report
 

@@ -169,6 +169,9 @@ def test_a_conditional_model_calibrates_on_p_x_then_eval_classify(tmp_path: Path
     with torch.no_grad():
         post = class_posterior(model, xt, torch.tensor([0.5, 0.25, 0.25]))
     assert r["in"]["accuracy"] == pytest.approx(float((post.predicted.numpy() == yt).mean()))
+    top = post.log_posterior.exp().max(1).values.numpy()
+    assert r["in"]["confidence"]["mean_probability"] == pytest.approx(float(top.mean()), rel=1e-5)
+    assert r["in"]["confidence"]["share_above_0.99"] == pytest.approx(float((top > 0.99).mean()))
     threshold = cal["scores"]["complexity_guarded"]["threshold"]
     scores = score_images(scorer, xt, names=["complexity_guarded"], show_progress=False)["complexity_guarded"]
     assert r["threshold"] == threshold and r["in"]["rejected"] == pytest.approx(float((scores > threshold).mean()))
@@ -179,6 +182,14 @@ def test_a_conditional_model_calibrates_on_p_x_then_eval_classify(tmp_path: Path
     assert "| " + test + " | 30 |" in report.with_suffix(".md").read_text()
     printed = json.loads(capsys.readouterr().out.split("\n}\n", 1)[1])  # after calibrate's JSON
     assert printed["in"]["n"] == 30
+    # eval-ood scores p(x) too (no heatmaps: a mixture over classes has no per-pixel terms)
+    argv = ["eval-ood", "--model", str(cond), "--in", test, "--out", other, "--report-dir", str(tmp_path / "ood")]
+    assert main([*argv, "--no-progress", "--cache", str(tmp_path / "cache")]) == 0
+    ood = json.loads((tmp_path / "ood" / "cond.json").read_text())
+    assert ood["out"][other]["scores"]["complexity_guarded"]["flagged_at_threshold"] == pytest.approx(
+        r["out"][other]["rejected"]
+    )
+    assert (tmp_path / "ood" / "cond-roc.png").is_file() and not (tmp_path / "ood" / "cond-heatmaps.png").exists()
     # unlabelled test data, an uncalibrated model and an unconditional one are refused
     assert main(["eval-classify", "--model", str(cond), "--in", valid, "--no-progress"]) == 2
     save_checkpoint(model, tmp_path / "uncal", dataset=dataset_meta(["a", "b", "c"]))
