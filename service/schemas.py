@@ -120,21 +120,27 @@ class ScoreResponse(BaseModel):
     results: list[ScoreResult]
 
 
-class ClassifyRequest(BaseModel):
+class ImagesRequest(BaseModel):
+    """Images for a model, as base64 in JSON (/classify and /encode)."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(description="a class-conditional model from GET /models (`conditional: true`)")
+    model: str = Field(description="model name from GET /models")
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
     resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
 
 
-class ClassifyForm(BaseModel):
-    """The multipart/form-data variant of ClassifyRequest: files in the `files` field."""
+class ImagesForm(BaseModel):
+    """The multipart/form-data variant of ImagesRequest: files in the `files` field."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str
     resize: bool = False
+
+
+class ClassifyRequest(ImagesRequest):
+    model: str = Field(description="a class-conditional model from GET /models (`conditional: true`)")
 
 
 class ClassifyResult(BaseModel):
@@ -167,21 +173,8 @@ class ClassifyResponse(BaseModel):
     results: list[ClassifyResult]
 
 
-class EncodeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
+class EncodeRequest(ImagesRequest):
     model: str = Field(description="a VAE from GET /models (`kind: vae`)")
-    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
-    resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
-
-
-class EncodeForm(BaseModel):
-    """The multipart/form-data variant of EncodeRequest: files in the `files` field."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str
-    resize: bool = False
 
 
 class EncodeResult(BaseModel):

@@ -9,11 +9,13 @@ import numpy as np
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import images
 from service.errors import BadRequest, UnsupportedMediaType
-from service.registry import ModelEntry
+from service.registry import ModelEntry, ModelRegistry
+from service.settings import Settings
 
 J = TypeVar("J", bound=BaseModel)
 F = TypeVar("F", bound=BaseModel)
@@ -33,6 +35,19 @@ def multipart_schema(fields: dict[str, Any]) -> dict[str, Any]:
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
             **fields,
         },
+    }
+
+
+def upload_responses(bad_request: str) -> dict[int | str, dict[str, Any]]:
+    """The error responses of an upload route, for its OpenAPI entry; ``bad_request`` describes its 422s."""
+    from service.routes.sample import ERRORS
+    from service.schemas import ErrorResponse
+
+    return {
+        **ERRORS,
+        413: {"model": ErrorResponse, "description": "body or image too large"},
+        415: {"model": ErrorResponse, "description": "neither JSON nor multipart"},
+        422: {"model": ErrorResponse, "description": bad_request},
     }
 
 
@@ -104,3 +119,23 @@ def decode_all(
         arrays.append(arr)
         converted.append(changed)
     return images.to_levels(np.stack(arrays), entry.levels), converted
+
+
+async def receive(
+    request: Request, registry: ModelRegistry, settings: Settings, json_model: type[J], form_model: type[F]
+) -> tuple[J | F, list[bytes | str], ModelEntry]:
+    """A route's upload: its options, its images (not yet decoded) and the model it names (404 if
+    unknown; 422 over GENSERVE_MAX_IMAGES). Routes check the model fits before :func:`decode`."""
+    parsed, data = await read_upload(request, json_model, form_model)
+    entry = registry.get(parsed.model)  # type: ignore[union-attr]  # every request schema has `model`
+    request.state.model = entry.name
+    request.state.images = len(data)
+    check_count(len(data), settings.max_images)
+    return parsed, data, entry
+
+
+async def decode(
+    data: list[bytes | str], entry: ModelEntry, settings: Settings, *, resize: bool
+) -> tuple[np.ndarray, list[bool]]:
+    """:func:`decode_all` in the thread pool: (B, C, H, W) levels and whether each image was converted."""
+    return await run_in_threadpool(decode_all, data, entry, resize=resize, max_pixels=settings.max_image_pixels)

@@ -20,22 +20,19 @@ from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
 from service.errors import BadRequest
 from service.registry import ModelEntry
-from service.routes.sample import ERRORS
-from service.schemas import ClassifyForm, ClassifyRequest, ClassifyResponse, ClassifyResult, ErrorResponse
-from service.uploads import check_count, decode_all, read_upload, request_body
+from service.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, ImagesForm
+from service.uploads import decode, receive, request_body, upload_responses
 
 router = APIRouter(tags=["classify"])
 
 
-def conditional_entry(registry: Registry, name: str) -> ModelEntry:
-    entry = registry.get(name)
+def require_conditional(registry: Registry, entry: ModelEntry) -> None:
     if entry.n_classes is None:
         conditional = sorted(e.name for e in registry.entries.values() if e.n_classes is not None)
         raise BadRequest(
             f"model '{entry.name}' is not class-conditional, so it has no p(x|y) to classify with; "
             f"use a model with `conditional: true` in GET /models ({conditional or 'none served'})"
         )
-    return entry
 
 
 def build_results(
@@ -84,12 +81,7 @@ def build_results(
         "multipart/form-data with `files` and a `model` field. Costs one model pass per class."
     ),
     openapi_extra=request_body(ClassifyRequest, {"resize": {"type": "boolean", "default": False}}),
-    responses={
-        **ERRORS,
-        413: {"model": ErrorResponse, "description": "body or image too large"},
-        415: {"model": ErrorResponse, "description": "neither JSON nor multipart"},
-        422: {"model": ErrorResponse, "description": "not a conditional model, bad image, wrong size, too many"},
-    },
+    responses=upload_responses("not a conditional model, bad image, wrong size, too many"),
 )
 async def classify(
     request: Request,
@@ -98,15 +90,10 @@ async def classify(
     metrics: AppMetrics,
     resize: bool | None = Query(None, description="convert mode and size instead of refusing"),
 ) -> ClassifyResponse:
-    parsed, data = await read_upload(request, ClassifyRequest, ClassifyForm)
-    entry = conditional_entry(registry, parsed.model)
-    request.state.model = entry.name
-    request.state.images = len(data)
-    check_count(len(data), settings.max_images)
+    parsed, data, entry = await receive(request, registry, settings, ClassifyRequest, ImagesForm)
+    require_conditional(registry, entry)
     score_type = entry.default_score_type
-    x, converted = await run_in_threadpool(
-        decode_all, data, entry, resize=bool(resize or parsed.resize), max_pixels=settings.max_image_pixels
-    )
+    x, converted = await decode(data, entry, settings, resize=bool(resize or parsed.resize))
     b = x.shape[0]
     work = registry.score(entry, torch.from_numpy(x), None, score_type=score_type, heatmap=False)
     out = await unless_disconnected(request, work)

@@ -18,9 +18,8 @@ from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
 from service.errors import BadRequest
 from service.registry import ModelEntry
-from service.routes.sample import ERRORS
-from service.schemas import ErrorResponse, ScoreForm, ScoreRequest, ScoreResponse, ScoreResult
-from service.uploads import check_count, decode_all, read_upload, request_body
+from service.schemas import ScoreForm, ScoreRequest, ScoreResponse, ScoreResult
+from service.uploads import decode, receive, request_body, upload_responses
 
 router = APIRouter(tags=["score"])
 
@@ -73,12 +72,7 @@ def build_results(
         "(`?resize=true` works for both). Results come back in input order."
     ),
     openapi_extra=request_body(ScoreRequest, FORM_FIELDS),
-    responses={
-        **ERRORS,
-        413: {"model": ErrorResponse, "description": "body or image too large"},
-        415: {"model": ErrorResponse, "description": "neither JSON nor multipart"},
-        422: {"model": ErrorResponse, "description": "bad image, wrong size, too many images, bad option"},
-    },
+    responses=upload_responses("bad image, wrong size, too many images, bad option"),
 )
 async def score(
     request: Request,
@@ -87,11 +81,7 @@ async def score(
     metrics: AppMetrics,
     resize: bool | None = Query(None, description="convert mode and size instead of refusing"),
 ) -> ScoreResponse:
-    parsed, data = await read_upload(request, ScoreRequest, ScoreForm)
-    entry = registry.get(parsed.model)
-    request.state.model = entry.name
-    request.state.images = len(data)
-    check_count(len(data), settings.max_images)
+    parsed, data, entry = await receive(request, registry, settings, ScoreRequest, ScoreForm)
     score_type = entry.resolve_score_type(parsed.score_type)
     if parsed.heatmap and not entry.per_pixel:
         raise BadRequest(
@@ -104,9 +94,7 @@ async def score(
             f"model '{entry.name}' is class-conditional: without a label it scores p(x) = sum_y p(x|y) p(y), "
             "which has no per-pixel terms; send 'label' for a heatmap of p(x|y)"
         )
-    x, converted = await run_in_threadpool(
-        decode_all, data, entry, resize=bool(resize or parsed.resize), max_pixels=settings.max_image_pixels
-    )
+    x, converted = await decode(data, entry, settings, resize=bool(resize or parsed.resize))
     b = x.shape[0]
     y = None if label is None else torch.full((b,), label, dtype=torch.long)
     work = registry.score(entry, torch.from_numpy(x), y, score_type=score_type, heatmap=parsed.heatmap)
