@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,7 @@ def main() -> None:
         s: score_images(scorer, load_eval_set(s, shape=scorer.model.shape, levels=256).images, **kw)
         for s in [args.in_spec, *outs]
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, f in variants(val).items():
         threshold = float(np.quantile(f(val), 0.99))
         s_in = f(sets[args.in_spec])

@@ -1,7 +1,8 @@
 """How many images per second does /score serve, and how much does dynamic batching buy?
 
 Measures, in one run and on one machine:
-  1. in-process: the model's batched forward pass (``log_prob`` on batches of 32), no HTTP;
+  1. in-process: what /score runs (``Scorer.compute`` for the score type, on batches of 32 and of 1),
+     no HTTP;
   2. HTTP with 1 client, each request one image (no batching possible);
   3. HTTP with 32 concurrent clients, each request one image (the batcher merges them).
 The server is the real ``genserve serve`` (uvicorn) in a subprocess on loopback; the clients are
@@ -36,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.checkpoint import load_checkpoint  # noqa: E402
+from models.outliers import load_scorer  # noqa: E402
 
 logger = logging.getLogger("bench.throughput")
 
@@ -58,17 +59,19 @@ def random_png(shape: list[int], seed: int = 0) -> str:
 
 
 @torch.inference_mode()
-def in_process(folder: Path, device: str, *, batch: int, seconds: float) -> float:
-    """Images/s of the model's own log_prob on batches of ``batch`` random images."""
-    model, _ = load_checkpoint(folder, device)
+def in_process(folder: Path, device: str, *, batch: int, seconds: float, score_type: str) -> float:
+    """Images/s of the scorer the service runs (``Scorer.compute`` for ``score_type``: for a VAE the
+    calibrated IWAE k, not log_prob's k=128) on batches of ``batch`` random images, without HTTP."""
+    scorer, _ = load_scorer(folder, device)
+    model = scorer.model
     c, h, w = model.shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.levels, (batch, c, h, w), generator=gen).to(torch.uint8).to(device)
     y = torch.zeros(batch, dtype=torch.long, device=device) if model.n_classes is not None else None
-    model.log_prob(x, y)  # warm-up
+    scorer.compute(x, y, [score_type])  # warm-up
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        model.log_prob(x, y)
+        scorer.compute(x, y, [score_type])
         done += batch
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -138,9 +141,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "score_type": args.score_type,
     }
-    result["inprocess_batch32_images_per_s"] = in_process(folder, args.device, batch=32, seconds=args.seconds)
+    kw = {"seconds": args.seconds, "score_type": args.score_type}
+    result["inprocess_batch32_images_per_s"] = in_process(folder, args.device, batch=32, **kw)
     # The ceiling for any batching gain: how much faster the model itself runs at batch 32 than at 1.
-    result["inprocess_batch1_images_per_s"] = in_process(folder, args.device, batch=1, seconds=args.seconds)
+    result["inprocess_batch1_images_per_s"] = in_process(folder, args.device, batch=1, **kw)
     result["inprocess_batching_ceiling"] = (
         result["inprocess_batch32_images_per_s"] / result["inprocess_batch1_images_per_s"]
     )
@@ -150,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         wait_ready(url, proc)
         info = httpx.get(f"{url}/models/{args.model}", timeout=10).json()
-        # score_type nll: the server computes what the in-process pass computes (log_prob), like for like.
+        # the same score type as the in-process rows: the server computes what they compute, like for like
         body: dict[str, Any] = {
             "model": args.model,
             "images": [random_png(info["shape"])],
@@ -182,8 +186,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(r: dict[str, Any]) -> str:
     rows = [
-        ("in-process log_prob, batch 1", r["inprocess_batch1_images_per_s"], "", ""),
-        ("in-process log_prob, batch 32", r["inprocess_batch32_images_per_s"], "", ""),
+        ("in-process scorer, batch 1", r["inprocess_batch1_images_per_s"], "", ""),
+        ("in-process scorer, batch 32", r["inprocess_batch32_images_per_s"], "", ""),
         *(
             (
                 f"HTTP /score, {c} client{'s' if c > 1 else ''}",

@@ -146,8 +146,8 @@ class ClassifyRequest(ImagesRequest):
 class ClassifyResult(BaseModel):
     index: int = Field(description="position of the image in the request")
     predicted: str | None = Field(
-        description="the most probable class under p(y|x); null when the image is rejected (or not calibrated "
-        "and rejected is null: then the argmax is still given)"
+        description="the most probable class under p(y|x); null when the image is rejected (a model without a "
+        "calibration rejects nothing: `rejected` is null and the class is always given)"
     )
     predicted_index: int | None = Field(description="index of `predicted` in the model's classes")
     probability: float = Field(description="p(predicted | x), or of the argmax class when rejected")
