@@ -40,13 +40,14 @@ def classify_set(
     got = model_outputs(scorer, images, None, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress)
     assert scorer.prior is not None, "classification needs a class-conditional model"
     post = posterior_from(torch.from_numpy(got["class_log_likelihood"]).double(), scorer.prior.double())
-    outputs = ModelOutputs(log_prob=post.log_marginal.float())
+    # the score from the scorer's own log p(x), exactly what calibrate and /score judge
+    outputs = ModelOutputs(log_prob=torch.from_numpy(got["log_prob"]))
     code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code([score_type]) else None
     score = scorer.scores_from([score_type], outputs, code_bits=code_bits)[score_type]
     return {
         "predicted": post.predicted.numpy(),
         "log_posterior": post.log_posterior.numpy(),
-        "log_marginal": post.log_marginal.numpy(),
+        "log_marginal": got["log_prob"].astype(np.float64),
         "score": score.numpy(),
     }
 
