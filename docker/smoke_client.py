@@ -3,7 +3,8 @@
     python3 docker/smoke_client.py http://127.0.0.1:18000 [--ready-timeout 300]
 
 Waits for /readyz, then checks /healthz, /models, POST /sample (vae-fmnist, n=2), POST /score (a
-28x28 grayscale PNG made here, JSON and multipart) and /metrics: status codes and JSON fields.
+28x28 grayscale PNG made here, JSON and multipart), POST /classify, POST /encode and /metrics:
+status codes and JSON fields.
 Exits 1 with the failing check's message.
 """
 
@@ -150,6 +151,21 @@ def run(base: str, ready_timeout_s: float) -> None:
     check(status == 200, f"/score (multipart): {status} {body}")
     bpd = check_score(body, "pixelcnn-fmnist")
     logger.info("/score pixelcnn-fmnist (multipart): 200 in %.2f s, %.3f bits/dim", time.monotonic() - t, bpd)
+
+    t = time.monotonic()
+    data, content_type = multipart({"model": "pixelcnn-fmnist-cond"}, [("files", "gradient.png", png)])
+    status, body = get_json(base, "/classify", body=data, content_type=content_type)
+    check(status == 200, f"/classify (multipart): {status} {body}")
+    r = body["results"][0]
+    check(abs(sum(r["posterior"].values()) - 1.0) < 1e-6, f"/classify: posterior does not sum to 1: {r}")
+    check(isinstance(r["rejected"], bool), f"/classify: the shipped model is calibrated, rejected={r['rejected']!r}")
+    logger.info("/classify pixelcnn-fmnist-cond: 200 in %.2f s, rejected=%s", time.monotonic() - t, r["rejected"])
+
+    status, body = get_json(base, "/encode", body=payload, content_type="application/json")
+    check(status == 200, f"/encode (JSON): {status} {body}")
+    codes = body["results"][0]
+    check(len(codes["mean"]) == len(codes["std"]) == body["latent_dim"] > 0, f"/encode answered {body}")
+    check(min(codes["std"]) > 0, "/encode: a standard deviation is not positive")
 
     status, body = get_json(
         base, "/score", body=b'{"model": "no-such-model", "images": ["AA=="]}', content_type="application/json"
