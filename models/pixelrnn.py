@@ -90,19 +90,27 @@ class RowLSTMLayer(nn.Module):
             pre = pre + self.above_conv(shift_down(x))  # row i reads input row i-1 (zeros for row 0)
         if self.cond is not None and y is not None:
             pre = pre + self.cond(y)[:, :, None, None]
-        h_prev = x.new_zeros(b, self.hidden, width)
-        c_prev = x.new_zeros(b, self.hidden, width)
+        # The recurrence runs in (B, W, channels) layout: the row-above convolution is then one matrix
+        # product of the (B*W, hidden*k) windows with the conv weight, and the per-row slices of
+        # ``pre`` come from one unbind (one gradient buffer, not one full-size buffer per row).
+        w = self.state_conv.weight  # (4h, h, k)
+        k = w.shape[-1]
+        w_mat = w.reshape(w.shape[0], -1).t()  # (h*k, 4h), rows ordered (channel, tap) like the windows
+        pre_rows = pre.permute(2, 0, 3, 1).unbind(0)  # H x (B, W, 4h)
+        h_prev = x.new_zeros(b, width, self.hidden)
+        c_prev = x.new_zeros(b, width, self.hidden)
         rows = []
         for i in range(height):
-            gates = pre[:, :, i] + self.state_conv(h_prev)  # (B, 4h, W)
-            h_prev, c_prev = lstm_cell(gates, c_prev)
+            windows = F.pad(h_prev, (0, 0, k // 2, k // 2)).unfold(1, k, 1)  # (B, W, h, k)
+            gates = pre_rows[i] + (windows.reshape(b * width, -1) @ w_mat).view(b, width, -1)  # (B, W, 4h)
+            h_prev, c_prev = lstm_cell(gates, c_prev, dim=2)
             rows.append(h_prev)
-        return torch.stack(rows, dim=2)  # (B, h, H, W)
+        return torch.stack(rows, dim=1).permute(0, 3, 1, 2)  # (B, h, H, W)
 
 
-def lstm_cell(gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:
-    """LSTM update from pre-activations (B, 4h, ...) = input, forget, output, cell candidate."""
-    i, f, o, g = gates.chunk(4, dim=1)
+def lstm_cell(gates: Tensor, c_prev: Tensor, dim: int = 1) -> tuple[Tensor, Tensor]:
+    """LSTM update from pre-activations, 4h along ``dim`` = input, forget, output, cell candidate."""
+    i, f, o, g = gates.chunk(4, dim=dim)
     c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 

@@ -43,6 +43,9 @@ class VAEConfig:
     # > 0: PixelVAE-style local autoregression (Gulrajani et al. 2017): p(x_i | z, x_<i in a k x k
     # window) with k = decoder_context, so the decoder models local pixel correlations itself.
     decoder_context: int = 0
+    # Residual 3 x 3 masked (mask B) layers on top of the k x k context conv: each widens the window
+    # the decoder sees by one pixel on every side (rows above and columns left and right).
+    context_layers: int = 0
 
 
 class ResBlock(nn.Module):
@@ -78,13 +81,14 @@ class Encoder(nn.Module):
 
 
 class MaskedConv2d(nn.Module):
-    """k x k conv whose output at (i, j) reads only earlier sub-pixels (mask A).
+    """k x k conv whose output at (i, j) reads only earlier sub-pixels.
 
     Rows above the centre in full, the centre row left of the centre, and at the centre only the
-    input channels of earlier colour groups (see :func:`centre_mask`).
+    input channels of earlier colour groups (mask A, ``include_own=False``: the first layer) or of
+    earlier and the same group (mask B: later layers); see :func:`centre_mask`.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, k: int, groups: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, k: int, groups: int, *, include_own: bool = False) -> None:
         super().__init__()
         if k % 2 == 0:
             raise ValueError("decoder_context must be odd")
@@ -95,12 +99,13 @@ class MaskedConv2d(nn.Module):
         mask = torch.zeros(out_ch, in_ch, k, k)
         mask[:, :, : k // 2] = 1.0
         mask[:, :, k // 2, : k // 2] = 1.0
-        mask[:, :, k // 2, k // 2] = centre_mask(out_ch, in_ch, groups, include_own=False)
+        mask[:, :, k // 2, k // 2] = centre_mask(out_ch, in_ch, groups, include_own=include_own)
         self.mask: Tensor
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.k // 2)
+    def forward(self, x: Tensor, *, pad: bool = True) -> Tensor:
+        """Same-size output with zero padding, or (``pad=False``) the valid part only (k-1 smaller)."""
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.k // 2 if pad else 0)
 
 
 class Decoder(nn.Module):
@@ -122,6 +127,9 @@ class Decoder(nn.Module):
         if cfg.decoder_context:
             n_out = cfg.in_channels * 3 * cfg.n_mixtures
             self.ctx = MaskedConv2d(cfg.in_channels, h, cfg.decoder_context, cfg.in_channels)
+            self.ctx_layers = nn.ModuleList(
+                [MaskedConv2d(h, h, 3, cfg.in_channels, include_own=True) for _ in range(cfg.context_layers)]
+            )
             self.ctx_mix = nn.Conv2d(h, h, 1)  # z features into the context path
             self.ctx_out = Conv1x1(h, n_out, cfg.in_channels)  # pointwise: keeps the mask's causality
             # Starts at zero: the context path begins as a no-op, so a factorised VAE can be extended.
@@ -132,20 +140,61 @@ class Decoder(nn.Module):
         feat = self.net[:-1](self.fc(z).view(z.shape[0], -1, self.h0, self.w0))
         return self.net[-1](feat), (self.ctx_mix(feat) if self.cfg.decoder_context else None)
 
-    def params(self, base: Tensor, mix: Tensor | None, x_unit: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Mixture parameters from :meth:`features` and, for a local-context decoder, the image."""
+    @property
+    def context_radius(self) -> int:
+        """How far (rows up, columns either side) the context path reads from the current pixel."""
+        return self.cfg.decoder_context // 2 + self.cfg.context_layers
+
+    def context(self, x_unit: Tensor) -> Tensor:
+        """The image-only part of a local-context decoder: (B, C, H, W) in [-1, 1] -> (B, hidden, H, W).
+
+        It does not depend on z, so the importance-weighted estimate computes it once per image.
+        """
+        c = self.ctx(x_unit)
+        for layer in self.ctx_layers:
+            c = c + layer(F.elu(c))
+        return c
+
+    def window_inside(self, i: int, j: int, device: torch.device | None = None) -> Tensor:
+        """(2r+1, 2r+1) float mask of the window centred on pixel (i, j): 1 where it lies in the image."""
+        r = self.context_radius
+        offsets = torch.arange(-r, r + 1, device=device)
+        rows = (i + offsets >= 0) & (i + offsets < self.cfg.height)
+        cols = (j + offsets >= 0) & (j + offsets < self.cfg.width)
+        return (rows[:, None] & cols[None, :]).float()
+
+    def context_at(self, window: Tensor, inside: Tensor) -> Tensor:
+        """:meth:`context` at one pixel from the (2r+1) x (2r+1) window of the zero-padded image
+        centred on it (r = :attr:`context_radius`): (n, C, 2r+1, 2r+1) -> (n, hidden, 1, 1).
+
+        ``inside`` (:meth:`window_inside`) is 1 where the window lies in the image: features outside it are
+        zeroed after every layer, which is what the full pass's zero padding does, so the result
+        equals the full pass at that pixel.
+        """
+        p = self.cfg.decoder_context // 2
+        c = self.ctx(window, pad=False)
+        m = inside[p : inside.shape[0] - p, p : inside.shape[1] - p]
+        c = c * m
+        for layer in self.ctx_layers:
+            c = c[:, :, 1:-1, 1:-1] + layer(F.elu(c), pad=False)
+            m = m[1:-1, 1:-1]
+            c = c * m
+        return c
+
+    def params(self, base: Tensor, mix: Tensor | None, ctx: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Mixture parameters from :meth:`features` and, for a local-context decoder, :meth:`context`."""
         cfg = self.cfg
         out = base
         if mix is not None:
-            assert x_unit is not None, "a local-context decoder needs the image"
-            out = out + self.ctx_out(F.elu(self.ctx(x_unit) + mix))
+            assert ctx is not None, "a local-context decoder needs the image's context features"
+            out = out + self.ctx_out(F.elu(ctx + mix))
         out = out.reshape(out.shape[0], cfg.in_channels, 3, cfg.n_mixtures, out.shape[-2], out.shape[-1])
         logit_weights, means, log_scales = out.unbind(2)
         return logit_weights, torch.tanh(means) * 1.1, log_scales
 
     def forward(self, z: Tensor, x_unit: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         base, mix = self.features(z)
-        return self.params(base, mix, x_unit)
+        return self.params(base, mix, self.context(x_unit) if mix is not None and x_unit is not None else None)
 
 
 class VAE(DensityModel):
@@ -169,9 +218,16 @@ class VAE(DensityModel):
         mean, logvar = self.encoder(to_unit_range(x, self.levels))
         return mean, torch.exp(0.5 * logvar)
 
-    def decoder_log_prob(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x|z) in nats, (B,): x (B, C, H, W) integers, z (B, latent_dim)."""
-        w, m, s = self.decoder(z, to_unit_range(x, self.levels) if self.config.decoder_context else None)
+    def decoder_log_prob(self, x: Tensor, z: Tensor, ctx: Tensor | None = None) -> Tensor:
+        """log p(x|z) in nats, (B,): x (B, C, H, W) integers, z (B, latent_dim).
+
+        ``ctx``: the decoder's context features of x (:meth:`Decoder.context`), if already computed.
+        """
+        dec = self.decoder
+        base, mix = dec.features(z)
+        if mix is not None and ctx is None:
+            ctx = dec.context(to_unit_range(x, self.levels))
+        w, m, s = dec.params(base, mix, ctx)
         return (
             discretized_logistic_mixture_log_prob(x, logit_weights=w, means=m, log_scales=s, levels=self.levels)
             .flatten(1)
@@ -198,8 +254,10 @@ class VAE(DensityModel):
         cfg = self.config
         gen = torch.Generator(device="cpu").manual_seed(cfg.iwae_seed)
         eps = torch.randn(k, cfg.latent_dim, generator=gen).to(x.device)
-        mean, logvar = self.encoder(to_unit_range(x, cfg.levels))
+        x_unit = to_unit_range(x, cfg.levels)
+        mean, logvar = self.encoder(x_unit)
         std = torch.exp(0.5 * logvar)
+        ctx = self.decoder.context(x_unit) if cfg.decoder_context else None  # once per image, not per z
         b = x.shape[0]
         out = []
         for start in range(0, k, cfg.iwae_chunk):
@@ -209,7 +267,8 @@ class VAE(DensityModel):
             log_q = (-0.5 * e.pow(2) - 0.5 * math.log(2 * math.pi))[None].sum(-1) - logvar.sum(1, keepdim=True) / 2
             log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
             xr = x[:, None].expand(b, kc, *x.shape[1:]).reshape(b * kc, *x.shape[1:])
-            log_px = self.decoder_log_prob(xr, z.reshape(b * kc, -1)).view(b, kc)
+            cr = None if ctx is None else ctx[:, None].expand(b, kc, *ctx.shape[1:]).reshape(b * kc, *ctx.shape[1:])
+            log_px = self.decoder_log_prob(xr, z.reshape(b * kc, -1), cr).view(b, kc)
             out.append(log_px + log_pz - log_q)
         return torch.cat(out, dim=1)
 
@@ -255,27 +314,28 @@ class VAE(DensityModel):
         return SampleOutput(images=x, log_prob=None)
 
     def _sample_context(self, z: Tensor, generator: torch.Generator | None, on_row: RowCallback | None) -> Tensor:
-        """Sub-pixel by sub-pixel for a local-context decoder; each step reads a k x k window only."""
+        """Sub-pixel by sub-pixel for a local-context decoder; each step reads the window the
+        context path sees (radius r = :attr:`Decoder.context_radius`), not the whole image."""
         cfg, dec = self.config, self.decoder
-        n, k = z.shape[0], cfg.decoder_context
-        p = k // 2
+        n, r = z.shape[0], dec.context_radius
+        size = 2 * r + 1
         base, mix = dec.features(z)
         assert mix is not None
         x = torch.zeros(n, cfg.in_channels, cfg.height, cfg.width, dtype=torch.uint8, device=z.device)
-        xpad = torch.zeros(n, cfg.in_channels, cfg.height + 2 * p, cfg.width + 2 * p, device=z.device)
+        xpad = torch.zeros(n, cfg.in_channels, cfg.height + 2 * r, cfg.width + 2 * r, device=z.device)
         for i in range(cfg.height):
             for j in range(cfg.width):
-                window = xpad[:, :, i : i + k, j : j + k]  # centred on (i, j): the conv's zero padding
+                inside = dec.window_inside(i, j, z.device)
+                window = xpad[:, :, i : i + size, j : j + size]  # centred on (i, j)
                 for c in range(cfg.in_channels):
-                    ctx = F.conv2d(window, dec.ctx.weight * dec.ctx.mask, dec.ctx.bias)  # (n, h, 1, 1)
-                    out = base[:, :, i : i + 1, j : j + 1] + dec.ctx_out(F.elu(ctx + mix[:, :, i : i + 1, j : j + 1]))
-                    out = out.view(n, cfg.in_channels, 3, cfg.n_mixtures, 1, 1)[:, c : c + 1]
-                    w, m, s = out.unbind(2)
+                    ctx = dec.context_at(window, inside)  # (n, hidden, 1, 1)
+                    w, m, s = dec.params(base[:, :, i : i + 1, j : j + 1], mix[:, :, i : i + 1, j : j + 1], ctx)
                     v = sample_discretized_logistic_mixture(
-                        logit_weights=w, means=torch.tanh(m) * 1.1, log_scales=s, levels=cfg.levels, generator=generator
-                    )  # (n, 1, 1, 1)
+                        logit_weights=w[:, c : c + 1], means=m[:, c : c + 1], log_scales=s[:, c : c + 1],
+                        levels=cfg.levels, generator=generator,
+                    )  # (n, 1, 1, 1)  # fmt: skip
                     x[:, c, i, j] = v[:, 0, 0, 0]
-                    xpad[:, c, i + p, j + p] = to_unit_range(v[:, 0, 0, 0], cfg.levels)
+                    xpad[:, c, i + r, j + r] = to_unit_range(v[:, 0, 0, 0], cfg.levels)
             if on_row is not None:
                 on_row(i + 1, x)
         return x

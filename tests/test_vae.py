@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from models.likelihood import discretized_logistic_mixture_probs
+from models.likelihood import discretized_logistic_mixture_probs, to_unit_range
 from models.vae import VAE, VAEConfig
 
 
@@ -205,11 +205,11 @@ def test_non_positive_temperature_raises(temperature: float) -> None:
 # -- local-context (PixelVAE-style) decoder --------------------------------------------------------
 
 
-def _context_vae(channels: int = 1, height: int = 2, width: int = 2) -> VAE:
+def _context_vae(channels: int = 1, height: int = 2, width: int = 2, layers: int = 0) -> VAE:
     torch.manual_seed(0)
     cfg = VAEConfig(
         in_channels=channels, height=height, width=width, levels=3, latent_dim=2, hidden=4,
-        downsample=1, n_mixtures=2, decoder_context=3,
+        downsample=1, n_mixtures=2, decoder_context=3, context_layers=layers,
     )  # fmt: skip
     model = VAE(cfg).eval()
     with torch.no_grad():  # the context path starts as a no-op; give it weight so the tests see it
@@ -217,9 +217,9 @@ def _context_vae(channels: int = 1, height: int = 2, width: int = 2) -> VAE:
     return model
 
 
-@pytest.mark.parametrize("channels", [1, 2])
-def test_context_decoder_is_normalised(channels: int) -> None:
-    model = _context_vae(channels)
+@pytest.mark.parametrize(("channels", "layers"), [(1, 0), (2, 0), (1, 2), (2, 1)])
+def test_context_decoder_is_normalised(channels: int, layers: int) -> None:
+    model = _context_vae(channels, layers=layers)
     d = channels * 4
     images = torch.tensor(list(itertools.product(range(3), repeat=d))).view(-1, channels, 2, 2)
     z = torch.randn(1, 2).expand(len(images), 2)
@@ -228,8 +228,9 @@ def test_context_decoder_is_normalised(channels: int) -> None:
     assert abs(float(total) - 1.0) < 1e-4
 
 
-def test_context_sampler_draws_from_the_decoder_distribution() -> None:
-    model = _context_vae(1, 2, 2)
+@pytest.mark.parametrize("layers", [0, 2])
+def test_context_sampler_draws_from_the_decoder_distribution(layers: int) -> None:
+    model = _context_vae(1, 2, 2, layers)
     model.config.height, model.config.width = 2, 2
     z = torch.randn(1, 2)
     n = 6000
@@ -240,3 +241,59 @@ def test_context_sampler_draws_from_the_decoder_distribution() -> None:
     codes = (draws.view(n, 4).long() * torch.tensor([27, 9, 3, 1])).sum(1)
     freq = torch.bincount(codes, minlength=81).float() / n
     assert float((freq - probs).abs().max()) < 0.03
+
+
+@pytest.mark.parametrize(("channels", "layers"), [(1, 0), (1, 2), (3, 1)])
+def test_context_window_equals_the_full_pass(channels: int, layers: int) -> None:
+    """The sampler's windowed context (zero padding emulated per layer) matches the full pass."""
+    model = _context_vae(channels, 4, 6, layers)
+    with torch.no_grad():
+        for p in model.decoder.parameters():  # biases too: they are what the padding emulation guards
+            p.normal_(0.0, 0.5)
+    dec, r = model.decoder, model.decoder.context_radius
+    x = torch.rand(3, channels, 4, 6) * 2 - 1
+    xpad = torch.nn.functional.pad(x, (r, r, r, r))
+    with torch.no_grad():
+        full = dec.context(x)
+        for i in range(4):
+            for j in range(6):
+                at = dec.context_at(xpad[:, :, i : i + 2 * r + 1, j : j + 2 * r + 1], dec.window_inside(i, j))
+                torch.testing.assert_close(at[:, :, 0, 0], full[:, :, i, j], atol=1e-5, rtol=1e-5)
+
+
+def test_context_layers_are_causal_and_widen_the_window() -> None:
+    """Each extra layer reads one pixel further; nothing at or after the current sub-pixel is read."""
+    model = _context_vae(1, 8, 8, layers=2)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.normal_(0.0, 0.5)
+    x = torch.zeros(1, 1, 8, 8, requires_grad=True)
+    out = model.decoder.context(x)[0, :, 3, 3].sum()
+    (grad,) = torch.autograd.grad(out, x)
+    seen = grad[0, 0] != 0
+    r = model.decoder.context_radius
+    assert r == 3
+    for i in range(8):
+        for j in range(8):
+            earlier = i < 3 or (i == 3 and j < 3)
+            within = 3 - i <= r and abs(j - 3) <= r
+            if not (earlier and within):
+                assert not seen[i, j], (i, j)
+    assert not seen[0, 7] and not seen[3, 3]
+    assert seen[0, 0] and seen[0, 6] and seen[3, 0], "the window reaches r pixels up and to both sides"
+
+
+def test_iwae_reuses_the_context_features() -> None:
+    """log_weights computes the image's context once; the result equals decoding each copy."""
+    model = _context_vae(1, 4, 4, layers=1)
+    x = torch.randint(0, 3, (2, 1, 4, 4))
+    with torch.no_grad():
+        lw = model.log_weights(x, 3)
+        gen = torch.Generator().manual_seed(model.config.iwae_seed)
+        eps = torch.randn(3, 2, generator=gen)
+        mean, logvar = model.encoder(to_unit_range(x, 3))
+        z = mean[:, None] + torch.exp(0.5 * logvar)[:, None] * eps[None]
+        direct = torch.stack([model.decoder_log_prob(x, z[:, k]) for k in range(3)], dim=1)
+        log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_q = (-0.5 * eps.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)[None] - logvar.sum(1, keepdim=True) / 2
+    torch.testing.assert_close(lw, direct + log_pz - log_q, atol=1e-4, rtol=1e-5)
