@@ -15,15 +15,16 @@ from models.likelihood import bits_per_dim
 from models.vae import VAE
 
 
-def progress(iterable: Any, *, total: int | None = None, desc: str = "", enabled: bool = True) -> Any:
-    """tqdm when installed and enabled, else the iterable itself."""
+def progress(iterable: Any, *, total: int | None = None, desc: str = "", enabled: bool = True, initial: int = 0) -> Any:
+    """tqdm when installed and enabled, else the iterable itself; ``initial``: steps already done
+    (a resumed epoch), counted in the bar but not in ``iterable``."""
     if not enabled:
         return iterable
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=1.0, initial=initial)
 
 
 @torch.no_grad()

@@ -82,6 +82,8 @@ class RowLSTMLayer(nn.Module):
         # pixel; the first layer therefore also reads the row above of its input directly.
         self.above_conv = nn.Conv2d(in_ch, 4 * h, (1, k_state), padding=(0, k_state // 2)) if first else None
         self.cond = nn.Embedding(cfg.n_classes, 4 * h) if cfg.n_classes else None
+        with torch.no_grad():  # forget gates start mostly open (gate order: input, forget, output, cell)
+            self.input_conv.bias[h : 2 * h].fill_(1.0)
 
     def forward(self, x: Tensor, y: Tensor | None) -> Tensor:
         b, _, height, width = x.shape

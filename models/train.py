@@ -221,9 +221,8 @@ class Trainer:
                 total=steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 enabled=cfg.progress and self.is_main,
+                initial=st["step_in_epoch"],
             )
-            if hasattr(bar, "update") and st["step_in_epoch"]:
-                bar.update(st["step_in_epoch"])
             run_loss = None
             for s in bar:
                 torch.manual_seed(cfg.seed * 1_000_003 + st["global_step"] * 7919 + self.rank)
