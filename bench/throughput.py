@@ -5,10 +5,13 @@ Measures, in one run and on one machine:
      no HTTP;
   2. HTTP with 1 client, each request one image (no batching possible);
   3. HTTP with 32 concurrent clients, each request one image (the batcher merges them).
-The server is the real ``genserve serve`` (uvicorn) in a subprocess on loopback; the clients are
-httpx in this process, so on a small machine they compete with the server for the CPU.
+The server is the real ``genserve serve`` (uvicorn) in a subprocess on loopback. The clients are
+httpx in this process (``--client httpx``, the default) or the ``hey`` load generator
+(``--client hey``; Debian package ``hey``), a compiled client that takes far less of the CPU the
+server shares with it on a small machine.
 
     python bench/throughput.py --model-dir checkpoints --model pixelcnn-fmnist --seconds 10 [--json]
+    python bench/throughput.py --model vae-fmnist --client hey
 
 ``batching_gain`` = 32-client ÷ 1-client images/s; ``http_vs_inprocess`` = 32-client HTTP ÷ in-process.
 """
@@ -22,9 +25,12 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +107,27 @@ async def http_phase(url: str, body: dict[str, Any], *, clients: int, seconds: f
     return {"images_per_s": ok / elapsed, "requests": ok, "errors": errors}
 
 
+def hey_phase(url: str, body: dict[str, Any], *, clients: int, seconds: float) -> dict[str, float]:
+    """The same load from ``hey``: ``clients`` workers posting one-image /score requests."""
+    exe = shutil.which("hey")
+    if exe is None:
+        raise SystemExit("--client hey needs the hey load generator (Debian: apt-get install hey)")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(body, f)
+        f.flush()
+        httpx.post(f"{url}/score", json=body, timeout=60).raise_for_status()  # warm the path
+        cmd = [exe, "-z", f"{seconds:g}s", "-c", str(clients), "-m", "POST", "-T", "application/json"]
+        out = subprocess.run([*cmd, "-D", f.name, f"{url}/score"], capture_output=True, text=True, check=True).stdout
+    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rate is None:
+        raise SystemExit(f"could not read hey's output:\n{out}")
+    ok = codes.get(200, 0)
+    total = sum(codes.values())
+    # Requests/sec counts every response; images/s counts the successful ones (one image each).
+    return {"images_per_s": float(rate.group(1)) * (ok / total if total else 0.0), "requests": ok, "errors": total - ok}
+
+
 def batch_stats(url: str) -> tuple[float, float]:
     """(sum, count) of the server's batch-size histogram, summed over workers."""
     total = count = 0.0
@@ -140,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "seconds": args.seconds,
         "score_type": args.score_type,
+        "client": args.client,
     }
     kw = {"seconds": args.seconds, "score_type": args.score_type}
     result["inprocess_batch32_images_per_s"] = in_process(folder, args.device, batch=32, **kw)
@@ -164,7 +192,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             body["label"] = 0
         for clients in (1, 32):
             before = batch_stats(url)
-            phase = asyncio.run(http_phase(url, body, clients=clients, seconds=args.seconds))
+            if args.client == "hey":
+                phase = hey_phase(url, body, clients=clients, seconds=args.seconds)
+            else:
+                phase = asyncio.run(http_phase(url, body, clients=clients, seconds=args.seconds))
             after = batch_stats(url)
             batches = after[1] - before[1]
             phase["mean_batch_images"] = (after[0] - before[0]) / batches if batches else 0.0
@@ -198,7 +229,7 @@ def table(r: dict[str, Any]) -> str:
             for c in (1, 32)
         ),
     ]
-    lines = [f"model {r['model']} on {r['device']}, {r['seconds']:g} s per row", ""]
+    lines = [f"model {r['model']} on {r['device']}, {r['seconds']:g} s per row, HTTP client {r['client']}", ""]
     lines.append(f"{'':32} {'images/s':>10} {'mean batch':>11} {'errors':>7}")
     lines += [f"{name:32} {ips:10.1f} {mb:>11} {err:>7}" for name, ips, mb, err in rows]
     lines.append("")
@@ -215,6 +246,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each of the three measurements")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N, for the server and the in-process pass")
     p.add_argument("--score-type", default="nll", help="score_type sent to /score (nll = log_prob only)")
+    p.add_argument("--client", choices=["httpx", "hey"], default="httpx", help="HTTP load generator")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
     result = run(args)
