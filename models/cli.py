@@ -51,7 +51,13 @@ def _eval(args: argparse.Namespace) -> int:
     model, _ = load_checkpoint(args.model, device)
     if args.iwae_k and hasattr(model.config, "iwae_samples"):
         model.config.iwae_samples = args.iwae_k
-    report = evaluate(model, load_dataset(args.data), batch_size=args.batch_size, show_progress=not args.no_progress)
+    report = evaluate(
+        model,
+        load_dataset(args.data),
+        batch_size=args.batch_size,
+        show_progress=not args.no_progress,
+        partial_dir=args.partial or None,
+    )
     report["model"] = str(args.model)
     text = json.dumps(report, indent=2)
     print(text)  # noqa: T201 - the command's output
@@ -205,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--report", help="write the JSON report here too")
     e.add_argument("--update-metadata", action="store_true", help="record the result as the checkpoint's test metrics")
+    e.add_argument(
+        "--partial",
+        default="runs/eval-partial",
+        help="keep per-image results here as they come and resume a stopped run from them ('' for none)",
+    )
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.base import DensityModel
@@ -27,6 +31,49 @@ def progress(iterable: Any, *, total: int | None = None, desc: str = "", enabled
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=1.0, initial=initial)
 
 
+def _weights_digest(model: DensityModel) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Partial:
+    """Per-image results saved as they are computed, so a long evaluation that is stopped resumes.
+
+    One safetensors file per (model weights, model config, data, score) under ``folder``; holds
+    the rows done so far. A file written for anything else is never picked up.
+    """
+
+    def __init__(self, folder: str | Path, model: DensityModel, data: ImageDataset, fn: str, every_s: float = 60.0):
+        key = json.dumps(
+            {
+                "weights": _weights_digest(model),
+                "config": repr(model.config),
+                "data": data.spec,
+                "n": len(data),
+                "images": hashlib.sha256(data.images.numpy().tobytes()).hexdigest(),
+                "fn": fn,
+            },
+            sort_keys=True,
+        )
+        self.path = Path(folder) / f"{fn}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+        self.every_s = every_s
+        self.last = time.monotonic()
+
+    def load(self) -> Tensor | None:
+        return load_file(self.path)["values"] if self.path.is_file() else None
+
+    def save(self, values: Tensor, *, force: bool = False) -> None:
+        if force or time.monotonic() - self.last >= self.every_s:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            save_file({"values": values.detach().float().cpu().contiguous()}, tmp)
+            tmp.replace(self.path)
+            self.last = time.monotonic()
+
+
 @torch.no_grad()
 def score_dataset(
     model: DensityModel,
@@ -35,12 +82,22 @@ def score_dataset(
     batch_size: int = 256,
     show_progress: bool = True,
     fn: str = "log_prob",
+    partial_dir: str | Path | None = None,
 ) -> Tensor:
-    """Per-image values of ``model.<fn>(x[, y])`` (nats), shape (N,), on the model's device."""
+    """Per-image values of ``model.<fn>(x[, y])`` (nats), shape (N,), on the model's device.
+
+    ``partial_dir``: keep the rows done so far there (about once a minute) and resume from them.
+    """
     dev = model.device
-    out = []
+    out: list[Tensor] = []
     n = len(data)
-    starts = range(0, n, batch_size)
+    partial = Partial(partial_dir, model, data, fn) if partial_dir else None
+    done = partial.load() if partial else None
+    first = 0
+    if done is not None and len(done):
+        out.append(done.to(dev))
+        first = len(done)
+    starts = range(first, n, batch_size)
     for s in progress(starts, total=len(starts), desc=f"{fn}", enabled=show_progress):
         x = data.images[s : s + batch_size].to(dev)
         y = None
@@ -56,22 +113,40 @@ def score_dataset(
             out.append(torch.stack([torch.logsumexp(lw, 1) - math.log(lw.shape[1]), lw.mean(1)], dim=1))
         else:
             raise ValueError(f"unknown score '{fn}'")
+        if partial:
+            partial.save(torch.cat(out))
+    if partial:
+        partial.save(torch.cat(out), force=True)
     return torch.cat(out).float()
 
 
 def evaluate(
-    model: DensityModel, data: ImageDataset, *, batch_size: int = 256, show_progress: bool = True
+    model: DensityModel,
+    data: ImageDataset,
+    *,
+    batch_size: int = 256,
+    show_progress: bool = True,
+    partial_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """NLL report over a dataset: bits/dim, nats/image; for a VAE the IWAE estimate and the ELBO."""
+    """NLL report over a dataset: bits/dim, nats/image; for a VAE the IWAE estimate and the ELBO.
+
+    ``partial_dir``: see :func:`score_dataset` (resume a stopped evaluation).
+    """
     if data.shape != model.shape:
         raise ValueError(f"{data.spec} holds {data.shape} images; the model takes {model.shape}")
     t0 = time.perf_counter()
     el: Tensor | None = None
     if isinstance(model, VAE):
-        both = score_dataset(model, data, batch_size=batch_size, show_progress=show_progress, fn="iwae_and_elbo")
+        if model.device.type == "cpu":
+            # k decoder passes per image: channels-last convolutions run them about 1.4x faster on
+            # CPU (same values up to float rounding); the layout is the only change to the model.
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (untyped overload)
+        both = score_dataset(
+            model, data, batch_size=batch_size, show_progress=show_progress, fn="iwae_and_elbo", partial_dir=partial_dir
+        )
         lp, el = both[:, 0], both[:, 1]
     else:
-        lp = score_dataset(model, data, batch_size=batch_size, show_progress=show_progress)
+        lp = score_dataset(model, data, batch_size=batch_size, show_progress=show_progress, partial_dir=partial_dir)
     report: dict[str, Any] = {
         "data": data.spec,
         "n": len(data),
