@@ -72,6 +72,7 @@ def _eval(args: argparse.Namespace) -> int:
         if "elbo_bits_per_dim" in report:
             metrics["test_elbo_bits_per_dim"] = report["elbo_bits_per_dim"]
             metrics["test_estimator"] = report["estimator"]
+            metrics["test_kl_nats_per_image"] = report["kl_nats_per_image"]
         update_metadata(args.model, metrics=metrics)
     return 0
 

@@ -111,6 +111,10 @@ def score_dataset(
             # One set of importance weights gives both estimates: (N, 2) = [IWAE, ELBO].
             lw = model.log_weights(x, model.config.iwae_samples)
             out.append(torch.stack([torch.logsumexp(lw, 1) - math.log(lw.shape[1]), lw.mean(1)], dim=1))
+        elif fn == "kl" and isinstance(model, VAE):
+            # KL(q(z|x) || N(0, I)) in nats: how much the code says about each image (0 = unused).
+            mean, std = model.encode(x)
+            out.append(0.5 * (mean.pow(2) + std.pow(2) - 1.0 - 2.0 * std.log()).sum(1))
         else:
             raise ValueError(f"unknown score '{fn}'")
         if partial:
@@ -160,4 +164,6 @@ def evaluate(
         report["estimator"] = f"IWAE, k={model.config.iwae_samples} (a lower bound on log p in expectation)"
         report["elbo_bits_per_dim"] = float(bits_per_dim(el.mean(), model.dims))
         report["elbo_nats_per_image"] = float(-el.mean())
+        kl = score_dataset(model, data, batch_size=batch_size, show_progress=False, fn="kl")
+        report["kl_nats_per_image"] = float(kl.mean())
     return report

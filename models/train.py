@@ -379,6 +379,7 @@ class Trainer:
         if "elbo_bits_per_dim" in report:
             metrics["test_elbo_bits_per_dim"] = report["elbo_bits_per_dim"]
             metrics["test_estimator"] = report["estimator"]
+            metrics["test_kl_nats_per_image"] = report["kl_nats_per_image"]
         update_metadata(self.out, metrics=metrics)
         self.log("test: %s", json.dumps(metrics))
         return metrics

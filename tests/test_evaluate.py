@@ -71,3 +71,15 @@ def test_saved_rows_of_another_model_or_data_are_not_used(tmp_path: Path) -> Non
     assert len(list(tmp_path.iterdir())) == 3
     again = evaluate(_vae(0), data, batch_size=5, show_progress=False, partial_dir=tmp_path)
     assert again["bits_per_dim"] == pytest.approx(evaluate(_vae(0), data, show_progress=False)["bits_per_dim"])
+
+
+def test_vae_report_carries_the_kl_of_the_code() -> None:
+    data, model = _data(), _vae()
+    report = evaluate(model, data, show_progress=False)
+    with torch.no_grad():
+        mean, std = model.encode(data.images)
+    q = torch.distributions.Normal(mean, std)
+    p = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(std))
+    expected = torch.distributions.kl_divergence(q, p).sum(1).mean()
+    assert report["kl_nats_per_image"] == pytest.approx(float(expected), rel=1e-5)
+    assert report["kl_nats_per_image"] > 0
