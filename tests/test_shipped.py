@@ -16,7 +16,8 @@ SHIPPED = sorted(p.name for p in STORE.iterdir() if (p / "model.json").is_file()
 
 
 def test_the_store_ships_every_kind_of_model() -> None:
-    kinds = {(read_metadata(STORE / n)["kind"], read_metadata(STORE / n)["config"].get("n_classes")) for n in SHIPPED}
+    metas = [read_metadata(STORE / n) for n in SHIPPED]
+    kinds = {(m["kind"], m["config"].get("n_classes")) for m in metas}
     assert ("autoregressive", None) in kinds, SHIPPED
     assert any(k == "autoregressive" and c for k, c in kinds), "a class-conditional model"
     assert any(k == "vae" for k, _ in kinds), SHIPPED
