@@ -268,6 +268,47 @@ def test_conditional_model_on_a_named_dataset_reports_test_metrics(
     assert meta["metrics"]["test_bits_per_dim"] == pytest.approx(result["test"]["test_bits_per_dim"])
 
 
+@pytest.mark.parametrize("cpu_amp", [False, True])
+def test_cpu_amp_trains_and_validates_in_bf16_but_tests_in_float32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_amp: bool
+) -> None:
+    from models.pixelcnn import PixelCNN
+
+    root = tmp_path / "datasets"
+    (root / "fashion-mnist").mkdir(parents=True)
+    for prefix, n, seed in (("train-", 60, 0), ("t10k-", 10, 1)):
+        write_idx(root / "fashion-mnist" / f"{prefix}images-idx3-ubyte.gz", tiny_images(n, seed))
+        write_idx(root / "fashion-mnist" / f"{prefix}labels-idx1-ubyte.gz", np.arange(n) % 10)
+    monkeypatch.setenv("GENSERVE_DATA_DIR", str(root))
+    monkeypatch.setenv("GENSERVE_NO_DOWNLOAD", "1")
+    seen: list[tuple[str, bool]] = []  # (phase, autocast on) per forward pass
+    logits = PixelCNN.logits
+
+    def spy(self: PixelCNN, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        phase = "test" if tested else ("train" if self.training else "val")
+        seen.append((phase, torch.is_autocast_enabled("cpu")))
+        return logits(self, x, y)
+
+    tested = False
+    monkeypatch.setattr(PixelCNN, "logits", spy)
+    trainer_test_eval = train_mod.Trainer.test_eval
+
+    def mark_test(self: Any, test: Any) -> dict[str, Any]:
+        nonlocal tested
+        tested = True
+        return trainer_test_eval(self, test)
+
+    monkeypatch.setattr(train_mod.Trainer, "test_eval", mark_test)
+    out = tmp_path / "run"
+    result = train(config("fashion-mnist", out, epochs=1, test_eval=True, cpu_amp=cpu_amp))
+    phases = {phase for phase, _ in seen}
+    assert phases == {"train", "val", "test"}
+    assert all(on == cpu_amp for phase, on in seen if phase != "test")
+    assert not any(on for phase, on in seen if phase == "test")  # the reported figure is float32
+    assert all(v.dtype == torch.float32 for v in load_file(str(out / "model.safetensors")).values())
+    assert np.isfinite(result["test"]["test_bits_per_dim"])
+
+
 def test_conditional_training_needs_class_names(npz: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs labels and class names"):
         train(config(npz, tmp_path / "run", conditional=True))
