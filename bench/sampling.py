@@ -1,4 +1,4 @@
-"""Naive vs cached PixelCNN sampling: seconds, speed-up, and whether the images are identical.
+"""Naive vs cached autoregressive sampling (PixelCNN or PixelRNN): seconds, speed-up, identical images.
 
     python bench/sampling.py --model checkpoints/pixelcnn-fmnist --n 1 16 64 [--naive-rows R] [--json]
 

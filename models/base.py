@@ -142,6 +142,11 @@ class DensityModel(nn.Module):
 
         Models with a batched sampler override it to run all parts as one batch.
         """
+        return self._parts_one_by_one(parts, self.sample)
+
+    @staticmethod
+    def _parts_one_by_one(parts: list[SamplePart], sample: Callable[..., SampleOutput]) -> list[SampleOutput | None]:
+        """Each part through ``sample`` (the signature of :meth:`sample`); a cancelled part gives None."""
         results: list[SampleOutput | None] = []
         for part in parts:
 
@@ -153,9 +158,7 @@ class DensityModel(nn.Module):
 
             try:
                 results.append(
-                    self.sample(
-                        part.n, generator=part.generator, temperature=part.temperature, y=part.labels, on_row=report
-                    )
+                    sample(part.n, generator=part.generator, temperature=part.temperature, y=part.labels, on_row=report)
                 )
             except SamplingCancelled:
                 results.append(None)
@@ -201,8 +204,18 @@ class AutoregressiveModel(DensityModel):
         y: Tensor | None = None,
         on_row: RowCallback | None = None,
     ) -> SampleOutput:
-        """Draw n images; subclasses with a faster sampler override this, the reference stays."""
-        return self.sample_naive(n, generator=generator, temperature=temperature, y=y, on_row=on_row)
+        """Draw n images through :meth:`sample_parts` (one part): a model's fastest sampler.
+
+        Every sampler draws what :meth:`sample_naive`, the reference, draws for the same generator.
+        """
+        out = self.sample_parts([SamplePart(n, generator, temperature, y, on_row=on_row)])[0]
+        assert out is not None  # a part without ``cancelled`` is never dropped
+        return out
+
+    def sample_parts(self, parts: list[SamplePart]) -> list[SampleOutput | None]:
+        """This default samples each part with the reference sampler; models with a cached
+        (incremental) sampler override it to run all parts as one batch."""
+        return self._parts_one_by_one(parts, self.sample_naive)
 
     @torch.no_grad()
     def sample_naive(

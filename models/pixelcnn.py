@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import AutoregressiveModel, RowCallback, SampleOutput, SamplePart
+from models.base import AutoregressiveModel, SampleOutput, SamplePart
 from models.likelihood import to_unit_range
 
 
@@ -178,21 +178,6 @@ class PixelCNN(AutoregressiveModel):
             skip = skip + s
         out = self.out2(F.relu(self.out1(F.relu(skip + hx))))  # (B, C*L, H, W), grouped by channel
         return out.view(b, cfg.in_channels, cfg.levels, cfg.height, cfg.width)
-
-    def sample(
-        self,
-        n: int,
-        *,
-        generator: torch.Generator | None = None,
-        temperature: float = 1.0,
-        y: Tensor | None = None,
-        on_row: RowCallback | None = None,
-    ) -> SampleOutput:
-        """Cached incremental sampler (models/pixelcnn_sampler.py): the same draws as
-        :meth:`sample_naive`, the reference, without a full forward pass per sub-pixel."""
-        from models.pixelcnn_sampler import sample_cached
-
-        return sample_cached(self, n, generator=generator, temperature=temperature, y=y, on_row=on_row)
 
     def sample_parts(self, parts: list[SamplePart]) -> list[SampleOutput | None]:
         """All parts as one cached batched generation (see models/pixelcnn_sampler.py)."""

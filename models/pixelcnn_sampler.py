@@ -19,22 +19,15 @@ the same images.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import RowCallback, SampleOutput, SamplePart, draw_categorical
-from models.likelihood import to_unit_range
-from models.pixelcnn import Conv1x1, GatedBlock, HorizontalConv, PixelCNN
-
-
-def _dense(conv: HorizontalConv | Conv1x1) -> Tensor:
-    """A masked conv's weight as a matrix (in_ch * k, out_ch) for one output position."""
-    w = conv.weight * conv.mask if not isinstance(conv, Conv1x1) or conv.masked else conv.weight
-    return w.reshape(w.shape[0], -1).t().contiguous()
+from models.base import RowCallback, SampleOutput, SamplePart
+from models.cached_sampling import LogitsHook, masked_matrix, run_parts
+from models.pixelcnn import GatedBlock, PixelCNN
 
 
 class _Layer:
@@ -45,9 +38,9 @@ class _Layer:
         self.first = block.first
         self.kw = block.h_conv_a.k
         # Both gate halves in one product: (in_ch * kw, 2h), then res and skip in another: (h, 2h).
-        self.h_w = torch.cat([_dense(block.h_conv_a), _dense(block.h_conv_b)], dim=1)
+        self.h_w = torch.cat([masked_matrix(block.h_conv_a), masked_matrix(block.h_conv_b)], dim=1)
         self.h_b = torch.cat([block.h_conv_a.bias, block.h_conv_b.bias])
-        self.out_w = torch.cat([_dense(block.h_res), _dense(block.h_skip)], dim=1)
+        self.out_w = torch.cat([masked_matrix(block.h_res), masked_matrix(block.h_skip)], dim=1)
         self.out_b = torch.cat([block.h_res.bias, block.h_skip.bias])
         self.cond_v: Tensor | None = None
         self.cond_h: Tensor | None = None
@@ -70,7 +63,7 @@ def sample_cached(
     temperature: float = 1.0,
     y: Tensor | None = None,
     on_row: RowCallback | None = None,
-    on_logits: Callable[[int, int, int, Tensor], None] | None = None,
+    on_logits: LogitsHook | None = None,
 ) -> SampleOutput:
     """Draw n images (n, C, H, W) uint8 with their exact log-probability in nats (n,).
 
@@ -89,7 +82,7 @@ def sample_parts_cached(
     model: PixelCNN,
     parts: list[SamplePart],
     *,
-    on_logits: Callable[[int, int, int, Tensor], None] | None = None,
+    on_logits: LogitsHook | None = None,
 ) -> list[SampleOutput | None]:
     """Sample several parts (e.g. requests) as one batch; see :class:`SamplePart`.
 
@@ -97,87 +90,55 @@ def sample_parts_cached(
     its images do not depend on the rest of the batch. A cancelled part leaves the batch after the
     row in progress, and the remaining parts go on with smaller tensors.
     """
-    for part in parts:
-        if part.temperature <= 0:
-            raise ValueError("temperature must be positive")
-        model.check_labels(part.n, part.labels)
     if model.training and model.config.dropout > 0:
         raise RuntimeError("call model.eval() before sampling (dropout would change the draws)")
-    cfg = model.config
-    ch, height, width, levels = cfg.in_channels, cfg.height, cfg.width, cfg.levels
-    hid = cfg.hidden
-    dev = model.device
-    dtype = model.out1.weight.dtype
-    active = list(range(len(parts)))  # parts still in the batch, in row order
-    n = sum(p.n for p in parts)
-    labels = torch.cat([p.labels.to(dev) for p in parts]) if model.n_classes is not None else None  # type: ignore[union-attr]
-    layers = [_Layer(cast(GatedBlock, b), labels) for b in model.blocks]
-    head1, head2 = _dense(model.out1), _dense(model.out2)
-    temps = torch.cat([torch.full((p.n, 1), float(p.temperature), device=dev) for p in parts])
+    return run_parts(model, parts, lambda n, labels: _PixelCNNStepper(model, n, labels), on_logits=on_logits)
 
-    x = torch.zeros(n, ch, height, width, dtype=torch.long, device=dev)  # the images being drawn
-    xin = torch.zeros(n, ch, height, width, dtype=dtype, device=dev)  # the same in [-1, 1] units
-    # Horizontal activations of the current row, per layer, left-padded for the causal window:
-    # hrow[0] is the image row (network input); hrow[l + 1] is layer l's output.
-    pad = max(layer.kw for layer in layers) - 1
-    hrow = [torch.zeros(n, ch, width + pad, dtype=dtype, device=dev)]
-    hrow += [torch.zeros(n, hid, width + pad, dtype=dtype, device=dev) for _ in layers]
-    # Vertical outputs of every row so far (the next row step reads the last k//2+1 rows), per layer.
-    vouts = [torch.zeros(n, hid, height, width, dtype=dtype, device=dev) for _ in layers]
-    # links[l]: v_to_h of layer l's vertical pre-activation one row up, (n, 2h, W): row 0 sees zeros.
-    links = [
-        layer.block.v_to_h(torch.zeros(n, 2 * hid, 1, width, dtype=dtype, device=dev))[:, :, 0] for layer in layers
-    ]
-    logp = torch.zeros(n, device=dev)
-    results: list[SampleOutput | None] = [None] * len(parts)
 
-    for i in range(height):
-        for j in range(width):
-            for c in range(ch):
-                logits = _pixel_step(model, layers, hrow, links, head1, head2, j, pad)  # (n, C, L)
-                if on_logits is not None:
-                    on_logits(i, j, c, logits[:, c])
-                u = torch.cat(
-                    [torch.rand((parts[k].n, levels), generator=parts[k].generator, device=dev) for k in active]
-                )
-                v, lp = draw_categorical(logits[:, c], temps, None, u=u)
-                x[:, c, i, j] = v
-                val = to_unit_range(v, levels).to(dtype)
-                xin[:, c, i, j] = val
-                hrow[0][:, c, pad + j] = val
-                logp += lp
-        _row_step(layers, xin, vouts, links, i)
-        for h in hrow:
+class _PixelCNNStepper:
+    """The gated PixelCNN's cached activations for n images (see the module docstring)."""
+
+    def __init__(self, model: PixelCNN, n: int, labels: Tensor | None) -> None:
+        cfg = model.config
+        ch, height, width, hid = cfg.in_channels, cfg.height, cfg.width, cfg.hidden
+        dev = model.device
+        dtype = model.out1.weight.dtype
+        self.model = model
+        self.dtype = dtype
+        self.layers = [_Layer(cast(GatedBlock, b), labels) for b in model.blocks]
+        self.head1, self.head2 = masked_matrix(model.out1), masked_matrix(model.out2)
+        self.xin = torch.zeros(n, ch, height, width, dtype=dtype, device=dev)  # the images in [-1, 1] units
+        # Horizontal activations of the current row, per layer, left-padded for the causal window:
+        # hrow[0] is the image row (network input); hrow[l + 1] is layer l's output.
+        self.pad = max(layer.kw for layer in self.layers) - 1
+        self.hrow = [torch.zeros(n, ch, width + self.pad, dtype=dtype, device=dev)]
+        self.hrow += [torch.zeros(n, hid, width + self.pad, dtype=dtype, device=dev) for _ in self.layers]
+        # Vertical outputs of every row so far (the next row step reads the last k//2+1 rows), per layer.
+        self.vouts = [torch.zeros(n, hid, height, width, dtype=dtype, device=dev) for _ in self.layers]
+        # links[l]: v_to_h of layer l's vertical pre-activation one row up, (n, 2h, W): row 0 sees zeros.
+        zeros = torch.zeros(n, 2 * hid, 1, width, dtype=dtype, device=dev)
+        self.links = [layer.block.v_to_h(zeros)[:, :, 0] for layer in self.layers]
+
+    def logits(self, i: int, j: int) -> Tensor:
+        return _pixel_step(self.model, self.layers, self.hrow, self.links, self.head1, self.head2, j, self.pad)
+
+    def put(self, i: int, j: int, c: int, value: Tensor) -> None:
+        value = value.to(self.dtype)
+        self.xin[:, c, i, j] = value
+        self.hrow[0][:, c, self.pad + j] = value
+
+    def end_row(self, i: int) -> None:
+        _row_step(self.layers, self.xin, self.vouts, self.links, i)
+        for h in self.hrow:
             h.zero_()
-        # Report progress and let cancelled parts leave the batch.
-        keep, start, still = [], 0, []
-        for k in active:
-            rows = slice(start, start + parts[k].n)
-            start += parts[k].n
-            part = parts[k]
-            if part.cancelled is not None and part.cancelled():
-                continue
-            if part.on_row is not None:
-                part.on_row(i + 1, x[rows])
-            keep.append(torch.arange(rows.start, rows.stop, device=dev))
-            still.append(k)
-        if len(still) < len(active):
-            if not still:
-                return results
-            idx = torch.cat(keep)
-            x, xin, logp, temps = x[idx], xin[idx], logp[idx], temps[idx]
-            hrow = [h[idx] for h in hrow]
-            vouts = [v[idx] for v in vouts]
-            links = [lk[idx] for lk in links]
-            for layer in layers:
-                layer.select(idx)
-            active = still
-    start = 0
-    for k in active:
-        rows = slice(start, start + parts[k].n)
-        start += parts[k].n
-        results[k] = SampleOutput(images=x[rows].to(torch.uint8), log_prob=logp[rows])
-    return results
+
+    def select(self, idx: Tensor) -> None:
+        self.xin = self.xin[idx]
+        self.hrow = [h[idx] for h in self.hrow]
+        self.vouts = [v[idx] for v in self.vouts]
+        self.links = [lk[idx] for lk in self.links]
+        for layer in self.layers:
+            layer.select(idx)
 
 
 def _pixel_step(

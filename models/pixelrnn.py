@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import AutoregressiveModel
+from models.base import AutoregressiveModel, SampleOutput, SamplePart
 from models.likelihood import to_unit_range
 from models.pixelcnn import Conv1x1, channel_groups, shift_down
 
@@ -140,3 +140,9 @@ class PixelRNN(AutoregressiveModel):
             hx = out if n == 0 else hx + out  # residual between layers of equal width
         logits = self.out2(F.relu(self.out1(F.relu(hx))))  # (B, C*L, H, W)
         return logits.view(x.shape[0], cfg.in_channels, cfg.levels, cfg.height, cfg.width)
+
+    def sample_parts(self, parts: list[SamplePart]) -> list[SampleOutput | None]:
+        """All parts as one cached batched generation (see models/pixelrnn_sampler.py)."""
+        from models.pixelrnn_sampler import sample_parts_cached
+
+        return sample_parts_cached(self, parts)

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from test_pixelcnn import all_images, dependence
 
+from models.base import SamplePart
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.pixelrnn import PixelRNN, PixelRNNConfig, RowLSTMLayer, lstm_cell
+from models.pixelrnn_sampler import sample_parts_cached
 
 
 @pytest.fixture(autouse=True)
@@ -157,6 +159,66 @@ def test_sample_frequencies_match_the_model_probabilities() -> None:
     with torch.no_grad():
         probs = model.log_prob(all_images(1, 1, 2, 3)).double().exp()
     assert (freq - probs).abs().max() < 0.025, (freq, probs)
+
+
+RNN_CASES = [
+    {"in_channels": 1},
+    {"in_channels": 3},
+    {"in_channels": 1, "n_classes": 3},
+    {"in_channels": 2, "n_classes": 4, "input_kernel": 2, "state_kernel": 3},  # the paper's narrow kernels
+]
+
+
+@pytest.mark.parametrize("overrides", RNN_CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_sampler_draws_the_same_images_as_naive(overrides: dict[str, Any], seed: int) -> None:
+    model = tiny(height=4, width=5, levels=6, **overrides)
+    n_classes = overrides.get("n_classes")
+    y = torch.tensor([0, 1, 2]) % n_classes if n_classes else None
+    naive = model.sample_naive(3, generator=torch.Generator().manual_seed(seed), y=y)
+    cached = model.sample(3, generator=torch.Generator().manual_seed(seed), y=y)
+    assert torch.equal(naive.images, cached.images)
+    assert naive.log_prob is not None and cached.log_prob is not None
+    torch.testing.assert_close(naive.log_prob, cached.log_prob, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", RNN_CASES)
+def test_cached_logits_match_the_full_forward_pass_at_every_step(overrides: dict[str, Any]) -> None:
+    model = tiny(seed=3, height=4, width=5, levels=6, **overrides)
+    n_classes = overrides.get("n_classes")
+    y = torch.tensor([0, 1]) % n_classes if n_classes else None
+    steps: list[tuple[int, int, int, torch.Tensor]] = []
+    part = SamplePart(2, torch.Generator().manual_seed(4), labels=y)
+    out = sample_parts_cached(model, [part], on_logits=lambda i, j, c, lg: steps.append((i, j, c, lg)))[0]
+    assert out is not None
+    with torch.no_grad():  # causality: the full pass over the finished images gives every step's logits
+        full = model.logits(out.images, y)  # (B, C, L, H, W)
+    assert len(steps) == model.config.in_channels * 4 * 5
+    worst = max(float((lg - full[:, c, :, i, j]).abs().max()) for i, j, c, lg in steps)
+    assert worst < 1e-4
+
+
+def test_batched_parts_match_solo_runs_and_a_cancelled_part_leaves() -> None:
+    model = tiny(height=4, width=3, levels=5, n_classes=2)
+    solo = [
+        model.sample(2, generator=torch.Generator().manual_seed(s), temperature=t, y=torch.tensor([s % 2, 1]))
+        for s, t in ((5, 1.0), (6, 0.6))
+    ]
+    polls = {"n": 0}
+
+    def cancel_after_one_row() -> bool:
+        polls["n"] += 1
+        return polls["n"] > 1
+
+    parts = [
+        SamplePart(2, torch.Generator().manual_seed(5), 1.0, torch.tensor([1, 1])),
+        SamplePart(3, torch.Generator().manual_seed(9), 1.0, torch.tensor([0, 0, 0]), cancelled=cancel_after_one_row),
+        SamplePart(2, torch.Generator().manual_seed(6), 0.6, torch.tensor([0, 1])),
+    ]
+    results = model.sample_parts(parts)
+    assert results[1] is None and polls["n"] == 2
+    for got, want in zip([results[0], results[2]], solo, strict=True):
+        assert got is not None and torch.equal(got.images, want.images)
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

@@ -1,0 +1,133 @@
+"""The driver shared by the cached (incremental) autoregressive samplers.
+
+A cached sampler keeps each layer's state and computes only what a new sub-pixel changes; what it
+keeps is the model's business (a :class:`Stepper`). This module owns the rest, once: the raster and
+channel order, the draws (Gumbel-max from each part's own generator, in the reference order of
+:meth:`AutoregressiveModel.sample_naive`, so a seed gives the same images alone or batched), the
+exact log-probability of what was drawn, progress reports, and cancelled parts leaving the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from models.base import AutoregressiveModel, SampleOutput, SamplePart, draw_categorical
+from models.likelihood import to_unit_range
+
+LogitsHook = Callable[[int, int, int, Tensor], None]
+"""``on_logits(i, j, c, logits)`` sees the (n, L) logits of every step (tests compare them with the
+full forward pass)."""
+
+
+class MaskedConv(Protocol):
+    """A conv whose effective weight is ``weight * mask``, weight (out_ch, in_ch, kh, kw)."""
+
+    @property
+    def weight(self) -> Tensor: ...
+
+    @property
+    def mask(self) -> Tensor: ...
+
+
+def masked_matrix(conv: MaskedConv) -> Tensor:
+    """A masked conv's weight as a matrix (in_ch*kh*kw, out_ch) for one output position.
+
+    A window of the input flattened in (channel, row, column) order times this matrix is the conv's
+    output at that position (without the bias).
+    """
+    w = conv.weight * conv.mask
+    return w.reshape(w.shape[0], -1).t().contiguous()
+
+
+class Stepper(Protocol):
+    """A model's cached state for one batched generation of n images."""
+
+    def logits(self, i: int, j: int) -> Tensor:
+        """Logits (n, C, L) at pixel (i, j) given every sub-pixel put so far."""
+        ...
+
+    def put(self, i: int, j: int, c: int, value: Tensor) -> None:
+        """Sub-pixel (c, i, j) was drawn: ``value`` (n,) in the network's input units ([-1, 1])."""
+        ...
+
+    def end_row(self, i: int) -> None:
+        """Row i is complete: update whatever the next row reads."""
+        ...
+
+    def select(self, idx: Tensor) -> None:
+        """Keep only the batch rows ``idx`` (cancelled parts left)."""
+        ...
+
+
+@torch.no_grad()
+def run_parts(
+    model: AutoregressiveModel,
+    parts: list[SamplePart],
+    make_stepper: Callable[[int, Tensor | None], Stepper],
+    *,
+    on_logits: LogitsHook | None = None,
+) -> list[SampleOutput | None]:
+    """Sample every part as one batch; a cancelled part's result is None.
+
+    ``make_stepper(n, labels)`` builds the model's cached state for n images (labels (n,) or None).
+    A cancelled part leaves the batch after the row in progress; the rest go on with smaller tensors.
+    """
+    for part in parts:
+        if part.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        model.check_labels(part.n, part.labels)
+    ch, height, width = model.shape
+    levels = model.levels
+    dev = model.device
+    n = sum(p.n for p in parts)
+    labels = torch.cat([p.labels.to(dev) for p in parts]) if model.n_classes is not None else None  # type: ignore[union-attr]
+    stepper = make_stepper(n, labels)
+    temps = torch.cat([torch.full((p.n, 1), float(p.temperature), device=dev) for p in parts])
+    active = list(range(len(parts)))  # parts still in the batch, in row order
+    x = torch.zeros(n, ch, height, width, dtype=torch.long, device=dev)
+    logp = torch.zeros(n, device=dev)
+    results: list[SampleOutput | None] = [None] * len(parts)
+
+    for i in range(height):
+        for j in range(width):
+            for c in range(ch):
+                logits = stepper.logits(i, j)[:, c]  # (n, L)
+                if on_logits is not None:
+                    on_logits(i, j, c, logits)
+                u = torch.cat(
+                    [torch.rand((parts[k].n, levels), generator=parts[k].generator, device=dev) for k in active]
+                )
+                v, lp = draw_categorical(logits, temps, None, u=u)
+                x[:, c, i, j] = v
+                stepper.put(i, j, c, to_unit_range(v, levels))
+                logp += lp
+        stepper.end_row(i)
+        # Report progress and let cancelled parts leave the batch.
+        keep, start, still = [], 0, []
+        for k in active:
+            rows = slice(start, start + parts[k].n)
+            start += parts[k].n
+            part = parts[k]
+            if part.cancelled is not None and part.cancelled():
+                continue
+            if part.on_row is not None:
+                part.on_row(i + 1, x[rows])
+            keep.append(torch.arange(rows.start, rows.stop, device=dev))
+            still.append(k)
+        if len(still) < len(active):
+            if not still:
+                return results
+            idx = torch.cat(keep)
+            x, logp, temps = x[idx], logp[idx], temps[idx]
+            stepper.select(idx)
+            active = still
+    start = 0
+    for k in active:
+        rows = slice(start, start + parts[k].n)
+        start += parts[k].n
+        results[k] = SampleOutput(images=x[rows].to(torch.uint8), log_prob=logp[rows])
+    return results
