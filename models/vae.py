@@ -212,6 +212,12 @@ class VAE(DensityModel):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
+    def prepare_for_inference(self) -> None:
+        """Channels-last on CPU: the encoder's and decoder's convolutions run 1.3x to 1.4x faster
+        at batch 8 and up on the 2-core CPU of docs/serving.md (IWAE and ELBO equal to rounding)."""
+        if self.device.type == "cpu":
+            self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (untyped overload)
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation of q(z|x), each (B, latent_dim)."""
         self.check_input(x)

@@ -171,6 +171,7 @@ class Worker:
         try:
             scorer, _ = load_scorer(self.folder, self.device)
             model = scorer.model
+            model.prepare_for_inference()
             if self.limits.warmup:
                 self._warmup(scorer)
         except Exception as e:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_VAE, dataset_meta
-from service_helpers import b64, decode_png, png_bytes, running
+from service_helpers import b64, decode_png, png_bytes, running, worker_of
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.vae import VAE, VAEConfig
@@ -30,7 +30,15 @@ def pixelvae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def test_pixelvae_samples_scores_and_encodes(make_settings, pixelvae_dir: Path):
     model, _ = load_checkpoint(pixelvae_dir / "pixelvae")
-    async with running(make_settings(model_dir=pixelvae_dir)) as (_app, c):
+    async with running(make_settings(model_dir=pixelvae_dir)) as (app, c):
+        served = worker_of(app, "pixelvae").model  # a CPU worker runs it channels-last (prepare_for_inference)
+        for m, want in ((served, True), (model, False)):
+            conv = next(
+                c
+                for c in m.modules()
+                if isinstance(c, torch.nn.Conv2d) and c.weight.shape[1] > 1 and c.weight.shape[-1] > 1
+            )
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last) is want
         a = await c.post("/sample", json={"model": "pixelvae", "n": 3, "seed": 4})
         b = await c.post("/sample", json={"model": "pixelvae", "n": 3, "seed": 4})
         assert a.status_code == 200, a.text

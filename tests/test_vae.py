@@ -153,6 +153,21 @@ def test_log_prob_is_deterministic_and_batch_invariant() -> None:
     assert (a < 0).all()
 
 
+@pytest.mark.parametrize("context_layers", [0, 1])
+def test_prepare_for_inference_changes_only_the_layout(context_layers: int) -> None:
+    model = tiny(decoder_context=3 if context_layers else 0, context_layers=context_layers)
+    x = images(6, seed=3)
+    with torch.no_grad():
+        before = (model.log_prob(x), model.elbo(x), model.sample(2, generator=torch.Generator().manual_seed(1)).images)
+        model.prepare_for_inference()
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+        after = (model.log_prob(x), model.elbo(x), model.sample(2, generator=torch.Generator().manual_seed(1)).images)
+    torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(after[1], before[1], rtol=1e-5, atol=1e-3)
+    assert torch.equal(after[2], before[2])
+
+
 def test_log_prob_uses_iwae_samples_and_seed_from_the_config() -> None:
     model = tiny(iwae_samples=8)
     x = images(2)
