@@ -67,9 +67,11 @@ def random_png(shape: list[int], seed: int = 0) -> str:
 @torch.inference_mode()
 def in_process(folder: Path, device: str, *, batch: int, seconds: float, score_type: str) -> float:
     """Images/s of the scorer the service runs (``Scorer.compute`` for ``score_type``: for a VAE the
-    calibrated IWAE k, not log_prob's k=128) on batches of ``batch`` random images, without HTTP."""
+    calibrated IWAE k, not log_prob's k=128) on batches of ``batch`` random images, without HTTP,
+    with the model prepared as a worker prepares it (``prepare_for_inference``)."""
     scorer, _ = load_scorer(folder, device)
     model = scorer.model
+    model.prepare_for_inference()
     c, h, w = model.shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.levels, (batch, c, h, w), generator=gen).to(torch.uint8).to(device)
