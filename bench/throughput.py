@@ -214,6 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["http_vs_inprocess"] = many / result["inprocess_batch32_images_per_s"]
     result["cpu_count"] = os.cpu_count()
     result["torch"] = torch.__version__
+    result["server_settings"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("GENSERVE_")}
     return result
 
 
@@ -231,7 +232,9 @@ def table(r: dict[str, Any]) -> str:
             for c in (1, 32)
         ),
     ]
-    lines = [f"model {r['model']} on {r['device']}, {r['seconds']:g} s per row, HTTP client {r['client']}", ""]
+    lines = [f"model {r['model']} on {r['device']}, {r['seconds']:g} s per row, HTTP client {r['client']}"]
+    settings = " ".join(f"{k}={v}" for k, v in r["server_settings"].items())
+    lines += [f"server settings from the environment: {settings or 'none (the defaults)'}", ""]
     lines.append(f"{'':32} {'images/s':>10} {'mean batch':>11} {'errors':>7}")
     lines += [f"{name:32} {ips:10.1f} {mb:>11} {err:>7}" for name, ips, mb, err in rows]
     lines.append("")
