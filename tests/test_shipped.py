@@ -21,6 +21,7 @@ def test_the_store_ships_every_kind_of_model() -> None:
     assert ("autoregressive", None) in kinds, SHIPPED
     assert any(k == "autoregressive" and c for k, c in kinds), "a class-conditional model"
     assert any(k == "vae" for k, _ in kinds), SHIPPED
+    assert any(m["architecture"] == "row_lstm" for m in metas), "a PixelRNN (Row LSTM)"
 
 
 @pytest.mark.parametrize("name", SHIPPED)
