@@ -60,7 +60,12 @@ class Settings(BaseSettings):
         default="cpu", description='"cpu", "auto", or a comma list such as "cuda:0,cuda:1" or "cpu,cpu"'
     )
     max_batch_size: int = Field(default=32, ge=1, description="images per forward pass")
-    max_batch_wait_ms: float = Field(default=5.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long a request waits for others to fill its batch; at 0 a batch is whatever queued "
+        "while the model was busy (docs/serving.md)",
+    )
     max_queue: int = Field(default=256, ge=1, description="images waiting or running per worker before 503")
     request_timeout_s: float = Field(default=60.0, gt=0, description="a request waiting longer gets 504")
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="request body limit (413 above)")
