@@ -62,7 +62,7 @@ class TrainConfig:
     perturb: float = 0.0  # Ren et al. 2019 background model: replace each sub-pixel with prob perturb
     device: str = "auto"  # auto = cuda if available, else cpu
     amp: bool = True  # bf16 autocast on CUDA
-    cpu_amp: bool = False  # bf16 autocast on CPU too (2.4x per step where the CPU has avx512_bf16/AMX)
+    cpu_amp: bool = False  # bf16 autocast on CPU too (pays off where the CPU has avx512_bf16 or AMX)
     val_batch_size: int = 500
     test_eval: bool = True  # evaluate the best checkpoint on the test split at the end
     progress: bool = True
