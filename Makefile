@@ -68,3 +68,17 @@ image-cuda:
 
 test-container: check-deploy
 	TORCH_SPEC="$(TORCH_PIN)" docker/smoke_test.sh
+
+# ---- GPU checks on a lent device machine (README of the device tool; bench/gpu_check.sh) ----
+# The device image has torch, numpy, pillow, httpx, anyio, uvloop, prometheus-client, safetensors and
+# pytest, but not the web stack: gpu-wheels downloads it here (for its Python 3.12) into .whl/, which
+# the run carries. Then: run(command="bash bench/gpu_check.sh", carry=[".whl"]).
+GPU_WHEELS ?= fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 pydantic==2.14.4 pydantic-core==2.50.5 \
+	pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	uvicorn==0.54.0 httptools==0.9.0 python-multipart==0.0.34 typing-extensions==4.16.0
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+
+.PHONY: gpu-wheels
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)

@@ -35,7 +35,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: AutoregressiveModel, n: int, seed: int, naive_rows: int | None) -> dict[str, Any]:
+def measure_graphs(
+    model: AutoregressiveModel, n: int, seed: int, cached: torch.Tensor, cached_s: float
+) -> dict[str, Any]:
+    """The cached sampler again with its pixel step replayed as a CUDA graph (a PixelCNN on CUDA):
+    seconds (graph capture included), speed-up over the plain cached sampler, identical images."""
+    dev = model.device
+    y = torch.arange(n, device=dev) % model.n_classes if model.n_classes else None
+    model.prepare_for_inference(cuda_graphs=True)
+    try:
+        model.sample(1, generator=torch.Generator(device=dev).manual_seed(seed), y=y[:1] if y is not None else None)
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model.sample(n, generator=torch.Generator(device=dev).manual_seed(seed), y=y)
+        _sync(dev)
+        graphs_s = time.perf_counter() - t0
+    finally:
+        model.prepare_for_inference(cuda_graphs=False)
+    return {
+        "graphs_seconds": round(graphs_s, 3),
+        "graphs_speedup": round(cached_s / graphs_s, 2),
+        "graphs_identical": bool(torch.equal(out.images, cached)),
+    }
+
+
+def measure(
+    model: AutoregressiveModel, n: int, seed: int, naive_rows: int | None, *, graphs: bool = False
+) -> dict[str, Any]:
     dev = model.device
     height = model.shape[1]
     y = torch.arange(n, device=dev) % model.n_classes if model.n_classes else None
@@ -64,7 +90,7 @@ def measure(model: AutoregressiveModel, n: int, seed: int, naive_rows: int | Non
     _sync(dev)
     naive_s = (time.perf_counter() - t0) * height / rows
     identical = bool(torch.equal(partial["images"][:, :, :rows].to(torch.uint8), cached.images[:, :, :rows]))
-    return {
+    out = {
         "n": n,
         "naive_seconds": round(naive_s, 3),
         "cached_seconds": round(cached_s, 3),
@@ -73,6 +99,9 @@ def measure(model: AutoregressiveModel, n: int, seed: int, naive_rows: int | Non
         "naive_rows": rows,
         "rows": height,
     }
+    if graphs:
+        out |= measure_graphs(model, n, seed, cached.images, cached_s)
+    return out
 
 
 def main() -> int:
@@ -84,14 +113,21 @@ def main() -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also time the cached sampler with CUDA-graph steps (PixelCNN on CUDA)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_checkpoint(args.model, args.device)
     if not isinstance(model, AutoregressiveModel):
         p.error(f"{args.model} is not an autoregressive model")
+    if args.cuda_graphs and (model.device.type != "cuda" or not hasattr(model, "sample_cuda_graphs")):
+        p.error("--cuda-graphs needs a PixelCNN on a CUDA device")
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
-    results = [measure(model, n, args.seed, args.naive_rows) for n in args.n]
+    results = [measure(model, n, args.seed, args.naive_rows, graphs=args.cuda_graphs) for n in args.n]
     report = {"model": args.model, "device": device_name, "threads": torch.get_num_threads(), "results": results}
     if args.json:
         print(json.dumps(report))  # noqa: T201
@@ -102,6 +138,12 @@ def main() -> int:
             print(  # noqa: T201
                 f"{r['n']:>4} {r['naive_seconds']:>10.2f} {r['cached_seconds']:>9.3f} {r['speedup']:>7.1f}x "
                 f"{r['identical']!s:>9} {r['naive_rows']:>5}/{r['rows']}"
+                + (
+                    f"   graphs {r['graphs_seconds']:.3f} s ({r['graphs_speedup']:.2f}x,"
+                    f" identical {r['graphs_identical']})"
+                    if "graphs_seconds" in r
+                    else ""
+                )
             )
     return 0
 

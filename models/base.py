@@ -90,8 +90,10 @@ class DensityModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def prepare_for_inference(self) -> None:
-        """Change only the memory layout, where that runs this model faster on its current device.
+    def prepare_for_inference(self, *, cuda_graphs: bool = False) -> None:
+        """Change only how the model runs, where that is faster on its current device: memory layout,
+        and with ``cuda_graphs`` on a CUDA device, sampling steps replayed as CUDA graphs (models
+        that have them; elsewhere it is ignored).
 
         Values stay equal up to float rounding. Call after moving the model; this default does nothing.
         """

@@ -43,6 +43,30 @@ def masked_matrix(conv: MaskedConv) -> Tensor:
     return w.reshape(w.shape[0], -1).t().contiguous()
 
 
+def capture_cuda_graph(step: Callable[[], Tensor], state: list[Tensor]) -> tuple[Callable[[], None], Tensor]:
+    """Record ``step`` (CUDA work on buffers that keep their addresses) as a CUDA graph.
+
+    Returns ``(replay, out)``: each ``replay()`` runs the recorded kernels again and leaves the
+    result in ``out`` (valid until the next replay). ``step`` runs twice on a side stream first
+    (cuBLAS handles, workspaces); the tensors in ``state``, which it may change, are restored
+    afterwards. The capture only restricts this thread, so other workers on the device go on.
+    """
+    device = state[0].device
+    saved = [t.clone() for t in state]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = step()
+    for t, s in zip(state, saved, strict=True):
+        t.copy_(s)
+    return graph.replay, out
+
+
 class Stepper(Protocol):
     """A model's cached state for one batched generation of n images."""
 

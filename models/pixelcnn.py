@@ -166,6 +166,12 @@ class PixelCNN(AutoregressiveModel):
         self.blocks = nn.ModuleList(blocks)
         self.out1 = Conv1x1(h, config.out_hidden, c)
         self.out2 = Conv1x1(config.out_hidden, c * config.levels, c)
+        self.sample_cuda_graphs = False  # set by prepare_for_inference
+
+    def prepare_for_inference(self, *, cuda_graphs: bool = False) -> None:
+        """With ``cuda_graphs`` on a CUDA device, the cached sampler replays its pixel step as a CUDA
+        graph (models/pixelcnn_sampler.py): the same images, one launch per step."""
+        self.sample_cuda_graphs = cuda_graphs and self.device.type == "cuda"
 
     def logits(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         cfg = self.config
@@ -183,4 +189,4 @@ class PixelCNN(AutoregressiveModel):
         """All parts as one cached batched generation (see models/pixelcnn_sampler.py)."""
         from models.pixelcnn_sampler import sample_parts_cached
 
-        return sample_parts_cached(self, parts)
+        return sample_parts_cached(self, parts, cuda_graphs=self.sample_cuda_graphs)

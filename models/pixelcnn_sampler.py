@@ -19,6 +19,7 @@ the same images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import RowCallback, SampleOutput, SamplePart
-from models.cached_sampling import LogitsHook, masked_matrix, run_parts
+from models.cached_sampling import LogitsHook, capture_cuda_graph, masked_matrix, run_parts
 from models.pixelcnn import GatedBlock, PixelCNN
 
 
@@ -64,6 +65,7 @@ def sample_cached(
     y: Tensor | None = None,
     on_row: RowCallback | None = None,
     on_logits: LogitsHook | None = None,
+    cuda_graphs: bool = False,
 ) -> SampleOutput:
     """Draw n images (n, C, H, W) uint8 with their exact log-probability in nats (n,).
 
@@ -72,7 +74,7 @@ def sample_cached(
     of every step (tests compare them with the full forward pass).
     """
     part = SamplePart(n=n, generator=generator, temperature=temperature, labels=y, on_row=on_row)
-    out = sample_parts_cached(model, [part], on_logits=on_logits)[0]
+    out = sample_parts_cached(model, [part], on_logits=on_logits, cuda_graphs=cuda_graphs)[0]
     assert out is not None  # a part without ``cancelled`` is never dropped
     return out
 
@@ -83,97 +85,141 @@ def sample_parts_cached(
     parts: list[SamplePart],
     *,
     on_logits: LogitsHook | None = None,
+    cuda_graphs: bool = False,
 ) -> list[SampleOutput | None]:
     """Sample several parts (e.g. requests) as one batch; see :class:`SamplePart`.
 
     Each part's rows draw their uniforms from the part's own generator in the reference order, so
     its images do not depend on the rest of the batch. A cancelled part leaves the batch after the
-    row in progress, and the remaining parts go on with smaller tensors.
+    row in progress, and the remaining parts go on with smaller tensors. ``cuda_graphs`` (a model
+    on a CUDA device only) replays each pixel step as a CUDA graph.
     """
     if model.training and model.config.dropout > 0:
         raise RuntimeError("call model.eval() before sampling (dropout would change the draws)")
-    return run_parts(model, parts, lambda n, labels: _PixelCNNStepper(model, n, labels), on_logits=on_logits)
+    if cuda_graphs and model.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
+
+    def make(n: int, labels: Tensor | None) -> _PixelCNNStepper:
+        return _PixelCNNStepper(model, n, labels, cuda_graphs=cuda_graphs)
+
+    return run_parts(model, parts, make, on_logits=on_logits)
 
 
 class _PixelCNNStepper:
-    """The gated PixelCNN's cached activations for n images (see the module docstring)."""
+    """The gated PixelCNN's cached activations for n images (see the module docstring).
 
-    def __init__(self, model: PixelCNN, n: int, labels: Tensor | None) -> None:
+    The horizontal stack's state is a window of kernel-width columns per layer, in buffers that
+    keep their addresses for the whole generation: ``win0`` (n, C, kw0) holds the image columns
+    the first layer reads (the last one is the pixel being drawn), ``winh[l]`` (n, hidden, kw)
+    the columns of layer l's output that layer l+1 reads. A pixel step writes the current column
+    of every window and returns the logits; moving to the next pixel shifts every window left by
+    one column. With ``cuda_graphs`` (CUDA only) both are captured once as CUDA graphs and
+    replayed at every step, so a step costs one launch instead of one per operation.
+    """
+
+    def __init__(self, model: PixelCNN, n: int, labels: Tensor | None, *, cuda_graphs: bool = False) -> None:
         cfg = model.config
         ch, height, width, hid = cfg.in_channels, cfg.height, cfg.width, cfg.hidden
         dev = model.device
         dtype = model.out1.weight.dtype
         self.model = model
+        self.n = n
         self.dtype = dtype
         self.layers = [_Layer(cast(GatedBlock, b), labels) for b in model.blocks]
         self.head1, self.head2 = masked_matrix(model.out1), masked_matrix(model.out2)
         self.xin = torch.zeros(n, ch, height, width, dtype=dtype, device=dev)  # the images in [-1, 1] units
-        # Horizontal activations of the current row, per layer, left-padded for the causal window:
-        # hrow[0] is the image row (network input); hrow[l + 1] is layer l's output.
-        self.pad = max(layer.kw for layer in self.layers) - 1
-        self.hrow = [torch.zeros(n, ch, width + self.pad, dtype=dtype, device=dev)]
-        self.hrow += [torch.zeros(n, hid, width + self.pad, dtype=dtype, device=dev) for _ in self.layers]
         # Vertical outputs of every row so far (the next row step reads the last k//2+1 rows), per layer.
         self.vouts = [torch.zeros(n, hid, height, width, dtype=dtype, device=dev) for _ in self.layers]
+        kws = {layer.kw for layer in self.layers[1:]}
+        assert len(kws) <= 1, "every block after the first has the same kernel"
+        kw = kws.pop() if kws else 1
+        self.win0 = torch.zeros(n, ch, self.layers[0].kw, dtype=dtype, device=dev)
+        self.winh = torch.zeros(len(self.layers) - 1, n, hid, kw, dtype=dtype, device=dev)
         # links[l]: v_to_h of layer l's vertical pre-activation one row up, (n, 2h, W): row 0 sees zeros.
         zeros = torch.zeros(n, 2 * hid, 1, width, dtype=dtype, device=dev)
-        self.links = [layer.block.v_to_h(zeros)[:, :, 0] for layer in self.layers]
+        self.links = torch.stack([layer.block.v_to_h(zeros)[:, :, 0] for layer in self.layers])  # (layers, n, 2h, W)
+        self.link_j = self.links[..., 0].clone()  # (layers, n, 2h): the current column's links
+        self.pixel = (-1, -1)
+        self.graphs: dict[bool, tuple[Callable[[], None], Tensor]] | None = None
+        if cuda_graphs:
+            self.graphs = {}
 
     def logits(self, i: int, j: int) -> Tensor:
-        return _pixel_step(self.model, self.layers, self.hrow, self.links, self.head1, self.head2, j, self.pad)
+        shift = False
+        if (i, j) != self.pixel:  # the first channel of a new pixel
+            self.pixel = (i, j)
+            self.link_j.copy_(self.links[..., j])
+            shift = j > 0  # a new row starts from zeroed windows (end_row)
+        if self.graphs is None:
+            return self._step(shift)
+        if shift not in self.graphs:  # one graph with the shift, one without
+            self.graphs[shift] = capture_cuda_graph(lambda: self._step(shift), [self.win0, self.winh])
+        replay, out = self.graphs[shift]
+        replay()
+        return out
 
     def put(self, i: int, j: int, c: int, value: Tensor) -> None:
         value = value.to(self.dtype)
         self.xin[:, c, i, j] = value
-        self.hrow[0][:, c, self.pad + j] = value
+        self.win0[:, c, -1] = value
 
     def end_row(self, i: int) -> None:
         _row_step(self.layers, self.xin, self.vouts, self.links, i)
-        for h in self.hrow:
-            h.zero_()
+        self.win0.zero_()
+        self.winh.zero_()
 
     def select(self, idx: Tensor) -> None:
-        self.xin = self.xin[idx]
-        self.hrow = [h[idx] for h in self.hrow]
+        self.n = int(idx.shape[0])
+        self.xin, self.win0, self.winh = self.xin[idx], self.win0[idx], self.winh[:, idx]
         self.vouts = [v[idx] for v in self.vouts]
-        self.links = [lk[idx] for lk in self.links]
+        self.links, self.link_j = self.links[:, idx], self.link_j[:, idx]
         for layer in self.layers:
             layer.select(idx)
+        if self.graphs is not None:
+            self.graphs = {}  # the buffers moved: capture again on the next step
+
+    def _step(self, shift: bool) -> Tensor:
+        """Shift the windows to a new pixel if ``shift``, then one pixel step: logits (n, C, L)."""
+        if shift:
+            self.win0[:, :, :-1] = self.win0[:, :, 1:].clone()
+            self.win0[:, :, -1] = 0
+            self.winh[..., :-1] = self.winh[..., 1:].clone()
+        return _pixel_step(self.model, self.layers, self.win0, self.winh, self.link_j, self.head1, self.head2)
 
 
 def _pixel_step(
     model: PixelCNN,
     layers: list[_Layer],
-    hrow: list[Tensor],
-    links: list[Tensor],
+    win0: Tensor,
+    winh: Tensor,
+    link_j: Tensor,
     head1: Tensor,
     head2: Tensor,
-    j: int,
-    pad: int,
 ) -> Tensor:
-    """Column j of every horizontal layer of the current row; returns logits (n, C, L)."""
+    """The current column of every horizontal layer; writes it into the windows (``winh[l][..., -1]``
+    for layer l's output) and returns the logits (n, C, L)."""
+    n = win0.shape[0]
     skip: Tensor | None = None
-    col = pad + j
-    h_out = hrow[0][:, :, col]
+    h_out = win0[:, :, -1]
     for li, layer in enumerate(layers):
-        below = hrow[li]
-        window = below[:, :, col - layer.kw + 1 : col + 1].reshape(below.shape[0], -1)  # (n, in*kw)
-        pre = torch.addmm(layer.h_b, window, layer.h_w) + links[li][:, :, j]
+        window = win0 if li == 0 else winh[li - 1]  # (n, in, kw): this layer's input, causal window
+        pre = torch.addmm(layer.h_b, window.reshape(n, -1), layer.h_w) + link_j[li]
         if layer.cond_h is not None:
             pre = pre + layer.cond_h
         a, b = pre.chunk(2, dim=1)
         gated = torch.tanh(a) * torch.sigmoid(b)
         res, s = torch.addmm(layer.out_b, gated, layer.out_w).chunk(2, dim=1)
-        h_out = res if layer.first else res + below[:, :, col]
-        hrow[li + 1][:, :, col] = h_out
+        h_out = res if layer.first else res + window[:, :, -1]
+        if li < len(winh):
+            winh[li][:, :, -1] = h_out
         skip = s if skip is None else skip + s
     assert skip is not None
     hidden = F.relu(torch.addmm(model.out1.bias, F.relu(skip + h_out), head1))
     out = torch.addmm(model.out2.bias, hidden, head2)  # (n, C*L), grouped by channel
-    return out.view(out.shape[0], model.config.in_channels, model.config.levels)
+    return out.view(n, model.config.in_channels, model.config.levels)
 
 
-def _row_step(layers: list[_Layer], xin: Tensor, vouts: list[Tensor], links: list[Tensor], i: int) -> None:
+def _row_step(layers: list[_Layer], xin: Tensor, vouts: list[Tensor], links: Tensor, i: int) -> None:
     """Row i is complete: compute every layer's vertical output for row i and the links for row i+1."""
     below = xin
     for li, layer in enumerate(layers):

@@ -67,6 +67,7 @@ class BatchLimits:
     max_concurrent_samples: int
     max_sample_batch: int = 64
     warmup: bool = True
+    cuda_graphs: bool = False  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Worker:
         try:
             scorer, _ = load_scorer(self.folder, self.device)
             model = scorer.model
-            model.prepare_for_inference()
+            model.prepare_for_inference(cuda_graphs=self.limits.cuda_graphs)
             if self.limits.warmup:
                 self._warmup(scorer)
         except Exception as e:

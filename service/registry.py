@@ -196,6 +196,7 @@ class ModelRegistry:
             max_concurrent_samples=settings.max_concurrent_samples,
             max_sample_batch=settings.max_sample_batch,
             warmup=settings.warmup,
+            cuda_graphs=settings.cuda_graphs,
         )
 
     # ---- startup and shutdown -----------------------------------------------------------------

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     json_logs: bool = Field(default=False, description="log one JSON object per line")
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads for CPU inference")
     warmup: bool = Field(default=True, description="run one forward pass per worker before reporting ready")
+    cuda_graphs: bool = Field(
+        default=False,
+        description="on CUDA workers, the PixelCNN sampler replays each pixel step as a CUDA graph "
+        "(same images; docs/sampling.md); ignored on CPU",
+    )
 
     @field_validator("devices")
     @classmethod

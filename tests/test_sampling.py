@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -134,3 +136,124 @@ def test_cached_sampler_refuses_dropout_in_training_mode() -> None:
     model = PixelCNN(cfg).train()
     with pytest.raises(RuntimeError, match="eval"):
         model.sample(1)
+
+
+def test_a_block_free_pixelcnn_samples_like_the_naive_loop() -> None:
+    """n_blocks=0: the first layer alone feeds the head (no hidden windows at all)."""
+    torch.manual_seed(0)
+    cfg = PixelCNNConfig(height=4, width=5, levels=6, hidden=4, n_blocks=0, first_kernel=5, kernel=3, out_hidden=8)
+    model = PixelCNN(cfg).eval()
+    naive = model.sample_naive(2, generator=torch.Generator().manual_seed(1))
+    cached = model.sample(2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(naive.images, cached.images)
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_ignored_by_cpu_preparation() -> None:
+    model = tiny()
+    with pytest.raises(ValueError, match="CUDA device"):
+        sample_cached(model, 1, cuda_graphs=True)
+    model.prepare_for_inference(cuda_graphs=True)  # what a CPU worker does with GENSERVE_CUDA_GRAPHS=1
+    assert model.sample_cuda_graphs is False
+    a = model.sample(2, generator=torch.Generator().manual_seed(0))
+    b = model.sample_naive(2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.images, b.images)
+
+
+def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stepper's graph bookkeeping, on CPU: a stand-in recorder that, like a CUDA graph, keeps
+    the captured step and writes each replay into the output tensor it returned at capture. Two
+    graphs (with and without the window shift), captured again after a part leaves the batch."""
+    import models.pixelcnn_sampler as sampler
+    from models.cached_sampling import run_parts
+
+    captures: list[int] = []
+
+    def record(step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        saved = [t.clone() for t in state]
+        out = step()  # a real capture runs nothing; the state is restored below either way
+        for t, s in zip(state, saved, strict=True):
+            t.copy_(s)
+        captures.append(out.shape[0])
+        return (lambda: out.copy_(step())), out
+
+    monkeypatch.setattr(sampler, "capture_cuda_graph", record)
+    model = tiny(channels=3, n_classes=3)
+
+    def parts() -> list[SamplePart]:
+        return [
+            SamplePart(2, torch.Generator().manual_seed(1), 1.0, torch.tensor([0, 2]), cancelled=lambda: False),
+            SamplePart(2, torch.Generator().manual_seed(2), 0.8, torch.tensor([1, 1]), cancelled=cancel),
+        ]
+
+    rows = {"n": 0}
+
+    def cancel() -> bool:
+        rows["n"] += 1
+        return rows["n"] > 2
+
+    plain = run_parts(model, parts(), lambda n, y: sampler._PixelCNNStepper(model, n, y))
+    rows["n"] = 0
+    graphs = run_parts(model, parts(), lambda n, y: sampler._PixelCNNStepper(model, n, y, cuda_graphs=True))
+    assert captures == [4, 4, 2, 2]  # both graphs for the batch of 4, again for the 2 left
+    assert plain[1] is None and graphs[1] is None
+    assert plain[0] is not None and graphs[0] is not None
+    assert torch.equal(plain[0].images, graphs[0].images)
+    assert torch.allclose(plain[0].log_prob, graphs[0].log_prob)  # type: ignore[arg-type]
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+@pytest.mark.parametrize(("channels", "n_classes"), CASES)
+def test_cuda_graph_steps_draw_the_same_images(channels: int, n_classes: int | None) -> None:
+    model = tiny(channels, n_classes).cuda()
+    y = (torch.tensor([0, 1, 2]) % n_classes).cuda() if n_classes else None
+    for seed in (0, 1):
+        plain = sample_cached(model, 3, generator=torch.Generator("cuda").manual_seed(seed), y=y)
+        steps: list[torch.Tensor] = []
+        graphs = sample_cached(
+            model,
+            3,
+            generator=torch.Generator("cuda").manual_seed(seed),
+            y=y,
+            cuda_graphs=True,
+            on_logits=lambda i, j, c, lg, steps=steps: steps.append(lg.clone()),  # valid until the next replay
+        )
+        assert torch.equal(plain.images, graphs.images)
+        assert plain.log_prob is not None and graphs.log_prob is not None
+        assert torch.allclose(plain.log_prob, graphs.log_prob, atol=1e-4)
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            full = model.logits(graphs.images, y)
+        worst = max(
+            float((lg - full[:, c, :, i, j]).abs().max())
+            for (i, j, c), lg in zip(
+                [(i, j, c) for i in range(5) for j in range(6) for c in range(channels)], steps, strict=True
+            )
+        )
+        assert worst < 1e-4
+
+
+@cuda_only
+def test_cuda_graph_sampling_keeps_parts_apart_when_one_leaves() -> None:
+    model = tiny(n_classes=3).cuda()
+    model.prepare_for_inference(cuda_graphs=True)
+    assert model.sample_cuda_graphs is True
+
+    def gen(seed: int) -> torch.Generator:
+        return torch.Generator("cuda").manual_seed(seed)
+
+    solo = sample_cached(model, 2, generator=gen(5), y=torch.tensor([2, 1]).cuda())
+    polls = {"n": 0}
+
+    def cancel_after_two_rows() -> bool:
+        polls["n"] += 1
+        return polls["n"] > 2
+
+    parts = [
+        SamplePart(3, gen(9), 1.0, torch.tensor([0, 0, 0]).cuda(), cancelled=cancel_after_two_rows),
+        SamplePart(2, gen(5), 1.0, torch.tensor([2, 1]).cuda()),
+    ]
+    results = model.sample_parts(parts)  # the batch shrinks after row 3: the graphs are captured again
+    assert results[0] is None
+    assert results[1] is not None and torch.equal(results[1].images, solo.images)

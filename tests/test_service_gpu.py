@@ -46,3 +46,15 @@ async def test_gpu_scores_match_cpu(make_settings):
         cpu = (await client.post("/score", json=body)).json()["results"]
     for g, c in zip(gpu, cpu, strict=True):
         assert g["log_likelihood_nats"] == pytest.approx(c["log_likelihood_nats"], rel=1e-4)
+
+
+async def test_cuda_graph_sampling_serves_the_same_images(make_settings):
+    body = {"model": "pixelcnn", "n": 4, "seed": 3}
+    async with running(make_settings(models="pixelcnn", devices="cuda:0", cuda_graphs=True)) as (app, client):
+        assert worker_of(app, "pixelcnn").model.sample_cuda_graphs is True
+        graphs = (await client.post("/sample", json=body)).json()
+    async with running(make_settings(models="pixelcnn", devices="cuda:0")) as (app, client):
+        assert worker_of(app, "pixelcnn").model.sample_cuda_graphs is False
+        plain = (await client.post("/sample", json=body)).json()
+    assert graphs["images"] == plain["images"]
+    assert graphs["bits_per_dim"] == pytest.approx(plain["bits_per_dim"], abs=1e-5)

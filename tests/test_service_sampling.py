@@ -161,3 +161,13 @@ async def test_a_cancelled_stream_stops_its_generation_and_frees_its_slot(make_s
         assert r.status_code == 200
         # the cancelled generation left after row 2 (reporting only row 1); then the new one ran all 8
         assert rows_seen == [1, *range(1, 9)]
+
+
+async def test_cuda_graphs_setting_is_ignored_by_cpu_workers(make_settings: Any) -> None:
+    body = {"model": "pixelcnn", "n": 2, "seed": 4}
+    async with running(make_settings(models="pixelcnn", cuda_graphs=True)) as (app, client):
+        assert worker_of(app, "pixelcnn").model.sample_cuda_graphs is False
+        with_setting = (await client.post("/sample", json=body)).json()
+    async with running(make_settings(models="pixelcnn")) as (_, client):
+        without = (await client.post("/sample", json=body)).json()
+    assert with_setting["images"] == without["images"]
