@@ -24,7 +24,7 @@ export PYTHONPATH=/tmp/site:$PWD
 
 timeout 150 python3 bench/sampling.py --device cuda --n 1 16 64 --naive-rows 2 --cuda-graphs --json \
   2>&1 | tee "$OUT/sampling-pixelcnn.json"
-timeout 100 python3 bench/sampling.py --device cuda --model checkpoints/pixelrnn-fmnist --n 1 16 64 --naive-rows 2 \
+timeout 100 python3 bench/sampling.py --device cuda --model checkpoints/pixelrnn-fmnist --n 1 16 64 --naive-rows 2 --cuda-graphs \
   --json 2>&1 | tee "$OUT/sampling-pixelrnn.json"
 
 for model in vae-fmnist pixelcnn-fmnist; do

@@ -38,7 +38,7 @@ def _sync(device: torch.device) -> None:
 def measure_graphs(
     model: AutoregressiveModel, n: int, seed: int, cached: torch.Tensor, cached_s: float
 ) -> dict[str, Any]:
-    """The cached sampler again with its pixel step replayed as a CUDA graph (a PixelCNN on CUDA):
+    """The cached sampler again with its pixel step replayed as a CUDA graph (PixelCNN or PixelRNN on CUDA):
     seconds (graph capture included), speed-up over the plain cached sampler, identical images."""
     dev = model.device
     y = torch.arange(n, device=dev) % model.n_classes if model.n_classes else None
@@ -116,7 +116,7 @@ def main() -> int:
     p.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="also time the cached sampler with CUDA-graph steps (PixelCNN on CUDA)",
+        help="also time the cached sampler with CUDA-graph steps (PixelCNN or PixelRNN on CUDA)",
     )
     args = p.parse_args()
     if args.threads:
@@ -125,7 +125,7 @@ def main() -> int:
     if not isinstance(model, AutoregressiveModel):
         p.error(f"{args.model} is not an autoregressive model")
     if args.cuda_graphs and (model.device.type != "cuda" or not hasattr(model, "sample_cuda_graphs")):
-        p.error("--cuda-graphs needs a PixelCNN on a CUDA device")
+        p.error("--cuda-graphs needs a PixelCNN or PixelRNN on a CUDA device")
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     results = [measure(model, n, args.seed, args.naive_rows, graphs=args.cuda_graphs) for n in args.n]
     report = {"model": args.model, "device": device_name, "threads": torch.get_num_threads(), "results": results}

@@ -134,6 +134,12 @@ class PixelRNN(AutoregressiveModel):
         )
         self.out1 = Conv1x1(h, config.out_hidden, c)
         self.out2 = Conv1x1(config.out_hidden, c * config.levels, c)
+        self.sample_cuda_graphs = False  # set by prepare_for_inference
+
+    def prepare_for_inference(self, *, cuda_graphs: bool = False) -> None:
+        """With ``cuda_graphs`` on a CUDA device, the cached sampler replays its pixel step as a CUDA
+        graph (models/pixelrnn_sampler.py): the same images, one launch per step."""
+        self.sample_cuda_graphs = cuda_graphs and self.device.type == "cuda"
 
     def logits(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         cfg = self.config
@@ -148,4 +154,4 @@ class PixelRNN(AutoregressiveModel):
         """All parts as one cached batched generation (see models/pixelrnn_sampler.py)."""
         from models.pixelrnn_sampler import sample_parts_cached
 
-        return sample_parts_cached(self, parts)
+        return sample_parts_cached(self, parts, cuda_graphs=self.sample_cuda_graphs)

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     warmup: bool = Field(default=True, description="run one forward pass per worker before reporting ready")
     cuda_graphs: bool = Field(
         default=False,
-        description="on CUDA workers, the PixelCNN sampler replays each pixel step as a CUDA graph "
+        description="on CUDA workers, the PixelCNN and PixelRNN samplers replay each pixel step as a CUDA graph "
         "(same images; docs/sampling.md); ignored on CPU",
     )
 

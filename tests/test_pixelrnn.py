@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_pixelcnn import all_images, dependence
+from test_sampling import stand_in_recorder
 
 from models.base import SamplePart
+from models.cached_sampling import run_parts
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.pixelrnn import PixelRNN, PixelRNNConfig, RowLSTMLayer, lstm_cell
 from models.pixelrnn_sampler import sample_parts_cached
@@ -219,6 +221,64 @@ def test_batched_parts_match_solo_runs_and_a_cancelled_part_leaves() -> None:
     assert results[1] is None and polls["n"] == 2
     for got, want in zip([results[0], results[2]], solo, strict=True):
         assert got is not None and torch.equal(got.images, want.images)
+
+
+def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stepper's CUDA-graph bookkeeping on CPU, with the stand-in recorder of test_sampling:
+    fixed input columns copied in, hidden and cell states copied out, graphs captured again after a
+    part leaves the batch."""
+    import models.pixelrnn_sampler as sampler
+
+    captures: list[int] = []
+    monkeypatch.setattr(sampler, "capture_cuda_graph", stand_in_recorder(captures))
+    model = tiny(height=4, width=5, levels=6, in_channels=3, n_classes=3, input_kernel=2, state_kernel=3)
+    rows = {"n": 0}
+
+    def cancel() -> bool:
+        rows["n"] += 1
+        return rows["n"] > 2
+
+    def parts() -> list[SamplePart]:
+        rows["n"] = 0
+        return [
+            SamplePart(2, torch.Generator().manual_seed(1), 1.0, torch.tensor([0, 2])),
+            SamplePart(2, torch.Generator().manual_seed(2), 0.8, torch.tensor([1, 1]), cancelled=cancel),
+        ]
+
+    plain = run_parts(model, parts(), lambda n, y: sampler._RowLSTMStepper(model, n, y))
+    graphs = run_parts(model, parts(), lambda n, y: sampler._RowLSTMStepper(model, n, y, cuda_graphs=True))
+    assert captures == [4, 4, 2, 2]  # both graphs for the batch of 4, again for the 2 left
+    assert plain[1] is None and graphs[1] is None
+    assert plain[0] is not None and graphs[0] is not None
+    assert torch.equal(plain[0].images, graphs[0].images)
+    torch.testing.assert_close(plain[0].log_prob, graphs[0].log_prob)
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_ignored_by_cpu_preparation() -> None:
+    model = tiny(height=3, width=3)
+    with pytest.raises(ValueError, match="CUDA device"):
+        sample_parts_cached(model, [SamplePart(1, torch.Generator())], cuda_graphs=True)
+    model.prepare_for_inference(cuda_graphs=True)
+    assert model.sample_cuda_graphs is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("overrides", RNN_CASES)
+def test_cuda_graph_steps_draw_the_same_images(overrides: dict[str, Any]) -> None:
+    model = tiny(height=4, width=5, levels=6, **overrides).cuda()
+    n_classes = overrides.get("n_classes")
+    y = (torch.tensor([0, 1, 2]) % n_classes).cuda() if n_classes else None
+
+    def sample(graphs: bool) -> Any:
+        part = SamplePart(3, torch.Generator("cuda").manual_seed(7), labels=y)
+        return sample_parts_cached(model, [part], cuda_graphs=graphs)[0]
+
+    plain, graphs = sample(False), sample(True)
+    assert torch.equal(plain.images, graphs.images)
+    torch.testing.assert_close(plain.log_prob, graphs.log_prob, rtol=0, atol=1e-4)
+    model.prepare_for_inference(cuda_graphs=True)
+    again = model.sample(3, generator=torch.Generator("cuda").manual_seed(7), y=y)
+    assert model.sample_cuda_graphs is True and torch.equal(again.images, plain.images)
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

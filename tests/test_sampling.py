@@ -159,14 +159,13 @@ def test_cuda_graphs_are_refused_off_cuda_and_ignored_by_cpu_preparation() -> No
     assert torch.equal(a.images, b.images)
 
 
-def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stepper's graph bookkeeping, on CPU: a stand-in recorder that, like a CUDA graph, keeps
-    the captured step and writes each replay into the output tensor it returned at capture. Two
-    graphs (with and without the window shift), captured again after a part leaves the batch."""
-    import models.pixelcnn_sampler as sampler
-    from models.cached_sampling import run_parts
+Recorder = Callable[[Callable[[], torch.Tensor], list[torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
 
-    captures: list[int] = []
+
+def stand_in_recorder(captures: list[int]) -> Recorder:
+    """A CPU stand-in for ``capture_cuda_graph``: like a CUDA graph, it keeps the captured step and
+    each replay writes into the output tensor returned at capture; the state is left as it was.
+    Appends the batch size of every capture to ``captures``."""
 
     def record(step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         saved = [t.clone() for t in state]
@@ -176,7 +175,18 @@ def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.Mo
         captures.append(out.shape[0])
         return (lambda: out.copy_(step())), out
 
-    monkeypatch.setattr(sampler, "capture_cuda_graph", record)
+    return record
+
+
+def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stepper's graph bookkeeping, on CPU: a stand-in recorder that, like a CUDA graph, keeps
+    the captured step and writes each replay into the output tensor it returned at capture. Two
+    graphs (with and without the window shift), captured again after a part leaves the batch."""
+    import models.pixelcnn_sampler as sampler
+    from models.cached_sampling import run_parts
+
+    captures: list[int] = []
+    monkeypatch.setattr(sampler, "capture_cuda_graph", stand_in_recorder(captures))
     model = tiny(channels=3, n_classes=3)
 
     def parts() -> list[SamplePart]:
