@@ -7,9 +7,12 @@ on the model's thread, and is answered by the route from the worker's tensors.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -42,9 +45,43 @@ async def service_error_handler(request: Request, exc: Exception) -> JSONRespons
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
+MAX_ECHO_CHARS = 200  # of a rejected input, quoted back in a 422
+
+
+def _bytes_text(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every infinite or NaN float as its name ("inf", "nan"): JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def client_errors(errors: Sequence[Any]) -> list[Any]:
+    """Validation errors as JSON for the client: bytes as text (undecodable bytes replaced), any
+    exception in ``ctx`` as its message, non-finite numbers as names, and a rejected ``input``
+    longer than MAX_ECHO_CHARS cut to that (a wrong-typed field can hold megabytes of base64 that
+    the client already has)."""
+    encoders: dict[Any, Callable[[Any], Any]] = {bytes: _bytes_text, BaseException: str}
+    out = []
+    for err in _finite(jsonable_encoder(list(errors), custom_encoder=encoders)):
+        if isinstance(err, dict) and "input" in err:
+            text = err["input"] if isinstance(err["input"], str) else json.dumps(err["input"])
+            if len(text) > MAX_ECHO_CHARS:
+                err["input"] = f"{text[:MAX_ECHO_CHARS]}... ({len(text)} characters)"
+        out.append(err)
+    return out
+
+
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+    return JSONResponse({"detail": client_errors(exc.errors())}, status_code=422)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

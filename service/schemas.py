@@ -53,7 +53,10 @@ class SampleRequest(BaseModel):
         None, ge=0, lt=2**63, description="same seed (and model, n, temperature, label, device) -> same images"
     )
     temperature: float | None = Field(
-        None, gt=0, description="sharpness: < 1 more typical, > 1 more varied (a VAE scales its prior's std); default 1"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="sharpness: < 1 more typical, > 1 more varied (a VAE scales its prior's std); default 1",
     )
     label: Label | None = Field(None, description="class name or index; required by class-conditional models only")
 

@@ -3,6 +3,7 @@ multipart/form-data with one or more ``files``, decoded and checked against the 
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, TypeVar
 
 import numpy as np
@@ -77,7 +78,11 @@ async def read_upload(request: Request, json_model: type[J], form_model: type[F]
     if content_type == "multipart/form-data":
         async with request.form() as form:
             files = form.getlist("files")
-            fields = {k: v for k, v in form.multi_items() if k != "files"}
+            items = [(k, v) for k, v in form.multi_items() if k != "files"]
+            fields = dict(items)
+            if len(fields) < len(items):
+                twice = sorted(k for k, count in Counter(k for k, _ in items).items() if count > 1)
+                raise BadRequest(f"form field(s) {twice} sent more than once; send each option once")
             if any(not isinstance(v, str) for v in fields.values()):
                 raise BadRequest("send images in the form field 'files'; other fields hold plain values")
             try:

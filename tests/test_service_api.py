@@ -96,6 +96,22 @@ async def test_sample_png_grid(client):
     assert im.size == (2 + 2 * 10, 2 + 2 * 10)  # 2 x 2 tiles of 8 px with 2 px padding
 
 
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        ("image/*", "image/png"),
+        ("*/*", "application/json"),
+        ("", "application/json"),
+        ("image/png;q=0.5, application/json", "application/json"),
+        ("application/json;q=0.2, image/*;q=0.9", "image/png"),
+        ("image/png;q=0", "application/json"),
+    ],
+)
+async def test_sample_negotiates_png_or_json(client, accept, content_type):
+    r = await client.post("/sample", json={"model": "vae", "n": 1, "seed": 1}, headers={"Accept": accept})
+    assert r.status_code == 200 and r.headers["content-type"] == content_type
+
+
 async def test_sample_label_by_name_and_index(client):
     by_name = await client.post("/sample", json={"model": "pixelcnn-cond", "n": 2, "seed": 5, "label": "b"})
     by_index = await client.post("/sample", json={"model": "pixelcnn-cond", "n": 2, "seed": 5, "label": 1})
@@ -120,6 +136,23 @@ async def test_sample_bad_requests_are_422(client, body, detail):
     r = await client.post("/sample", json=body)
     assert r.status_code == 422
     assert r.json()["detail"].startswith(detail)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"model": "vae", "n": 1e400}', "n"),  # parses as infinity
+        (b'{"model": "vae", "temperature": NaN}', "temperature"),
+        (b'{"model": "vae", "temperature": Infinity}', "temperature"),
+        (b'{"model": "vae", "temperature": 1e400}', "temperature"),
+    ],
+)
+async def test_non_finite_numbers_are_422_naming_the_field(client, raw, field):
+    r = await client.post("/sample", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = r.json()["detail"][0]
+    assert err["loc"] == ["body", field] and err["type"] == "finite_number"
+    assert err["input"] in ("inf", "nan")
 
 
 async def test_sample_validation_errors_keep_fastapi_format(client):
@@ -174,6 +207,10 @@ async def test_score_multipart_errors(client):
     assert r.status_code == 422 and "form field 'files'" in r.json()["detail"]
     r = await client.post("/score", data={"images": "x"}, files=[("files", ("a.png", gray_png(), "image/png"))])
     assert r.status_code == 422 and {tuple(e["loc"]) for e in r.json()["detail"]} >= {("body", "model")}
+    files = [("files", ("a.png", gray_png(), "image/png"))]
+    r = await client.post("/score", data={"model": ["pixelcnn", "vae"]}, files=files)
+    assert r.status_code == 422
+    assert r.json()["detail"] == "form field(s) ['model'] sent more than once; send each option once"
 
 
 async def test_score_label_for_conditional_model(client):
@@ -294,6 +331,26 @@ async def test_score_empty_list_and_wrong_content_type(client):
     )
     r = await client.post("/score", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+
+
+async def test_undecodable_json_body_is_422_not_500(client):
+    for route in ("/score", "/classify", "/encode", "/sample"):
+        r = await client.post(route, content=b"\xff\xfe{garbage", headers={"content-type": "application/json"})
+        assert r.status_code == 422, (route, r.text)
+        err = r.json()["detail"][0]
+        assert err["type"] == "json_invalid" and err["loc"][0] == "body"
+
+
+async def test_a_huge_rejected_input_is_not_echoed_back_whole(client):
+    big = b64(gray_png(0, size=(200, 200)))  # about 50 kB of base64 sent where a list belongs
+    r = await client.post("/score", json={"model": "pixelcnn", "images": big})
+    assert r.status_code == 422
+    err = r.json()["detail"][0]
+    assert err["loc"] == ["body", "images"] and err["type"] == "list_type"
+    assert err["input"].startswith(big[:200]) and err["input"].endswith(f"... ({len(big)} characters)")
+    assert len(r.content) < 1000
+    r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())], "resize": "maybe"})
+    assert r.json()["detail"][0]["input"] == "maybe"  # short inputs come back as sent
 
 
 async def test_score_with_calibration(make_settings, model_dir: Path, tmp_path: Path):

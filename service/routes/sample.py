@@ -25,7 +25,8 @@ ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def wants_png(accept: str) -> bool:
-    """True if the Accept header prefers image/png to application/json."""
+    """True if the Accept header prefers image/png to application/json (the default): ``image/*``
+    counts for PNG unless image/png is named, ``application/*`` and ``*/*`` for JSON."""
     prefs: dict[str, float] = {}
     for part in accept.split(","):
         media, *params = (p.strip() for p in part.split(";"))
@@ -37,8 +38,9 @@ def wants_png(accept: str) -> bool:
                 except ValueError:
                     q = 0.0
         prefs[media.lower()] = q
-    png = prefs.get("image/png", 0.0)
-    return png > 0 and png >= prefs.get("application/json", 0.0)
+    png = prefs.get("image/png", prefs.get("image/*", 0.0))
+    js = prefs.get("application/json", prefs.get("application/*", prefs.get("*/*", 0.0)))
+    return png > 0 and png >= js
 
 
 @router.post(
