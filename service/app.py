@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service import images
+from service.arrivals import ArrivalsMiddleware
 from service.auth import require_api_key
 from service.errors import ServiceError
 from service.limits import BodySizeLimitMiddleware
@@ -116,7 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (models.router, sample.router, sample_stream.router, score.router, classify.router, encode.router):
         app.include_router(router, dependencies=protected)
 
-    # Added innermost first: the request log wraps metrics, which wraps the body limit.
+    # Added innermost first: the request log wraps metrics, which wraps the body limit, which wraps
+    # the arrivals count (POST requests on their way to a worker, for the batcher's wait).
+    app.add_middleware(ArrivalsMiddleware, arrivals=registry.arrivals)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestLogMiddleware)

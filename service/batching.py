@@ -2,8 +2,9 @@
 
 Requests wait here. The event loop submits a :class:`Job` and awaits its future; the worker thread
 takes the oldest job, gathers queued jobs with the same key (op, score type, heatmap) up to
-``max_batch_size`` images or ``max_batch_wait_ms`` after the first one arrived, runs one forward
-pass for all of them, splits the outputs back, and resolves each future on the loop.
+``max_batch_size`` images, waiting up to ``max_batch_wait_ms`` after the first one arrived for more
+but only while other requests are on their way to this model (service/arrivals.py), runs one
+forward pass for all of them, splits the outputs back, and resolves each future on the loop.
 
 Sampling jobs that wait together run as one batched generation (up to ``max_sample_batch`` images);
 each keeps its own seed, temperature and label, so its images are the ones it would get alone. A job
@@ -32,10 +33,13 @@ from models.base import DensityModel, SamplePart
 from models.outliers import Scorer, load_scorer
 from models.vae import VAE
 from service import scoring
+from service.arrivals import Arrivals
 from service.errors import Unavailable
 from service.metrics import Metrics
 
 logger = logging.getLogger("genserve.worker")
+
+ARRIVAL_POLL_S = 0.0005  # while a batch waits, how often it checks that requests are still on their way
 
 
 class State(StrEnum):
@@ -81,9 +85,18 @@ class Worker:
     its inference on one thread."""
 
     def __init__(
-        self, *, name: str, folder: Path, device: str, index: int, limits: BatchLimits, metrics: Metrics
+        self,
+        *,
+        name: str,
+        folder: Path,
+        device: str,
+        index: int,
+        limits: BatchLimits,
+        metrics: Metrics,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.name = name
+        self.arrivals = arrivals or Arrivals()  # requests on their way: whether a batch waits for more
         self.folder = folder
         self.device = device
         self.index = index
@@ -120,7 +133,10 @@ class Worker:
         """Queue a job and wait for its result; cancelling the caller drops the job."""
         loop = asyncio.get_running_loop()
         job = Job(op=op, key=key, size=size, payload=payload, loop=loop, future=loop.create_future())
-        self._submit(job)
+        try:
+            self._submit(job)
+        finally:
+            self.arrivals.leave()  # queued (or refused): no longer on its way
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -223,9 +239,11 @@ class Worker:
                         batch.append(job)
                         size += job.size
                 remaining = deadline - time.perf_counter()
-                if size >= cap or remaining <= 0:
+                # Wait only for requests already inside the app (service/arrivals.py): a lone
+                # request never waits for company that is not coming.
+                if size >= cap or remaining <= 0 or not self.arrivals.expected(self.name):
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(min(remaining, ARRIVAL_POLL_S))  # woken by a new job, or look again
                 if self.state is not State.READY:
                     break
             return batch

@@ -26,6 +26,7 @@ from models.checkpoint import META, CheckpointError, build_model, read_metadata
 from models.classify import training_prior
 from models.outliers import BACKGROUND, available_score_types, stale_calibration
 from service import scoring
+from service.arrivals import Arrivals
 from service.batching import BatchLimits, SampleResult, State, Worker
 from service.errors import BadRequest, Timeout, Unavailable, UnknownModel
 from service.metrics import Metrics
@@ -189,6 +190,7 @@ class ModelRegistry:
         self.entries: dict[str, ModelEntry] = {}
         self.started = False
         self._round_robin = itertools.count()
+        self.arrivals = Arrivals()  # requests on their way to a worker (the batcher's wait)
         self.limits = BatchLimits(
             max_batch_size=settings.max_batch_size,
             max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
@@ -229,7 +231,15 @@ class ModelRegistry:
             skeleton = skeleton_model(folder, meta)
             bg_meta = background_metadata(folder, skeleton)
             workers = [
-                Worker(name=name, folder=folder, device=dev, index=i, limits=self.limits, metrics=self.metrics)
+                Worker(
+                    name=name,
+                    folder=folder,
+                    device=dev,
+                    index=i,
+                    limits=self.limits,
+                    metrics=self.metrics,
+                    arrivals=self.arrivals,
+                )
                 for i, dev in enumerate(devices)
             ]
             entry = ModelEntry(
@@ -307,8 +317,10 @@ class ModelRegistry:
     # ---- requests -----------------------------------------------------------------------------
 
     def get(self, name: str) -> ModelEntry:
+        """The entry of model ``name`` (404 if unknown); a request on its way now counts for it."""
         if name not in self.entries:
             raise UnknownModel(f"unknown model '{name}'; available: {sorted(self.entries)}")
+        self.arrivals.assign(name)
         return self.entries[name]
 
     def pick(self, entry: ModelEntry) -> Worker:

@@ -334,3 +334,101 @@ async def test_public_metrics(make_settings):
     async with running(make_settings(models="pixelcnn", api_keys="k", metrics_public=True)) as (_, client):
         assert (await client.get("/metrics")).status_code == 200
         assert (await client.get("/models")).status_code == 401
+
+
+# ---- the batcher's wait: only for requests on their way ------------------------------------------
+
+
+def raw_post(app, path: str, body: bytes, *, body_sent: asyncio.Event):
+    """A raw ASGI POST whose body reaches the app only once ``body_sent`` is set: a request that is
+    inside the app (holding its arrival ticket) but not yet parsed. Returns (task, sent messages)."""
+    sent: list[dict] = []
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        await body_sent.wait()
+        if delivered:  # the client stays connected: the app's disconnect watch waits on
+            await asyncio.Event().wait()
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }  # fmt: skip
+    return asyncio.create_task(app(scope, receive, send)), sent
+
+
+def no_arrivals_left(app) -> bool:
+    arrivals = app.state.registry.arrivals
+    return arrivals.unassigned == 0 and not arrivals.by_model
+
+
+async def test_a_lone_request_does_not_wait_for_company(make_settings):
+    # A 30 s wait would be paid in full by a fixed-delay batcher; nothing else is on its way here.
+    async with running(make_settings(models="pixelcnn", max_batch_wait_ms=30_000)) as (app, client):
+        with anyio.fail_after(10):
+            for _ in range(3):
+                assert (await client.post("/score", json=ONE)).status_code == 200
+                r = await client.post("/sample", json={"model": "pixelcnn", "n": 1, "seed": 1})
+                assert r.status_code == 200
+        assert no_arrivals_left(app)
+
+
+async def test_a_batch_waits_for_a_request_still_on_its_way(make_settings):
+    async with running(make_settings(models="pixelcnn", max_batch_wait_ms=30_000)) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model)
+        submitted = count_submissions(worker)
+        body_sent = asyncio.Event()
+        body = json.dumps({"model": "pixelcnn", "images": [b64(gray_png(1))] * 2}).encode()
+        with anyio.fail_after(10):
+            on_its_way, sent = raw_post(app, "/score", body, body_sent=body_sent)
+            await asyncio.sleep(0)  # let it enter the app and take its ticket
+            assert app.state.registry.arrivals.unassigned == 1
+            queued = asyncio.create_task(client.post("/score", json=ONE))
+            await submitted.wait_for(1)  # the lone queued job: its batch waits for the one on its way
+            body_sent.set()
+            await on_its_way
+            r = await queued
+        assert r.status_code == 200 and sent[0]["status"] == 200
+        assert gate.calls == [3]  # one pass: 1 + 2 images
+        assert no_arrivals_left(app)
+
+
+async def test_arrival_tickets_are_returned_whatever_the_outcome(make_settings):
+    async with running(make_settings(models="pixelcnn,vae", max_upload_bytes=100_000)) as (app, client):
+        await client.post("/score", json=ONE)  # 200
+        await client.post("/score", json={"model": "nope", "images": ONE["images"]})  # 404
+        await client.post("/score", json={"model": "pixelcnn", "images": ["@@"]})  # 422 after the model
+        await client.post("/score", content=b"\xff", headers={"content-type": "application/json"})  # 422 before
+        await client.post("/score", content=b"x" * 200_000, headers={"content-type": "application/json"})  # 413
+        await client.post("/encode", json={"model": "pixelcnn", "images": ONE["images"]})  # 422
+        await client.post("/sample", json={"model": "vae", "n": 2})
+        await client.post("/sample/stream", json={"model": "pixelcnn", "n": 1})
+        await client.get("/models")
+        assert no_arrivals_left(app)
+
+
+def test_arrivals_count_per_model_once_the_model_is_known() -> None:
+    from service.arrivals import Arrivals
+
+    async def flow() -> None:
+        arrivals = Arrivals()
+        a = arrivals.enter()
+        assert arrivals.expected("m") == arrivals.expected("other") == 1  # model not yet known
+        arrivals.assign("m")
+        assert (arrivals.expected("m"), arrivals.expected("other")) == (1, 0)
+        arrivals.assign("other")  # a second lookup in the same request changes nothing
+        assert (arrivals.expected("m"), arrivals.expected("other")) == (1, 0)
+        arrivals.leave()
+        arrivals.leave(a)  # idempotent
+        assert arrivals.expected("m") == 0 and not arrivals.by_model and arrivals.unassigned == 0
+
+    asyncio.run(flow())  # each request runs in its own context; so does this
