@@ -1,15 +1,16 @@
 """Requests on their way to a worker: what lets the batcher wait only when more work is coming.
 
-A fixed batching wait (Triton's ``max_queue_delay``, LitServe's ``batch_timeout``) makes every
-request wait for company, also the lone one whose company never comes. genserve's batcher waits
-only while other work requests are inside the app but not yet in a queue (their bodies being read,
-parsed, their images decoded): those will arrive within a fraction of a millisecond to a few
-milliseconds, and are worth a batch slot; nothing else is.
+A fixed batching wait (Triton's ``max_queue_delay_microseconds``, LitServe's ``batch_timeout``)
+makes every request wait for company, also the lone one whose company never comes. genserve's
+batcher waits only while other work requests are inside the app with their whole body received
+but not yet in a queue (being parsed, their images decoded): those arrive within a fraction of a
+millisecond to a few milliseconds and are worth a batch slot. Nothing else is: not a client still
+uploading, however slowly.
 
-Each POST request holds a :class:`Ticket` from the moment it enters the app (``ArrivalsMiddleware``)
-until its job is queued at a worker, or it is answered without one (a 4xx, say). Until the route
-knows the model, the ticket counts for every model; then for its own. Only the event loop changes
-the counts; worker threads read them (plain int reads).
+Each POST request holds a :class:`Ticket` from the moment its body is complete
+(``ArrivalsMiddleware``) until its job is queued at a worker, or it is answered without one (a 4xx,
+say). Until the route knows the model, the ticket counts for every model; then for its own. Only
+the event loop changes the counts; worker threads read them (plain int reads).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 @dataclass(eq=False)
@@ -42,7 +43,7 @@ class Arrivals:
         return self.unassigned + self.by_model.get(model, 0)
 
     def enter(self) -> Ticket:
-        """A work request entered the app; it becomes the current context's ticket."""
+        """A work request's body is complete; it becomes the current context's ticket."""
         ticket = Ticket()
         self.unassigned += 1
         _current.set(ticket)
@@ -72,8 +73,8 @@ class Arrivals:
 
 
 class ArrivalsMiddleware:
-    """Gives every POST request a ticket for its way to a worker, returned when it is answered at
-    the latest."""
+    """Gives every POST request a ticket once the route has read its whole body (in the route's own
+    context), returned when it is answered at the latest."""
 
     def __init__(self, app: ASGIApp, *, arrivals: Arrivals) -> None:
         self.app = app
@@ -83,8 +84,17 @@ class ArrivalsMiddleware:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        ticket = self.arrivals.enter()
+        ticket: Ticket | None = None
+
+        async def counted_receive() -> Message:
+            nonlocal ticket
+            message = await receive()
+            if ticket is None and message["type"] == "http.request" and not message.get("more_body", False):
+                ticket = self.arrivals.enter()
+            return message
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, counted_receive, send)
         finally:
-            self.arrivals.leave(ticket)
+            if ticket is not None:
+                self.arrivals.leave(ticket)

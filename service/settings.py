@@ -61,11 +61,11 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(default=32, ge=1, description="images per forward pass")
     max_batch_wait_ms: float = Field(
-        default=5.0,
+        default=0.0,
         ge=0,
         description="the longest a batch waits for more requests, and only while requests for its model are "
-        "inside the app on their way to a queue (a lone request never waits); 0: batch what queued while the "
-        "model was busy (docs/serving.md)",
+        "inside the app on their way to a queue (a lone request never waits); 0 (the default, best on CPU): "
+        "batch what queued while the model was busy (docs/serving.md)",
     )
     max_queue: int = Field(default=256, ge=1, description="images waiting or running per worker before 503")
     request_timeout_s: float = Field(default=60.0, gt=0, description="a request waiting longer gets 504")

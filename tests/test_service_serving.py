@@ -16,6 +16,7 @@ import pytest
 from service_helpers import Gate, b64, gray_png, post_json, running, worker_of
 
 import service.batching
+import service.uploads
 from models.outliers import load_scorer
 
 pytestmark = pytest.mark.anyio
@@ -381,24 +382,47 @@ async def test_a_lone_request_does_not_wait_for_company(make_settings):
         assert no_arrivals_left(app)
 
 
-async def test_a_batch_waits_for_a_request_still_on_its_way(make_settings):
+async def test_a_batch_waits_for_a_request_still_on_its_way(make_settings, monkeypatch):
+    decoding, release = threading.Event(), threading.Event()
+    decode_all = service.uploads.decode_all
+
+    def held_decode(data, *args, **kwargs):  # holds the 2-image request in its image decoding
+        if len(data) == 2:
+            decoding.set()
+            release.wait(10)
+        return decode_all(data, *args, **kwargs)
+
+    monkeypatch.setattr(service.uploads, "decode_all", held_decode)
     async with running(make_settings(models="pixelcnn", max_batch_wait_ms=30_000)) as (app, client):
         worker = worker_of(app, "pixelcnn")
         gate = Gate(worker.model)
         submitted = count_submissions(worker)
-        body_sent = asyncio.Event()
-        body = json.dumps({"model": "pixelcnn", "images": [b64(gray_png(1))] * 2}).encode()
         with anyio.fail_after(10):
-            on_its_way, sent = raw_post(app, "/score", body, body_sent=body_sent)
-            await asyncio.sleep(0)  # let it enter the app and take its ticket
-            assert app.state.registry.arrivals.unassigned == 1
+            on_its_way = asyncio.create_task(
+                client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png(1))] * 2})
+            )
+            await wait_thread_event(decoding)
+            assert app.state.registry.arrivals.expected("pixelcnn") == 1
             queued = asyncio.create_task(client.post("/score", json=ONE))
             await submitted.wait_for(1)  # the lone queued job: its batch waits for the one on its way
-            body_sent.set()
-            await on_its_way
-            r = await queued
-        assert r.status_code == 200 and sent[0]["status"] == 200
+            release.set()
+            responses = [await on_its_way, await queued]
+        assert [r.status_code for r in responses] == [200, 200]
         assert gate.calls == [3]  # one pass: 1 + 2 images
+        assert no_arrivals_left(app)
+
+
+async def test_a_client_still_uploading_does_not_hold_batches(make_settings):
+    async with running(make_settings(models="pixelcnn", max_batch_wait_ms=30_000)) as (app, client):
+        body_sent = asyncio.Event()
+        body = json.dumps({"model": "pixelcnn", "images": [b64(gray_png(1))]}).encode()
+        uploading, sent = raw_post(app, "/score", body, body_sent=body_sent)
+        with anyio.fail_after(10):
+            assert (await client.post("/score", json=ONE)).status_code == 200  # no 30 s wait for it
+            assert app.state.registry.arrivals.expected("pixelcnn") == 0
+            body_sent.set()
+            await uploading
+        assert sent[0]["status"] == 200
         assert no_arrivals_left(app)
 
 
