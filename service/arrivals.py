@@ -9,8 +9,10 @@ uploading, however slowly.
 
 Each POST request holds a :class:`Ticket` from the moment its body is complete
 (``ArrivalsMiddleware``) until its job is queued at a worker, or it is answered without one (a 4xx,
-say). Until the route knows the model, the ticket counts for every model; then for its own. Only
-the event loop changes the counts; worker threads read them (plain int reads).
+say); a sampling request gives it back before it waits for a sampling slot. Until the route knows
+the model, the ticket counts for every model; then for its own. With several workers for a model, a
+batch may wait for a request that another worker then takes: the wait's limit bounds that. Only the
+event loop changes the counts; worker threads read them (plain int reads).
 """
 
 from __future__ import annotations

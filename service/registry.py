@@ -362,8 +362,10 @@ class ModelRegistry:
         """Draw n images on the least-loaded worker; ``on_row(rows_done, images)`` runs on its thread."""
         worker = self.pick(entry)
         payload = {"seed": seed, "temperature": temperature, "label": label, "on_row": on_row}
-        async with self._deadline(entry), worker.sample_slots:
-            result: SampleResult = await worker.run("sample", ("sample",), n, payload)
+        async with self._deadline(entry):
+            self.arrivals.leave()  # waiting for a sampling slot is not being a moment behind: batches go on
+            async with worker.sample_slots:
+                result: SampleResult = await worker.run("sample", ("sample",), n, payload)
         return result
 
     @contextlib.asynccontextmanager

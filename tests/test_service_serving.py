@@ -440,6 +440,19 @@ async def test_arrival_tickets_are_returned_whatever_the_outcome(make_settings):
         assert no_arrivals_left(app)
 
 
+async def test_a_sampling_request_waiting_for_a_slot_is_not_on_its_way(make_settings):
+    async with running(make_settings(models="pixelcnn", max_concurrent_samples=1)) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        with anyio.fail_after(10):
+            async with worker.sample_slots:  # the one slot is taken
+                waiting = asyncio.create_task(client.post("/sample", json={"model": "pixelcnn", "seed": 1}))
+                while not worker.sample_slots._waiters:  # until the request waits for the slot
+                    await asyncio.sleep(0)
+                assert app.state.registry.arrivals.expected("pixelcnn") == 0
+            assert (await waiting).status_code == 200
+        assert no_arrivals_left(app)
+
+
 def test_arrivals_count_per_model_once_the_model_is_known() -> None:
     from service.arrivals import Arrivals
 
