@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from service_helpers import b64, decode_png, gray_png
+from test_service_sampling import parse_sse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,3 +103,30 @@ def test_real_server_samples_and_scores(server):
         assert r.status_code == 200 and r.headers["x-request-id"] == "e2e-1"
         assert "genserve_requests_total" in client.get("/metrics").text
     log.wait_for('"request_id": "e2e-1"')  # one JSON log line per request
+
+
+@pytest.mark.slow
+def test_real_server_streams_samples_to_curl_and_httpx(server):
+    url, _ = server
+    body = {"model": "pixelcnn", "n": 2, "seed": 4}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        with client.stream("POST", "/sample/stream?partial_every=4", json=body) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            assert "content-length" not in r.headers  # sent as it is made, not buffered
+            text = "".join(r.iter_text())
+        plain = client.post("/sample", json=body).json()
+    events = parse_sse(text)
+    names = [name for name, _ in events]
+    assert names[0] == "start" and names[-1] == "result"
+    assert names.count("progress") == 8 and names.count("partial") == 1  # 8 rows; the last ones come as the result
+    assert events[-1][1]["images"] == plain["images"]
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    out = subprocess.run(
+        [curl, "-sN", "-X", "POST", f"{url}/sample/stream", "-H", "Content-Type: application/json",
+         "-d", json.dumps(body)],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert parse_sse(out)[-1][1]["images"] == plain["images"]
