@@ -9,7 +9,8 @@ exact log-probability of what was drawn, progress reports, and cancelled parts l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 import torch
@@ -17,6 +18,8 @@ from torch import Tensor
 
 from models.base import AutoregressiveModel, SampleOutput, SamplePart, draw_categorical
 from models.likelihood import to_unit_range
+
+logger = logging.getLogger(__name__)
 
 LogitsHook = Callable[[int, int, int, Tensor], None]
 """``on_logits(i, j, c, logits)`` sees the (n, L) logits of every step (tests compare them with the
@@ -53,18 +56,51 @@ def capture_cuda_graph(step: Callable[[], Tensor], state: list[Tensor]) -> tuple
     """
     device = state[0].device
     saved = [t.clone() for t in state]
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        out = step()
-    for t, s in zip(state, saved, strict=True):
-        t.copy_(s)
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = step()
+    finally:
+        for t, s in zip(state, saved, strict=True):
+            t.copy_(s)
     return graph.replay, out
+
+
+class StepGraphs:
+    """A stepper's pixel step as CUDA graphs, one per variant (``key``), each captured on first use.
+
+    If a capture fails (an operation this torch build cannot capture, say), the stepper runs the
+    step eagerly from then on, with a warning: the images are the same either way, only slower.
+    """
+
+    def __init__(self) -> None:
+        self.graphs: dict[Hashable, tuple[Callable[[], None], Tensor]] = {}
+        self.failed = False
+
+    def run(self, key: Hashable, step: Callable[[], Tensor], state: list[Tensor]) -> Tensor:
+        """``step()``'s result, by replaying its graph; ``state``: the tensors ``step`` changes."""
+        if self.failed:
+            return step()
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = capture_cuda_graph(step, state)
+            except RuntimeError:
+                logger.warning("CUDA graph capture failed; sampling without graphs", exc_info=True)
+                self.failed = True
+                return step()
+        replay, out = self.graphs[key]
+        replay()
+        return out
+
+    def reset(self) -> None:
+        """The buffers moved (the batch shrank): capture again on next use."""
+        self.graphs = {}
 
 
 class Stepper(Protocol):

@@ -19,7 +19,6 @@ the same images.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import RowCallback, SampleOutput, SamplePart
-from models.cached_sampling import LogitsHook, capture_cuda_graph, masked_matrix, run_parts
+from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, run_parts
 from models.pixelcnn import GatedBlock, PixelCNN
 
 
@@ -140,9 +139,7 @@ class _PixelCNNStepper:
         self.links = torch.stack([layer.block.v_to_h(zeros)[:, :, 0] for layer in self.layers])  # (layers, n, 2h, W)
         self.link_j = self.links[..., 0].clone()  # (layers, n, 2h): the current column's links
         self.pixel = (-1, -1)
-        self.graphs: dict[bool, tuple[Callable[[], None], Tensor]] | None = None
-        if cuda_graphs:
-            self.graphs = {}
+        self.graphs = StepGraphs() if cuda_graphs else None  # one with the window shift, one without
 
     def logits(self, i: int, j: int) -> Tensor:
         shift = False
@@ -152,11 +149,7 @@ class _PixelCNNStepper:
             shift = j > 0  # a new row starts from zeroed windows (end_row)
         if self.graphs is None:
             return self._step(shift)
-        if shift not in self.graphs:  # one graph with the shift, one without
-            self.graphs[shift] = capture_cuda_graph(lambda: self._step(shift), [self.win0, self.winh])
-        replay, out = self.graphs[shift]
-        replay()
-        return out
+        return self.graphs.run(shift, lambda: self._step(shift), [self.win0, self.winh])
 
     def put(self, i: int, j: int, c: int, value: Tensor) -> None:
         value = value.to(self.dtype)
@@ -176,7 +169,7 @@ class _PixelCNNStepper:
         for layer in self.layers:
             layer.select(idx)
         if self.graphs is not None:
-            self.graphs = {}  # the buffers moved: capture again on the next step
+            self.graphs.reset()
 
     def _step(self, shift: bool) -> Tensor:
         """Shift the windows to a new pixel if ``shift``, then one pixel step: logits (n, C, L)."""

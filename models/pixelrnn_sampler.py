@@ -18,14 +18,12 @@ reference sampler's for the same seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import SampleOutput, SamplePart
-from models.cached_sampling import LogitsHook, capture_cuda_graph, masked_matrix, run_parts
+from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, run_parts
 from models.pixelrnn import PixelRNN, RowLSTMLayer, lstm_cell
 
 
@@ -105,9 +103,8 @@ class _RowLSTMStepper:
         self.row_pre = like.new_zeros(n_layers, n, width, 4 * h)
         self._start_row(torch.zeros_like(self.image[:, :, 0]))  # row 0: everything above is zero
         self.pixel = (-1, -1)
-        self.graphs: dict[bool, tuple[Callable[[], None], Tensor]] | None = None
+        self.graphs = StepGraphs() if cuda_graphs else None  # one with the window shift, one without
         if cuda_graphs:
-            self.graphs = {}
             # The graphs' fixed inputs (the current column of row_pre and c_prev) and outputs.
             self.pre_j = like.new_zeros(n_layers, n, 4 * h)
             self.c_j, self.h_out, self.c_out = (like.new_zeros(n_layers, n, h) for _ in range(3))
@@ -124,13 +121,8 @@ class _RowLSTMStepper:
             return self._step(
                 shift, self.row_pre[:, :, j], self.c_prev[:, :, j], self.h_cur[:, :, j], self.c_cur[:, :, j]
             )
-        if shift not in self.graphs:  # one graph with the shift, one without
-            state = [self.win0, self.winh, self.h_out, self.c_out]
-            self.graphs[shift] = capture_cuda_graph(
-                lambda: self._step(shift, self.pre_j, self.c_j, self.h_out, self.c_out), state
-            )
-        replay, out = self.graphs[shift]
-        replay()
+        state = [self.win0, self.winh, self.h_out, self.c_out]
+        out = self.graphs.run(shift, lambda: self._step(shift, self.pre_j, self.c_j, self.h_out, self.c_out), state)
         self.h_cur[:, :, j], self.c_cur[:, :, j] = self.h_out, self.c_out
         return out
 
@@ -155,7 +147,7 @@ class _RowLSTMStepper:
         if self.graphs is not None:
             self.pre_j, self.c_j = self.pre_j[:, idx], self.c_j[:, idx]
             self.h_out, self.c_out = self.h_out[:, idx], self.c_out[:, idx]
-            self.graphs = {}  # the buffers moved: capture again on the next step
+            self.graphs.reset()
 
     def _start_row(self, image_row_above: Tensor) -> None:
         for li, layer in enumerate(self.layers):

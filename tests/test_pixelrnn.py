@@ -227,10 +227,11 @@ def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.Mo
     """The stepper's CUDA-graph bookkeeping on CPU, with the stand-in recorder of test_sampling:
     fixed input columns copied in, hidden and cell states copied out, graphs captured again after a
     part leaves the batch."""
+    import models.cached_sampling as cached_sampling
     import models.pixelrnn_sampler as sampler
 
     captures: list[int] = []
-    monkeypatch.setattr(sampler, "capture_cuda_graph", stand_in_recorder(captures))
+    monkeypatch.setattr(cached_sampling, "capture_cuda_graph", stand_in_recorder(captures))
     model = tiny(height=4, width=5, levels=6, in_channels=3, n_classes=3, input_kernel=2, state_kernel=3)
     rows = {"n": 0}
 

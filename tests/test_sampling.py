@@ -182,11 +182,12 @@ def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.Mo
     """The stepper's graph bookkeeping, on CPU: a stand-in recorder that, like a CUDA graph, keeps
     the captured step and writes each replay into the output tensor it returned at capture. Two
     graphs (with and without the window shift), captured again after a part leaves the batch."""
+    import models.cached_sampling as cached_sampling
     import models.pixelcnn_sampler as sampler
     from models.cached_sampling import run_parts
 
     captures: list[int] = []
-    monkeypatch.setattr(sampler, "capture_cuda_graph", stand_in_recorder(captures))
+    monkeypatch.setattr(cached_sampling, "capture_cuda_graph", stand_in_recorder(captures))
     model = tiny(channels=3, n_classes=3)
 
     def parts() -> list[SamplePart]:
@@ -209,6 +210,34 @@ def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.Mo
     assert plain[0] is not None and graphs[0] is not None
     assert torch.equal(plain[0].images, graphs[0].images)
     assert torch.allclose(plain[0].log_prob, graphs[0].log_prob)  # type: ignore[arg-type]
+
+
+def test_a_failed_capture_falls_back_to_plain_steps(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    import models.cached_sampling as cached_sampling
+    import models.pixelcnn_sampler as sampler
+    from models.cached_sampling import run_parts
+
+    calls: list[int] = []
+
+    def refuse(step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        """A capture that fails after its warm-up steps; like the real one, it restores the state."""
+        calls.append(1)
+        saved = [t.clone() for t in state]
+        step()
+        for t, s in zip(state, saved, strict=True):
+            t.copy_(s)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cached_sampling, "capture_cuda_graph", refuse)
+    model = tiny(channels=3)
+    part = [SamplePart(2, torch.Generator().manual_seed(3))]
+    plain = run_parts(model, part, lambda n, y: sampler._PixelCNNStepper(model, n, y))[0]
+    part = [SamplePart(2, torch.Generator().manual_seed(3))]
+    with caplog.at_level("WARNING", logger="models.cached_sampling"):
+        fallback = run_parts(model, part, lambda n, y: sampler._PixelCNNStepper(model, n, y, cuda_graphs=True))[0]
+    assert plain is not None and fallback is not None and torch.equal(plain.images, fallback.images)
+    assert calls == [1]  # tried once, then plain steps for the rest of the generation
+    assert "CUDA graph capture failed" in caplog.text
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
