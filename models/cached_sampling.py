@@ -46,6 +46,14 @@ def masked_matrix(conv: MaskedConv) -> Tensor:
     return w.reshape(w.shape[0], -1).t().contiguous()
 
 
+def next_column(*windows: Tensor) -> None:
+    """Move column windows (..., k) on by one pixel, in place: every column one to the left, the
+    last (the new pixel's, written by the next step or draw) zero. The tensors keep their addresses."""
+    for w in windows:
+        w[..., :-1] = w[..., 1:].clone()
+        w[..., -1] = 0
+
+
 def capture_cuda_graph(step: Callable[[], Tensor], state: list[Tensor]) -> tuple[Callable[[], None], Tensor]:
     """Record ``step`` (CUDA work on buffers that keep their addresses) as a CUDA graph.
 

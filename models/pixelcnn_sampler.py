@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import RowCallback, SampleOutput, SamplePart
-from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, run_parts
+from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, next_column, run_parts
 from models.pixelcnn import GatedBlock, PixelCNN
 
 
@@ -122,7 +122,6 @@ class _PixelCNNStepper:
         dev = model.device
         dtype = model.out1.weight.dtype
         self.model = model
-        self.n = n
         self.dtype = dtype
         self.layers = [_Layer(cast(GatedBlock, b), labels) for b in model.blocks]
         self.head1, self.head2 = masked_matrix(model.out1), masked_matrix(model.out2)
@@ -162,7 +161,6 @@ class _PixelCNNStepper:
         self.winh.zero_()
 
     def select(self, idx: Tensor) -> None:
-        self.n = int(idx.shape[0])
         self.xin, self.win0, self.winh = self.xin[idx], self.win0[idx], self.winh[:, idx]
         self.vouts = [v[idx] for v in self.vouts]
         self.links, self.link_j = self.links[:, idx], self.link_j[:, idx]
@@ -174,9 +172,7 @@ class _PixelCNNStepper:
     def _step(self, shift: bool) -> Tensor:
         """Shift the windows to a new pixel if ``shift``, then one pixel step: logits (n, C, L)."""
         if shift:
-            self.win0[:, :, :-1] = self.win0[:, :, 1:].clone()
-            self.win0[:, :, -1] = 0
-            self.winh[..., :-1] = self.winh[..., 1:].clone()
+            next_column(self.win0, self.winh)
         return _pixel_step(self.model, self.layers, self.win0, self.winh, self.link_j, self.head1, self.head2)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import SampleOutput, SamplePart
-from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, run_parts
+from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, next_column, run_parts
 from models.pixelrnn import PixelRNN, RowLSTMLayer, lstm_cell
 
 
@@ -158,9 +158,7 @@ class _RowLSTMStepper:
         part of its gates ``pre_j`` (L, n, 4h) and the cell states above ``c_j`` (L, n, h); writes the
         new hidden and cell states into ``h_out`` and ``c_out`` (L, n, h) and returns the logits (n, C, L)."""
         if shift:
-            self.win0[:, :, :-1] = self.win0[:, :, 1:].clone()
-            self.win0[:, :, -1] = 0
-            self.winh[..., :-1] = self.winh[..., 1:].clone()
+            next_column(self.win0, self.winh)
         n = self.win0.shape[0]
         stream = self.win0[:, :, -1]
         for li, layer in enumerate(self.layers):
