@@ -1,4 +1,6 @@
-"""Request body size limit: refuse on Content-Length at once, and count bytes while reading."""
+"""Request limits at the door: body size (refused on Content-Length at once, and counted while
+reading) and work requests in flight (refused before their bodies are read). Together they bound the
+memory uploads can take: GENSERVE_MAX_CONCURRENT_REQUESTS x GENSERVE_MAX_UPLOAD_BYTES."""
 
 from __future__ import annotations
 
@@ -42,7 +44,41 @@ class BodySizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": too_large_detail(self.max_bytes)}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, {"detail": too_large_detail(self.max_bytes)})
+
+
+class ConcurrencyLimitMiddleware:
+    """503 at once, with Retry-After, for a POST (the work routes) beyond ``max_requests`` in flight,
+    before its body is read. GET routes (health, readiness, metrics, model info) always pass."""
+
+    def __init__(self, app: ASGIApp, *, max_requests: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_requests:
+            detail = (
+                f"the service is at its limit of {self.max_requests} requests in flight "
+                "(GENSERVE_MAX_CONCURRENT_REQUESTS); retry later"
+            )
+            await send_json(send, 503, {"detail": detail}, headers=[(b"retry-after", b"1")])
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+async def send_json(
+    send: Send, status: int, content: dict[str, str], *, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """A whole JSON response from a middleware (no route, no framework)."""
+    body = json.dumps(content).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=256, ge=1, description="images waiting or running per worker before 503")
     request_timeout_s: float = Field(default=60.0, gt=0, description="a request waiting longer gets 504")
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="request body limit (413 above)")
+    max_concurrent_requests: int = Field(
+        default=256,
+        ge=1,
+        description="POST requests in flight before more are refused at once (503); with max_upload_bytes it "
+        "bounds the memory uploads can take",
+    )
     max_images: int = Field(default=64, ge=1, description="images per /score request")
     max_samples: int = Field(default=64, ge=1, description="n per /sample request")
     max_concurrent_samples: int = Field(

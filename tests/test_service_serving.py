@@ -469,3 +469,45 @@ def test_arrivals_count_per_model_once_the_model_is_known() -> None:
         assert arrivals.expected("m") == 0 and not arrivals.by_model and arrivals.unassigned == 0
 
     asyncio.run(flow())  # each request runs in its own context; so does this
+
+
+async def test_requests_beyond_the_in_flight_limit_are_503_before_their_bodies_are_read(make_settings):
+    async with running(make_settings(models="pixelcnn", max_concurrent_requests=2)) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model, block=True)
+        submitted = count_submissions(worker)
+        with anyio.fail_after(10):
+            held = [asyncio.create_task(client.post("/score", json=ONE)) for _ in range(2)]
+            await submitted.wait_for(2)  # both in flight, the first one in the (held) model
+
+            body_read = asyncio.Event()
+            body = json.dumps(ONE).encode()
+
+            async def receive() -> dict:
+                body_read.set()
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            sent: list[dict] = []
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                "path": "/score", "raw_path": b"/score", "query_string": b"", "root_path": "", "headers": headers,
+                "client": ("127.0.0.1", 1), "server": ("test", 80),
+            }  # fmt: skip
+            await app(scope, receive, send)
+            assert sent[0]["status"] == 503 and not body_read.is_set()
+            assert (b"retry-after", b"1") in sent[0]["headers"]
+            assert json.loads(sent[1]["body"])["detail"] == (
+                "the service is at its limit of 2 requests in flight (GENSERVE_MAX_CONCURRENT_REQUESTS); retry later"
+            )
+            assert (await client.get("/readyz")).status_code == 200  # probes are never refused
+            assert (await client.get("/models")).status_code == 200
+            gate.release.set()
+            assert [(await t).status_code for t in held] == [200, 200]
+            assert (await client.post("/score", json=ONE)).status_code == 200  # the slots came back
+        labels = {"route": "unmatched", "model": "", "status": "503"}
+        assert app.state.metrics.sample_value("genserve_requests_total", labels) == 1
