@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a lent device machine (its tool's README): the GPU tests, then the
-# sampling and serving benchmarks on cuda:0 with the shipped models. Results land in $OUT (8 files).
+# sampling and serving benchmarks on cuda:0 with the shipped models. Results land in $OUT (7 files).
 #
 #   here:     make gpu-wheels                      # the web stack the device image lacks, into .whl/
 #   device:   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
@@ -28,8 +28,8 @@ timeout 100 python3 bench/sampling.py --device cuda --model checkpoints/pixelrnn
   --json 2>&1 | tee "$OUT/sampling-pixelrnn.json"
 
 for model in vae-fmnist pixelcnn-fmnist; do
-  for wait in 0 5; do
-    GENSERVE_MAX_BATCH_WAIT_MS=$wait timeout 90 python3 bench/throughput.py --model "$model" --device cuda:0 \
-      --seconds 5 --client httpx 2>&1 | tee "$OUT/throughput-$model-wait$wait.txt"
-  done
+  timeout 90 python3 bench/throughput.py --model "$model" --device cuda:0 --seconds 5 --client httpx \
+    2>&1 | tee "$OUT/throughput-$model.txt"
+  timeout 150 python3 bench/settings_ab.py --model "$model" --device cuda:0 --seconds 4 --rounds 2 --client httpx \
+    --config GENSERVE_MAX_BATCH_WAIT_MS=0 --config GENSERVE_MAX_BATCH_WAIT_MS=5 2>&1 | tee "$OUT/ab-wait-$model.txt"
 done

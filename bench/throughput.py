@@ -141,11 +141,47 @@ def batch_stats(url: str) -> tuple[float, float]:
     return total, count
 
 
-def start_server(model_dir: Path, model: str, device: str, port: int) -> subprocess.Popen[bytes]:
+def start_server(
+    model_dir: Path, model: str, device: str, port: int, *, settings: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``genserve serve`` for one model; ``settings``: GENSERVE_* variables over this environment's."""
     cmd = [sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
     cmd += ["--models", model, "--devices", device]
-    env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096"}
+    env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096", **(settings or {})}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def score_body(url: str, model: str, score_type: str) -> dict[str, Any]:
+    """A one-image /score request for the served model (labelled if the model is conditional)."""
+    info = httpx.get(f"{url}/models/{model}", timeout=10).json()
+    body: dict[str, Any] = {"model": model, "images": [random_png(info["shape"])], "score_type": score_type}
+    if info["conditional"]:
+        body["label"] = 0
+    return body
+
+
+def http_phases(url: str, body: dict[str, Any], *, client: str, seconds: float) -> dict[str, Any]:
+    """Images/s (and the mean batch the server formed) with 1 and with 32 concurrent clients."""
+    out: dict[str, Any] = {}
+    for clients in (1, 32):
+        before = batch_stats(url)
+        if client == "hey":
+            phase = hey_phase(url, body, clients=clients, seconds=seconds)
+        else:
+            phase = asyncio.run(http_phase(url, body, clients=clients, seconds=seconds))
+        after = batch_stats(url)
+        batches = after[1] - before[1]
+        phase["mean_batch_images"] = (after[0] - before[0]) / batches if batches else 0.0
+        out[f"http_{clients}_clients"] = phase
+    return out
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
@@ -183,31 +219,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proc = start_server(Path(args.model_dir), args.model, args.device, port)
     try:
         wait_ready(url, proc)
-        info = httpx.get(f"{url}/models/{args.model}", timeout=10).json()
         # the same score type as the in-process rows: the server computes what they compute, like for like
-        body: dict[str, Any] = {
-            "model": args.model,
-            "images": [random_png(info["shape"])],
-            "score_type": args.score_type,
-        }
-        if info["conditional"]:
-            body["label"] = 0
-        for clients in (1, 32):
-            before = batch_stats(url)
-            if args.client == "hey":
-                phase = hey_phase(url, body, clients=clients, seconds=args.seconds)
-            else:
-                phase = asyncio.run(http_phase(url, body, clients=clients, seconds=args.seconds))
-            after = batch_stats(url)
-            batches = after[1] - before[1]
-            phase["mean_batch_images"] = (after[0] - before[0]) / batches if batches else 0.0
-            result[f"http_{clients}_clients"] = phase
+        body = score_body(url, args.model, args.score_type)
+        result |= http_phases(url, body, client=args.client, seconds=args.seconds)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     one = result["http_1_clients"]["images_per_s"]
     many = result["http_32_clients"]["images_per_s"]
     result["batching_gain"] = many / one if one else None

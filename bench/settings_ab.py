@@ -1,0 +1,134 @@
+"""What does a server setting do to /score throughput? Configurations against each other, in one run.
+
+On a shared, noisy machine two separate runs minutes apart differ by more than most settings do.
+This bench alternates the configurations round after round (A B, B A, A B, ...), restarting the
+real ``genserve serve`` for each, measures HTTP images/s with 1 and with 32 concurrent clients
+(one image per request, as ``bench/throughput.py``), and reports each configuration's median over
+the rounds and its ratio to the first configuration's median.
+
+    python bench/settings_ab.py --model vae-fmnist --client hey --rounds 3 \\
+        --config GENSERVE_MAX_BATCH_WAIT_MS=0 --config GENSERVE_MAX_BATCH_WAIT_MS=5
+
+A ``--config`` is a comma list of GENSERVE_* assignments (empty: the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import free_port, http_phases, score_body, start_server, stop_server, wait_ready
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """'GENSERVE_A=1,GENSERVE_B=x' -> {'GENSERVE_A': '1', 'GENSERVE_B': 'x'}."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("GENSERVE_"):
+            raise argparse.ArgumentTypeError(f"'{item}' is not a GENSERVE_NAME=value assignment")
+        out[name] = value
+    return out
+
+
+def measure(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any]:
+    """One round of one configuration: a fresh server, the 1- and 32-client phases."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(Path(args.model_dir), args.model, args.device, port, settings=settings)
+    try:
+        wait_ready(url, proc)
+        return http_phases(url, score_body(url, args.model, args.score_type), client=args.client, seconds=args.seconds)
+    finally:
+        stop_server(proc)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    configs: list[dict[str, str]] = args.config
+    rounds: list[list[dict[str, Any] | None]] = [[None] * len(configs) for _ in range(args.rounds)]
+    for r in range(args.rounds):
+        order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))  # cancel drift
+        for k in order:
+            rounds[r][k] = measure(args, configs[k])
+    summary = []
+    for k, settings in enumerate(configs):
+        runs = [rounds[r][k] for r in range(args.rounds)]
+        assert all(run is not None for run in runs)
+
+        def median(key: str, field: str, runs: list[Any] = runs) -> float:
+            return statistics.median(run[key][field] for run in runs)
+
+        one, many = median("http_1_clients", "images_per_s"), median("http_32_clients", "images_per_s")
+        summary.append(
+            {
+                "settings": settings,
+                "http_1_client_images_per_s": one,
+                "http_32_clients_images_per_s": many,
+                "mean_batch_32_clients": median("http_32_clients", "mean_batch_images"),
+                "errors": sum(run[key]["errors"] for run in runs for key in ("http_1_clients", "http_32_clients")),
+                "batching_gain": many / one if one else None,
+                "rounds": runs,
+            }
+        )
+    base = summary[0]
+    for s in summary:
+        s["ratio_1_client"] = s["http_1_client_images_per_s"] / base["http_1_client_images_per_s"]
+        s["ratio_32_clients"] = s["http_32_clients_images_per_s"] / base["http_32_clients_images_per_s"]
+    return {
+        "model": args.model,
+        "device": args.device,
+        "client": args.client,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "score_type": args.score_type,
+        "torch": torch.__version__,
+        "configs": summary,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"model {result['model']} on {result['device']}, HTTP client {result['client']}, "
+        f"{result['seconds']:g} s per phase, medians of {result['rounds']} alternating rounds",
+        "",
+        f"{'settings':44} {'1 client':>9} {'32 clients':>11} {'batch':>6} {'gain':>6} {'vs first (1 / 32)':>18}",
+    ]
+    for s in result["configs"]:
+        name = " ".join(f"{k}={v}" for k, v in s["settings"].items()) or "(the defaults)"
+        per_round = " ".join(f"{run['http_32_clients']['images_per_s']:.0f}" for run in s["rounds"])
+        lines.append(
+            f"{name:44} {s['http_1_client_images_per_s']:9.1f} {s['http_32_clients_images_per_s']:11.1f} "
+            f"{s['mean_batch_32_clients']:6.1f} {s['batching_gain']:5.2f}x "
+            f"{s['ratio_1_client']:8.2f} / {s['ratio_32_clients']:.2f}   (32 clients by round: {per_round})"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", default="checkpoints")
+    p.add_argument("--model", required=True, help="checkpoint folder name under --model-dir")
+    p.add_argument("--config", type=parse_config, action="append", required=True, help="GENSERVE_A=1,GENSERVE_B=2")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every configuration once")
+    p.add_argument("--seconds", type=float, default=8.0, help="duration of each HTTP phase")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--score-type", default="nll")
+    p.add_argument("--client", choices=["httpx", "hey"], default="httpx")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args()
+    if len(args.config) < 2:
+        p.error("give at least two --config to compare")
+    result = run(args)
+    print(json.dumps(result) if args.json else table(result))  # noqa: T201 - the benchmark's output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end on a tiny model (their numbers live in docs/, not here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from settings_ab import parse_config  # noqa: E402
+
+
+def test_settings_ab_parses_configs_and_names_a_bad_one() -> None:
+    assert parse_config("GENSERVE_MAX_BATCH_WAIT_MS=5, GENSERVE_MAX_BATCH_SIZE=8") == {
+        "GENSERVE_MAX_BATCH_WAIT_MS": "5",
+        "GENSERVE_MAX_BATCH_SIZE": "8",
+    }
+    assert parse_config("") == {}
+    with pytest.raises(argparse.ArgumentTypeError, match="'MAX_BATCH=5' is not a GENSERVE_NAME=value"):
+        parse_config("MAX_BATCH=5")
+
+
+def run_json(*args: str) -> dict:
+    out = subprocess.run([sys.executable, *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.slow
+def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None:
+    r = run_json("bench/throughput.py", "--model-dir", str(model_dir), "--model", "vae", "--seconds", "0.3")
+    assert r["http_1_clients"]["requests"] > 0 and r["http_32_clients"]["requests"] > 0
+    assert r["http_1_clients"]["errors"] == r["http_32_clients"]["errors"] == 0
+    assert r["http_32_clients"]["mean_batch_images"] >= 1.0
+
+    ab = run_json(
+        "bench/settings_ab.py", "--model-dir", str(model_dir), "--model", "vae", "--seconds", "0.3",
+        "--rounds", "1", "--config", "GENSERVE_MAX_BATCH_SIZE=1", "--config", "",
+    )  # fmt: skip
+    first, second = ab["configs"]
+    assert first["settings"] == {"GENSERVE_MAX_BATCH_SIZE": "1"} and second["settings"] == {}
+    assert first["mean_batch_32_clients"] == 1.0  # batching off really was off in that server
+    assert first["errors"] == second["errors"] == 0
+    assert first["ratio_32_clients"] == 1.0
