@@ -56,6 +56,17 @@ async def running(settings: Any, *, wait: bool = True) -> AsyncIterator[tuple[An
             yield app, client
 
 
+def json_post_scope(path: str, body: bytes) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST of ``body`` to ``path``, for tests that drive the app by hand
+    (their own ``receive``: a body held back, a client that hangs up)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }  # fmt: skip
+
+
 class Gate:
     """Instruments one loaded model: records each log_prob batch size, and can hold the worker thread.
 

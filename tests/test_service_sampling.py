@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from service_helpers import Gate, b64, gray_png, running, worker_of
+from service_helpers import Gate, b64, gray_png, json_post_scope, running, worker_of
 
 pytestmark = pytest.mark.anyio
 
@@ -143,12 +143,7 @@ async def test_a_cancelled_stream_stops_its_generation_and_frees_its_slot(make_s
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": "/sample/stream", "raw_path": b"/sample/stream", "query_string": b"", "root_path": "",
-            "headers": headers, "client": ("127.0.0.1", 1), "server": ("test", 80),
-        }  # fmt: skip
+        scope = json_post_scope("/sample/stream", body)
         call = asyncio.create_task(app(scope, receive, send))
         await wait_thread_event(row1)
         assert sent[0]["status"] == 200

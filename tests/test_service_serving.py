@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from service_helpers import Gate, b64, gray_png, post_json, running, worker_of
+from service_helpers import Gate, b64, gray_png, json_post_scope, post_json, running, worker_of
 
 import service.batching
 import service.uploads
@@ -272,12 +272,7 @@ async def test_client_disconnect_drops_its_queued_job(make_settings):
         async def send(message: dict) -> None:
             sent.append(message)
 
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": "/score", "raw_path": b"/score", "query_string": b"", "root_path": "", "headers": headers,
-            "client": ("127.0.0.1", 1), "server": ("test", 80),
-        }  # fmt: skip
+        scope = json_post_scope("/score", body)
         call = asyncio.create_task(app(scope, receive, send))
         await submitted.wait_for(2)
         assert worker.load == 6
@@ -357,12 +352,7 @@ def raw_post(app, path: str, body: bytes, *, body_sent: asyncio.Event):
     async def send(message: dict) -> None:
         sent.append(message)
 
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
-        "client": ("127.0.0.1", 1), "server": ("test", 80),
-    }  # fmt: skip
+    scope = json_post_scope(path, body)
     return asyncio.create_task(app(scope, receive, send)), sent
 
 
@@ -492,12 +482,7 @@ async def test_requests_beyond_the_in_flight_limit_are_503_before_their_bodies_a
             async def send(message: dict) -> None:
                 sent.append(message)
 
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            scope = {
-                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-                "path": "/score", "raw_path": b"/score", "query_string": b"", "root_path": "", "headers": headers,
-                "client": ("127.0.0.1", 1), "server": ("test", 80),
-            }  # fmt: skip
+            scope = json_post_scope("/score", body)
             await app(scope, receive, send)
             assert sent[0]["status"] == 503 and not body_read.is_set()
             assert (b"retry-after", b"1") in sent[0]["headers"]
