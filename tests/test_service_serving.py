@@ -336,8 +336,8 @@ async def test_public_metrics(make_settings):
 
 
 def raw_post(app, path: str, body: bytes, *, body_sent: asyncio.Event):
-    """A raw ASGI POST whose body reaches the app only once ``body_sent`` is set: a request that is
-    inside the app (holding its arrival ticket) but not yet parsed. Returns (task, sent messages)."""
+    """A raw ASGI POST whose body reaches the app only once ``body_sent`` is set: a client that is
+    still uploading (so it holds no arrival ticket yet). Returns (task, sent messages)."""
     sent: list[dict] = []
     delivered = False
 
