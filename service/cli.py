@@ -65,5 +65,14 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(settings)
     logger.info("serving %s on http://%s:%d (docs at /docs)", settings.model_dir, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    # On SIGTERM/SIGINT uvicorn stops accepting, lets requests in flight finish for up to
+    # shutdown_timeout_s, cancels the rest, then runs the app's shutdown (the workers stop).
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
     return 0

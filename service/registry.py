@@ -34,6 +34,10 @@ from service.settings import Settings
 
 logger = logging.getLogger("genserve.registry")
 
+# At shutdown, after the requests in flight (GENSERVE_SHUTDOWN_TIMEOUT_S): the longest the app waits
+# for the workers' running batches to end (their threads are daemons: the process exits regardless).
+WORKER_STOP_TIMEOUT_S = 10.0
+
 
 class RegistryError(ValueError):
     """The configured models cannot be served; the message says how to fix the settings."""
@@ -276,7 +280,9 @@ class ModelRegistry:
         self.started = True
         logger.info("loading %d model(s) on %s", len(self.entries), ",".join(self.settings.device_list))
 
-    async def close(self, timeout_s: float = 10.0) -> None:
+    async def close(self, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> None:
+        """Stop every worker (queued jobs get 503) and wait up to ``timeout_s`` in all for the
+        batches they are running to end."""
         for worker in self.workers:
             worker.close()
         deadline = time.monotonic() + timeout_s

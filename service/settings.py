@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(default=256, ge=1, description="images waiting or running per worker before 503")
     request_timeout_s: float = Field(default=60.0, gt=0, description="a request waiting longer gets 504")
+    shutdown_timeout_s: int = Field(
+        default=30,
+        ge=0,
+        description="on SIGTERM or SIGINT: seconds that requests in flight get to finish (new connections are "
+        "refused at once); those still running then are cancelled and the process exits",
+    )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="request body limit (413 above)")
     max_concurrent_requests: int = Field(
         default=256,

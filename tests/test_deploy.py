@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from service.metrics import Metrics
+from service.registry import WORKER_STOP_TIMEOUT_S
 from service.settings import Settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with the deploy tools (make deploy-tools)")
@@ -103,6 +104,30 @@ def test_deployment_probes_resources_and_references() -> None:
     assert set(configmap["data"]) | set(secret["stringData"]) <= setting_names()
     assert configmap["data"]["GENSERVE_DEVICES"] == "auto"
     assert set(secret["stringData"]) == {"GENSERVE_API_KEYS"}
+
+
+def seconds(text: str) -> float:
+    """A Compose duration such as "40s" or "1m30s" in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+    assert parts and text, f"not a duration: {text!r}"
+    return sum(int(v) * units[u] for v, u in zip(parts.groups(), "hms", strict=True) if v)
+
+
+def test_orchestrators_wait_longer_than_the_drain() -> None:
+    """SIGKILL must not cut the graceful shutdown short: Kubernetes' grace period covers the preStop
+    sleep, GENSERVE_SHUTDOWN_TIMEOUT_S for requests in flight and the wait for the workers' last
+    batches; Compose's stop_grace_period the last two at the default timeout."""
+    deployment = load_yaml(K8S / "deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    drain = int(load_yaml(K8S / "configmap.yaml")["data"]["GENSERVE_SHUTDOWN_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] >= int(sleep[1]) + drain + WORKER_STOP_TIMEOUT_S
+    compose = load_yaml(ROOT / "docker-compose.yml")["services"]["genserve"]
+    default = Settings.model_fields["shutdown_timeout_s"].default
+    assert seconds(compose["stop_grace_period"]) >= default + WORKER_STOP_TIMEOUT_S
 
 
 def test_kustomizations_list_every_manifest() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,26 +67,41 @@ class ServerLog:
             missing -= {n for n in missing if n in line}
 
 
-@pytest.fixture
-def server(model_dir: Path) -> Iterator[tuple[str, ServerLog]]:
+def start_server(model_dir: Path, **env: str) -> tuple[subprocess.Popen[str], str, ServerLog]:
+    """`genserve serve` of the tiny pixelcnn and vae on a free port, JSON logs, ``env`` added;
+    returns once both models are ready."""
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENSERVE_MAX_BATCH_WAIT_MS": "1"}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENSERVE_MAX_BATCH_WAIT_MS": "1", **env}
     cmd = [sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
     proc = subprocess.Popen(
-        [*cmd, "--models", "pixelcnn,vae", "--json-logs"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+        [*cmd, "--models", "pixelcnn,vae", "--json-logs"], cwd=ROOT, env=full_env, stderr=subprocess.PIPE, text=True
     )
     log = ServerLog(proc)
     try:
         log.wait_for("Uvicorn running on", "model 'pixelcnn' ready", "model 'vae' ready")
-        yield f"http://127.0.0.1:{port}", log
+    except BaseException:
+        stop_server(proc, log)
+        raise
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def stop_server(proc: subprocess.Popen[str], log: ServerLog) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture
+def server(model_dir: Path) -> Iterator[tuple[str, ServerLog]]:
+    proc, url, log = start_server(model_dir)
+    try:
+        yield url, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_server(proc, log)
 
 
 @pytest.mark.slow
@@ -130,3 +147,62 @@ def test_real_server_streams_samples_to_curl_and_httpx(server):
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
     assert parse_sse(out)[-1][1]["images"] == plain["images"]
+
+
+def partial_score_request(url: str, body: bytes) -> tuple[socket.socket, bytes]:
+    """Open a connection and send a /score request's headers and the first half of ``body``;
+    returns the socket and the half still to send."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = (
+        f"POST /score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    half = len(body) // 2
+    sock.sendall(head + body[:half])
+    return sock, body[half:]
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (b"" if it sends nothing; a reset
+    ends it too)."""
+    chunks = []
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_requests_in_flight_then_cancels_the_rest(model_dir):
+    """On SIGTERM the server refuses new connections, answers a request already in flight (here one
+    whose body is still arriving), and after GENSERVE_SHUTDOWN_TIMEOUT_S cancels what is left (a
+    client that never finishes its upload) and exits, instead of waiting for it forever."""
+    timeout_s = 2
+    proc, url, log = start_server(model_dir, GENSERVE_SHUTDOWN_TIMEOUT_S=str(timeout_s))
+    body = json.dumps({"model": "vae", "images": [b64(gray_png(3))]}).encode()
+    finishing, rest = partial_score_request(url, body)
+    stalled, _ = partial_score_request(url, body)
+    try:
+        time.sleep(0.5)  # both requests are inside the server, waiting for the rest of their bodies
+        sent_term = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        log.wait_for("Waiting for connections to close")
+        with pytest.raises(OSError):  # the listening socket is closed: new clients go elsewhere
+            socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5).close()
+
+        finishing.sendall(rest)
+        head, _, payload = read_response(finishing).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"connection: close" in head.lower()  # no keep-alive while draining
+        assert len(json.loads(payload)["results"]) == 1
+        assert proc.poll() is None  # still draining: the stalled upload holds it until the timeout
+
+        proc.wait(timeout=timeout_s + 15)
+        took = time.monotonic() - sent_term
+        assert timeout_s - 0.2 <= took < timeout_s + 15
+        log.wait_for("Cancel 1 running task(s)", "Application shutdown complete")
+        assert not read_response(stalled).startswith(b"HTTP/1.1 200")
+    finally:
+        finishing.close()
+        stalled.close()
+        stop_server(proc, log)

@@ -51,6 +51,8 @@ def test_auto_devices_fall_back_to_cpu(tmp_path: Path):
         ("max_batch_size", -1, "greater than or equal to 1"),
         ("max_queue", 0, "greater than or equal to 1"),
         ("request_timeout_s", 0, "greater than 0"),
+        ("shutdown_timeout_s", -1, "greater than or equal to 0"),
+        ("shutdown_timeout_s", 2.5, "should be a valid integer"),
         ("max_upload_bytes", -5, "greater than or equal to 1"),
     ],
 )
