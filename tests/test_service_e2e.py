@@ -172,6 +172,18 @@ def read_response(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def wait_in_flight(url: str, n: int, timeout: float = 30.0) -> None:
+    """Poll /metrics until ``n`` other requests are being served (the poll itself is one more)."""
+    deadline = time.monotonic() + timeout
+    line = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        line = next(x for x in text.splitlines() if x.startswith("genserve_in_flight_requests "))
+        if float(line.split()[1]) == n + 1:
+            return
+    pytest.fail(f"expected {n} requests in flight within {timeout} s; last: {line}")
+
+
 @pytest.mark.slow
 def test_sigterm_drains_requests_in_flight_then_cancels_the_rest(model_dir):
     """On SIGTERM the server refuses new connections, answers a request already in flight (here one
@@ -183,7 +195,7 @@ def test_sigterm_drains_requests_in_flight_then_cancels_the_rest(model_dir):
     finishing, rest = partial_score_request(url, body)
     stalled, _ = partial_score_request(url, body)
     try:
-        time.sleep(0.5)  # both requests are inside the server, waiting for the rest of their bodies
+        wait_in_flight(url, 2)  # both requests are inside the app, waiting for the rest of their bodies
         sent_term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         log.wait_for("Waiting for connections to close")
