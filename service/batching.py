@@ -11,6 +11,12 @@ each keeps its own seed, temperature and label, so its images are the ones it wo
 whose request was cancelled (client gone, timeout) is removed from the queue and never computed, and
 a sampling job cancelled mid-generation leaves its batch after the current row. The
 queue is bounded by images waiting or running; a full queue refuses at once (503).
+
+A failed pass fails no bystander: when a batch of several scoring or encoding jobs raises (one
+request's images break the model, or the batch runs out of device memory), each job runs again
+alone, so only the culprit fails (500; out of memory: 503 "send fewer images"). A failed batched
+generation fails every part: it has no input of its own to blame, and its streams have already
+reported rows.
 """
 
 from __future__ import annotations
@@ -252,38 +258,77 @@ class Worker:
         with self._cond:  # a caller may have gone while the batch was forming
             live = [j for j in batch if not j.cancelled]
         try:
-            if live:
-                start = time.perf_counter()
-                for job in live:
-                    self.metrics.queue_wait.labels(**self._labels).observe(start - job.enqueued)
-                results: list[Any]
-                if live[0].op == "score":
-                    results = self._score(live)
-                elif live[0].op == "encode":
-                    results = self._encode(live)
-                else:
-                    results = self._sample(live)
-                assert len(results) == len(live), "one result per job"
-                self.metrics.inference_seconds.labels(**self._labels, op=live[0].op).observe(
-                    time.perf_counter() - start
-                )
-                self.metrics.batch_images.labels(**self._labels, op=live[0].op).observe(sum(j.size for j in live))
-                for job, result in zip(live, results, strict=True):
-                    _settle(job, result=result)
-        except torch.cuda.OutOfMemoryError:
-            logger.exception("model '%s' on %s: out of memory on a batch of %d jobs", self.name, self.device, len(live))
+            if not live:
+                return
+            start = time.perf_counter()
             for job in live:
-                _settle(
-                    job, error=Unavailable(f"model '{self.name}' ran out of memory on {self.device}; send fewer images")
-                )
-        except Exception as e:
-            logger.exception("model '%s' on %s: batch of %d jobs failed", self.name, self.device, len(live))
-            for job in live:
-                _settle(job, error=e)
+                self.metrics.queue_wait.labels(**self._labels).observe(start - job.enqueued)
+            try:
+                results = self._run_pass(live)
+            except Exception as e:
+                self._recover(e)
+                if len(live) == 1 or live[0].op == "sample":
+                    for job in live:  # a generation has no input of its own to blame: all parts fail
+                        self._fail(job, e)
+                    return
+                # One request's images (or the batch's size, for an out-of-memory error) must not
+                # fail the requests batched with it: run each alone, so only a culprit fails.
+                logger.warning(
+                    "model '%s' on %s: a batch of %d jobs failed (%s: %s); running them one at a time",
+                    self.name, self.device, len(live), type(e).__name__, e,
+                )  # fmt: skip
+                self._one_at_a_time(live)
+                return
+            for job, result in zip(live, results, strict=True):
+                _settle(job, result=result)
         finally:
             with self._cond:
                 self._pending -= sum(j.size for j in batch)
             self._set_depth()
+
+    def _one_at_a_time(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            with self._cond:
+                if job.cancelled:
+                    continue
+            try:
+                (result,) = self._run_pass([job])
+            except Exception as e:
+                self._recover(e)
+                self._fail(job, e)
+            else:
+                _settle(job, result=result)
+
+    def _run_pass(self, jobs: list[Job]) -> list[Any]:
+        """One batched pass for jobs of one key: one result per job, in order; metrics observed."""
+        start = time.perf_counter()
+        op = jobs[0].op
+        results: list[Any]
+        if op == "score":
+            results = self._score(jobs)
+        elif op == "encode":
+            results = self._encode(jobs)
+        else:
+            results = self._sample(jobs)
+        assert len(results) == len(jobs), "one result per job"
+        self.metrics.inference_seconds.labels(**self._labels, op=op).observe(time.perf_counter() - start)
+        self.metrics.batch_images.labels(**self._labels, op=op).observe(sum(j.size for j in jobs))
+        return results
+
+    def _recover(self, error: Exception) -> None:
+        """After a failed pass: give the memory of an out-of-memory pass back to the device."""
+        if isinstance(error, torch.cuda.OutOfMemoryError) and self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        """Answer one job with its error: out of memory is a 503 that says what to send instead;
+        anything else is logged here and reaches the client as a generic 500 with its request id."""
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            logger.error("model '%s' on %s: out of memory on a job (%d images)", self.name, self.device, job.size)
+            error = Unavailable(f"model '{self.name}' ran out of memory on {self.device}; send fewer images")
+        else:
+            logger.error("model '%s' on %s: a job failed (%d images)", self.name, self.device, job.size, exc_info=error)
+        _settle(job, error=error)
 
     def _score(self, jobs: list[Job]) -> list[dict[str, Tensor]]:
         """One pass (in chunks of max_batch_size) over every job's images; each job gets its rows back."""

@@ -12,8 +12,10 @@ import threading
 from pathlib import Path
 
 import anyio
+import numpy as np
 import pytest
-from service_helpers import Gate, b64, gray_png, json_post_scope, post_json, running, worker_of
+import torch
+from service_helpers import Gate, b64, gray_png, json_post_scope, png_bytes, post_json, running, worker_of
 
 import service.batching
 import service.uploads
@@ -126,6 +128,74 @@ async def test_concurrent_requests_share_one_forward_pass(make_settings):
         labels = {"model": "pixelcnn", "device": "cpu", "worker": "0", "op": "score"}
         assert app.state.metrics.sample_value("genserve_batch_images_count", labels) == 2
         assert app.state.metrics.sample_value("genserve_batch_images_sum", labels) == 7
+
+
+def fail_when(model, check) -> None:
+    """Make a loaded model's log_prob raise ``check(x)`` when that returns an exception."""
+    original = model.log_prob
+
+    def log_prob(x, y=None):
+        error = check(x)
+        if error is not None:
+            raise error
+        return original(x, y)
+
+    model.log_prob = log_prob
+
+
+async def batch_behind_a_busy_worker(client, worker, gate: Gate, bodies: list[dict]) -> list:
+    """Hold the worker on one request, queue ``bodies`` behind it (one batch), release; the
+    responses to ``bodies`` in order."""
+    submitted = count_submissions(worker)
+    results: dict[int, object] = {}
+    async with anyio.create_task_group() as tg:
+
+        async def post(i: int, body: dict) -> None:
+            results[i] = await client.post("/score", json=body)
+
+        tg.start_soon(post, -1, ONE)
+        await wait_thread_event(gate.entered)
+        for i, body in enumerate(bodies):
+            tg.start_soon(post, i, body)
+        await submitted.wait_for(len(bodies) + 1)
+        gate.release.set()
+    assert results[-1].status_code == 200
+    return [results[i] for i in range(len(bodies))]
+
+
+async def test_a_failing_request_does_not_fail_the_requests_batched_with_it(make_settings, caplog):
+    poison = b64(png_bytes(np.full((8, 8), 255, dtype=np.uint8)))
+    async with running(make_settings(models="pixelcnn")) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        fail_when(worker.model, lambda x: RuntimeError("poisoned") if (x == 255).all(dim=(1, 2, 3)).any() else None)
+        good = [[b64(gray_png(i))] * i for i in (2, 3)]
+        alone = [(await client.post("/score", json={"model": "pixelcnn", "images": g})).json() for g in good]
+        gate = Gate(worker.model, block=True)
+        bodies = [{"model": "pixelcnn", "images": [poison]}] + [{"model": "pixelcnn", "images": g} for g in good]
+        responses = await batch_behind_a_busy_worker(client, worker, gate, bodies)
+    assert gate.calls[:2] == [1, 6] and sorted(gate.calls[2:]) == [1, 2, 3]  # the batch failed; each then ran alone
+    assert [r.status_code for r in responses] == [500, 200, 200]
+    assert responses[0].json()["detail"] == "internal error"
+    assert [r.json() for r in responses[1:]] == alone  # the same answers as when sent alone
+    assert "a batch of 3 jobs failed (RuntimeError: poisoned); running them one at a time" in caplog.text
+
+
+async def test_out_of_memory_on_a_batch_retries_its_requests_alone(make_settings):
+    def oom(x):  # a device that holds 3 images at most
+        return torch.cuda.OutOfMemoryError("CUDA out of memory") if x.shape[0] > 3 else None
+
+    async with running(make_settings(models="pixelcnn")) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        fail_when(worker.model, oom)
+        gate = Gate(worker.model, block=True)
+        bodies = [{"model": "pixelcnn", "images": [b64(gray_png(i))] * i} for i in (1, 2, 3)]
+        responses = await batch_behind_a_busy_worker(client, worker, gate, bodies)
+        assert gate.calls[:2] == [1, 6] and sorted(gate.calls[2:]) == [1, 2, 3]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert [len(r.json()["results"]) for r in responses] == [1, 2, 3]
+        r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())] * 4})
+        assert r.status_code == 503
+        assert r.json()["detail"] == "model 'pixelcnn' ran out of memory on cpu; send fewer images"
 
 
 async def test_batches_are_split_by_max_batch_size_and_score_options(make_settings):
