@@ -144,10 +144,11 @@ def batch_stats(url: str) -> tuple[float, float]:
 def start_server(
     model_dir: Path, model: str, device: str, port: int, *, settings: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """``genserve serve`` for one model; ``settings``: GENSERVE_* variables over this environment's."""
+    """``genserve serve`` for one model; ``settings``: GENSERVE_* variables over this environment's
+    (``GENSERVE_MODELS`` among them serves others beside it; empty: every model in the folder)."""
     cmd = [sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
-    cmd += ["--models", model, "--devices", device]
-    env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096", **(settings or {})}
+    cmd += ["--devices", device]
+    env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096", "GENSERVE_MODELS": model, **(settings or {})}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -27,10 +27,11 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -40,10 +41,13 @@ from models.outliers import Scorer, load_scorer
 from models.vae import VAE
 from service import scoring
 from service.arrivals import Arrivals
+from service.compute import ComputeThread
 from service.errors import Unavailable
 from service.metrics import Metrics
 
 logger = logging.getLogger("genserve.worker")
+
+T = TypeVar("T")
 
 ARRIVAL_POLL_S = 0.0005  # while a batch waits, how often it checks that requests are still on their way
 
@@ -87,8 +91,9 @@ class SampleResult:
 
 
 class Worker:
-    """Owns one copy of a model (and of its background model, if any) on one device and runs all
-    its inference on one thread."""
+    """Owns one copy of a model (and of its background model, if any) on one device: its thread
+    forms the batches, and runs them itself (CUDA) or on the compute thread its CPU slot shares
+    with the other models' workers (service/compute.py)."""
 
     def __init__(
         self,
@@ -100,8 +105,10 @@ class Worker:
         limits: BatchLimits,
         metrics: Metrics,
         arrivals: Arrivals | None = None,
+        compute: ComputeThread | None = None,
     ) -> None:
         self.name = name
+        self.compute = compute  # where its torch work runs (service/compute.py); None: its own thread
         self.arrivals = arrivals or Arrivals()  # requests on their way: whether a batch waits for more
         self.folder = folder
         self.device = device
@@ -192,11 +199,8 @@ class Worker:
 
     def _run(self) -> None:
         try:
-            scorer, _ = load_scorer(self.folder, self.device)
+            scorer = self._on_device(self._load)
             model = scorer.model
-            model.prepare_for_inference(cuda_graphs=self.limits.cuda_graphs)
-            if self.limits.warmup:
-                self._warmup(scorer)
         except Exception as e:
             logger.exception("model '%s' failed to load on %s", self.name, self.device)
             self.error = f"{type(e).__name__}: {e}"
@@ -211,6 +215,17 @@ class Worker:
         self._notify_loaded()
         while (batch := self._next_batch()) is not None:
             self._execute(batch)
+
+    def _on_device(self, fn: Callable[[], T]) -> T:
+        """Run torch work where this worker's device runs it (see service/compute.py)."""
+        return fn() if self.compute is None else self.compute.run(fn)
+
+    def _load(self) -> Scorer:
+        scorer, _ = load_scorer(self.folder, self.device)
+        scorer.model.prepare_for_inference(cuda_graphs=self.limits.cuda_graphs)
+        if self.limits.warmup:
+            self._warmup(scorer)
+        return scorer
 
     def _notify_loaded(self) -> None:
         assert self._loop is not None
@@ -258,33 +273,36 @@ class Worker:
         with self._cond:  # a caller may have gone while the batch was forming
             live = [j for j in batch if not j.cancelled]
         try:
-            if not live:
-                return
-            start = time.perf_counter()
-            for job in live:
-                self.metrics.queue_wait.labels(**self._labels).observe(start - job.enqueued)
-            try:
-                results = self._run_pass(live)
-            except Exception as e:
-                self._recover(e)
-                if len(live) == 1 or live[0].op == "sample":
-                    for job in live:  # a generation has no input of its own to blame: all parts fail
-                        self._fail(job, e)
-                    return
-                # One request's images (or the batch's size, for an out-of-memory error) must not
-                # fail the requests batched with it: run each alone, so only a culprit fails.
-                logger.warning(
-                    "model '%s' on %s: a batch of %d jobs failed (%s: %s); running them one at a time",
-                    self.name, self.device, len(live), type(e).__name__, e,
-                )  # fmt: skip
-                self._one_at_a_time(live)
-                return
-            for job, result in zip(live, results, strict=True):
-                _settle(job, result=result)
+            if live:
+                self._on_device(lambda: self._answer(live))
         finally:
             with self._cond:
                 self._pending -= sum(j.size for j in batch)
             self._set_depth()
+
+    def _answer(self, live: list[Job]) -> None:
+        """Run one batch and settle every job, on the device's compute thread."""
+        start = time.perf_counter()  # the queue wait includes any wait for the compute thread
+        for job in live:
+            self.metrics.queue_wait.labels(**self._labels).observe(start - job.enqueued)
+        try:
+            results = self._run_pass(live)
+        except Exception as e:
+            self._recover(e)
+            if len(live) == 1 or live[0].op == "sample":
+                for job in live:  # a generation has no input of its own to blame: all parts fail
+                    self._fail(job, e)
+                return
+            # One request's images (or the batch's size, for an out-of-memory error) must not
+            # fail the requests batched with it: run each alone, so only a culprit fails.
+            logger.warning(
+                "model '%s' on %s: a batch of %d jobs failed (%s: %s); running them one at a time",
+                self.name, self.device, len(live), type(e).__name__, e,
+            )  # fmt: skip
+            self._one_at_a_time(live)
+            return
+        for job, result in zip(live, results, strict=True):
+            _settle(job, result=result)
 
     def _one_at_a_time(self, jobs: list[Job]) -> None:
         for job in jobs:

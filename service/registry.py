@@ -28,6 +28,7 @@ from models.outliers import BACKGROUND, available_score_types, stale_calibration
 from service import scoring
 from service.arrivals import Arrivals
 from service.batching import BatchLimits, SampleResult, State, Worker
+from service.compute import ComputeThread
 from service.errors import BadRequest, Timeout, Unavailable, UnknownModel
 from service.metrics import Metrics
 from service.settings import Settings
@@ -195,6 +196,7 @@ class ModelRegistry:
         self.started = False
         self._round_robin = itertools.count()
         self.arrivals = Arrivals()  # requests on their way to a worker (the batcher's wait)
+        self._computes: dict[int, ComputeThread] = {}  # CPU slot -> its compute thread (service/compute.py)
         self.limits = BatchLimits(
             max_batch_size=settings.max_batch_size,
             max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
@@ -243,6 +245,7 @@ class ModelRegistry:
                     limits=self.limits,
                     metrics=self.metrics,
                     arrivals=self.arrivals,
+                    compute=self._compute_for(dev, i),
                 )
                 for i, dev in enumerate(devices)
             ]
@@ -288,6 +291,18 @@ class ModelRegistry:
         deadline = time.monotonic() + timeout_s
         for worker in self.workers:
             await asyncio.to_thread(worker.join, max(0.0, deadline - time.monotonic()))
+        for compute in self._computes.values():
+            compute.close()
+
+    def _compute_for(self, device: str, index: int) -> ComputeThread | None:
+        """The compute thread of CPU slot ``index``, shared by every model's worker there
+        (service/compute.py); None for a CUDA worker, or with GENSERVE_CPU_COMPUTE=per_model: the
+        worker computes on its own thread."""
+        if device != "cpu" or self.settings.cpu_compute == "per_model":
+            return None
+        if index not in self._computes:
+            self._computes[index] = ComputeThread(f"genserve-compute-cpu-{index}")
+        return self._computes[index]
 
     @property
     def workers(self) -> list[Worker]:

@@ -1,0 +1,85 @@
+"""Where the workers' torch work runs: on CPU, one thread per worker slot, shared by every model.
+
+torch runs CPU ops on OpenMP, which gives each thread that runs them its own pool of helper threads.
+With more pool threads alive than cores (one pool per model's worker: five models on two cores
+make ten), libgomp stops spinning between parallel regions: its helpers sleep after every op and
+each op pays to wake them. Serving the five shipped models on this 2-core machine made one small
+convolution take 380 instead of 200 us, a 16-image PixelCNN /sample take 1.8 instead of 0.9 s and
+a lone client's VAE /score rate fall from 184 to 105 images/s (docs/serving.md).
+
+So the CPU workers with the same index (one per model) hand their torch work (loading, warm-up,
+each batched pass) to one :class:`ComputeThread`: one pool per slot, whatever the number of
+models. Their batches take turns, first come first served, on cores they would share anyway;
+batching, queues and limits stay per worker. A CUDA worker does its work on its own thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class _Task:
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class ComputeThread:
+    """A daemon thread that runs submitted functions one at a time, in submission order.
+
+    The thread starts on the first :meth:`run`, so building one (as a registry's startup check
+    does) costs nothing.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on this thread and return its result (or raise its exception) to the caller,
+        who blocks meanwhile. From the thread itself, ``fn`` runs at once."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        task = _Task(fn)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"compute thread {self.name} is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+            self._tasks.put(task)
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        result: T = task.result
+        return result
+
+    def close(self) -> None:
+        """Run what was submitted, then end the thread; later :meth:`run` calls raise."""
+        with self._lock:
+            self._closed = True
+            if self._thread is not None:
+                self._tasks.put(_STOP)
+
+    def _loop(self) -> None:
+        while (task := self._tasks.get()) is not _STOP:
+            try:
+                task.result = task.fn()
+            except BaseException as e:  # handed to the caller, whatever it is
+                task.error = e
+            finally:
+                task.done.set()

@@ -1,0 +1,111 @@
+"""Where the workers' torch work runs: one compute thread per CPU slot, shared by every model
+(service/compute.py), or one per model with GENSERVE_CPU_COMPUTE=per_model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from service_helpers import b64, gray_png, running, worker_of
+
+from service.compute import ComputeThread
+
+
+def test_runs_functions_in_order_on_its_own_thread_and_returns_their_results():
+    compute = ComputeThread("test-compute")
+    assert "test-compute" not in {t.name for t in threading.enumerate()}  # starts on first use
+    seen: list[tuple[int, str]] = []
+    results = [compute.run(lambda i=i: seen.append((i, threading.current_thread().name)) or i * i) for i in range(5)]
+    assert results == [0, 1, 4, 9, 16]
+    assert seen == [(i, "test-compute") for i in range(5)]
+    compute.close()
+
+
+def test_hands_errors_to_the_caller_and_keeps_serving():
+    compute = ComputeThread("test-compute")
+
+    def broken() -> None:
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        compute.run(broken)
+    assert compute.run(lambda: "still here") == "still here"
+    compute.close()
+
+
+def test_callers_on_several_threads_take_turns():
+    compute = ComputeThread("test-compute")
+    lock = threading.Lock()
+    state = {"active": 0, "peak": 0, "calls": 0}
+
+    def work() -> None:
+        with lock:
+            state["active"] += 1
+            state["peak"] = max(state["peak"], state["active"])
+            state["calls"] += 1
+        time.sleep(0.0005)  # a window in which a second caller's work would overlap
+        with lock:
+            state["active"] -= 1
+
+    callers = [threading.Thread(target=lambda: [compute.run(work) for _ in range(50)]) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=30)
+    assert state["calls"] == 200 and state["peak"] == 1  # every call ran, never two at once
+    compute.close()
+
+
+def test_a_call_from_the_thread_itself_runs_at_once():
+    compute = ComputeThread("test-compute")
+    assert compute.run(lambda: compute.run(lambda: threading.current_thread().name)) == "test-compute"
+    compute.close()
+
+
+def test_after_close_what_was_submitted_runs_and_new_work_is_refused():
+    compute = ComputeThread("test-compute")
+    compute.run(lambda: None)
+    compute.close()
+    with pytest.raises(RuntimeError, match="compute thread test-compute is closed"):
+        compute.run(lambda: None)
+
+
+def record_threads(worker) -> list[str]:
+    """Patch a loaded model so each log_prob records the thread it runs on."""
+    names: list[str] = []
+    original = worker.model.log_prob
+
+    def log_prob(x, y=None):
+        names.append(threading.current_thread().name)
+        return original(x, y)
+
+    worker.model.log_prob = log_prob
+    return names
+
+
+@pytest.mark.anyio
+async def test_cpu_workers_of_every_model_share_their_slots_compute_thread(make_settings):
+    async with running(make_settings(models="pixelcnn,pixelcnn-cond", devices="cpu,cpu")) as (app, client):
+        workers = {(m, i): worker_of(app, m, i) for m in ("pixelcnn", "pixelcnn-cond") for i in (0, 1)}
+        assert workers["pixelcnn", 0].compute is workers["pixelcnn-cond", 0].compute
+        assert workers["pixelcnn", 1].compute is workers["pixelcnn-cond", 1].compute
+        assert workers["pixelcnn", 0].compute is not workers["pixelcnn", 1].compute
+        names = {key: record_threads(w) for key, w in workers.items()}
+        for body in ({"model": "pixelcnn"}, {"model": "pixelcnn-cond", "label": 1}):
+            for _ in range(2):  # the least-loaded pick rotates ties over both workers
+                r = await client.post("/score", json={**body, "images": [b64(gray_png())]})
+                assert r.status_code == 200
+    for (_, i), seen in names.items():
+        assert seen and set(seen) == {f"genserve-compute-cpu-{i}"}
+
+
+@pytest.mark.anyio
+async def test_per_model_cpu_compute_runs_each_model_on_its_own_thread(make_settings):
+    async with running(make_settings(models="pixelcnn,vae", cpu_compute="per_model")) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        assert worker.compute is None and worker_of(app, "vae").compute is None
+        names = record_threads(worker)
+        r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())]})
+        assert r.status_code == 200
+    assert names == ["genserve-pixelcnn-cpu-0"]
