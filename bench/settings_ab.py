@@ -9,7 +9,10 @@ the rounds and its ratio to the first configuration's median.
     python bench/settings_ab.py --model vae-fmnist --client hey --rounds 3 \\
         --config GENSERVE_MAX_BATCH_WAIT_MS=0 --config GENSERVE_MAX_BATCH_WAIT_MS=5
 
-A ``--config`` is a comma list of GENSERVE_* assignments (empty: the defaults).
+A ``--config`` is a comma list of GENSERVE_* assignments (empty: the defaults; the server serves
+``--model`` alone unless a config sets ``GENSERVE_MODELS``, ``GENSERVE_MODELS=`` serving every model
+in the folder). With ``--sample MODEL:N`` each round also times sequential ``/sample`` requests of N
+images from MODEL where that model is served.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,9 +51,36 @@ def measure(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any
     proc = start_server(Path(args.model_dir), args.model, args.device, port, settings=settings)
     try:
         wait_ready(url, proc)
-        return http_phases(url, score_body(url, args.model, args.score_type), client=args.client, seconds=args.seconds)
+        out = http_phases(url, score_body(url, args.model, args.score_type), client=args.client, seconds=args.seconds)
+        if args.sample:
+            out["sample_seconds"] = sample_phase(url, *args.sample, requests=args.sample_requests)
+        return out
     finally:
         stop_server(proc)
+
+
+def parse_sample(text: str) -> tuple[str, int]:
+    """'pixelcnn-fmnist:16' -> ('pixelcnn-fmnist', 16)."""
+    model, sep, n = text.rpartition(":")
+    if not sep or not model or not n.isdigit() or int(n) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not MODEL:N (N images per /sample request)")
+    return model, int(n)
+
+
+def sample_phase(url: str, model: str, n: int, *, requests: int) -> float | None:
+    """Median seconds of ``requests`` sequential /sample requests of ``n`` images (after one to
+    warm up), or None where the server does not serve ``model``."""
+    with httpx.Client(base_url=url, timeout=300) as client:
+        if client.get(f"/models/{model}").status_code == 404:
+            return None
+        body = {"model": model, "n": n, "seed": 0}
+        client.post("/sample", json=body).raise_for_status()
+        times = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            client.post("/sample", json=body).raise_for_status()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,6 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return statistics.median(run[key][field] for run in runs)
 
         one, many = median("http_1_clients", "images_per_s"), median("http_32_clients", "images_per_s")
+        sample_times = [run["sample_seconds"] for run in runs if run.get("sample_seconds") is not None]
         summary.append(
             {
                 "settings": settings,
@@ -75,6 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "mean_batch_32_clients": median("http_32_clients", "mean_batch_images"),
                 "errors": sum(run[key]["errors"] for run in runs for key in ("http_1_clients", "http_32_clients")),
                 "batching_gain": many / one if one else None,
+                "sample_seconds": statistics.median(sample_times) if sample_times else None,
                 "rounds": runs,
             }
         )
@@ -89,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "rounds": args.rounds,
         "score_type": args.score_type,
+        "sample": None if args.sample is None else {"model": args.sample[0], "n": args.sample[1]},
         "torch": torch.__version__,
         "configs": summary,
     }
@@ -101,14 +136,21 @@ def table(result: dict[str, Any]) -> str:
         "",
         f"{'settings':44} {'1 client':>9} {'32 clients':>11} {'batch':>6} {'gain':>6} {'vs first (1 / 32)':>18}",
     ]
+    sample = result["sample"]
+    if sample:
+        lines[0] += f"; /sample: median seconds of a {sample['n']}-image request from {sample['model']}"
+        lines[-1] += f" {'/sample s':>10}"
     for s in result["configs"]:
         name = " ".join(f"{k}={v}" for k, v in s["settings"].items()) or "(the defaults)"
         per_round = " ".join(f"{run['http_32_clients']['images_per_s']:.0f}" for run in s["rounds"])
-        lines.append(
+        line = (
             f"{name:44} {s['http_1_client_images_per_s']:9.1f} {s['http_32_clients_images_per_s']:11.1f} "
             f"{s['mean_batch_32_clients']:6.1f} {s['batching_gain']:5.2f}x "
-            f"{s['ratio_1_client']:8.2f} / {s['ratio_32_clients']:.2f}   (32 clients by round: {per_round})"
+            f"{s['ratio_1_client']:8.2f} / {s['ratio_32_clients']:.2f}"
         )
+        if sample:
+            line += f" {'-' if s['sample_seconds'] is None else format(s['sample_seconds'], '.2f'):>10}"
+        lines.append(f"{line}   (32 clients by round: {per_round})")
     return "\n".join(lines)
 
 
@@ -122,6 +164,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--score-type", default="nll")
     p.add_argument("--client", choices=["httpx", "hey"], default="httpx")
+    p.add_argument("--sample", type=parse_sample, help="MODEL:N: also time /sample of N images from MODEL")
+    p.add_argument("--sample-requests", type=int, default=3, help="timed /sample requests per round")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
     if len(args.config) < 2:

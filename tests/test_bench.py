@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from settings_ab import parse_config  # noqa: E402
+from settings_ab import parse_config, parse_sample  # noqa: E402
 
 
 def test_settings_ab_parses_configs_and_names_a_bad_one() -> None:
@@ -24,6 +24,10 @@ def test_settings_ab_parses_configs_and_names_a_bad_one() -> None:
     assert parse_config("") == {}
     with pytest.raises(argparse.ArgumentTypeError, match="'MAX_BATCH=5' is not a GENSERVE_NAME=value"):
         parse_config("MAX_BATCH=5")
+    assert parse_sample("pixelcnn-fmnist:16") == ("pixelcnn-fmnist", 16)
+    for bad in ("pixelcnn-fmnist", "pixelcnn:0", ":4", "pixelcnn:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not MODEL:N"):
+            parse_sample(bad)
 
 
 def run_json(*args: str) -> dict:
@@ -41,10 +45,13 @@ def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None
 
     ab = run_json(
         "bench/settings_ab.py", "--model-dir", str(model_dir), "--model", "vae", "--seconds", "0.3",
-        "--rounds", "1", "--config", "GENSERVE_MAX_BATCH_SIZE=1", "--config", "",
+        "--rounds", "1", "--config", "GENSERVE_MAX_BATCH_SIZE=1", "--config", "GENSERVE_MODELS=",
+        "--sample", "pixelcnn:2",
     )  # fmt: skip
     first, second = ab["configs"]
-    assert first["settings"] == {"GENSERVE_MAX_BATCH_SIZE": "1"} and second["settings"] == {}
+    assert first["settings"] == {"GENSERVE_MAX_BATCH_SIZE": "1"} and second["settings"] == {"GENSERVE_MODELS": ""}
     assert first["mean_batch_32_clients"] == 1.0  # batching off really was off in that server
     assert first["errors"] == second["errors"] == 0
     assert first["ratio_32_clients"] == 1.0
+    # the sampling model is served by the second server only (every model in the folder)
+    assert first["sample_seconds"] is None and second["sample_seconds"] > 0
