@@ -10,7 +10,9 @@ a lone client's VAE /score rate fall from 184 to 105 images/s (docs/serving.md).
 So the CPU workers with the same index (one per model) hand their torch work (loading, warm-up,
 each batched pass) to one :class:`ComputeThread`: one pool per slot, whatever the number of
 models. Their batches take turns, first come first served, on cores they would share anyway;
-batching, queues and limits stay per worker. A CUDA worker does its work on its own thread.
+batching, queues and limits stay per worker. A generation (seconds) lets the others' batches run
+between its rows (:meth:`ComputeThread.run_waiting`), so they wait for a row, not for the whole
+generation. A CUDA worker does its work on its own thread.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class ComputeThread:
         self._thread: threading.Thread | None = None
         self._closed = False
 
+    @property
+    def waiting(self) -> int:
+        """Tasks submitted and not yet started."""
+        return self._tasks.qsize()
+
     def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on this thread and return its result (or raise its exception) to the caller,
         who blocks meanwhile. From the thread itself, ``fn`` runs at once."""
@@ -68,6 +75,21 @@ class ComputeThread:
         result: T = task.result
         return result
 
+    def run_waiting(self) -> None:
+        """From the thread itself, between the steps of a long task (the rows of a generation):
+        run the tasks that were waiting when called, so that they wait for one step, not for the
+        whole task. Tasks submitted meanwhile wait for the next call."""
+        assert threading.current_thread() is self._thread, "run_waiting is for the compute thread itself"
+        for _ in range(self.waiting):
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            if task is _STOP:
+                self._tasks.put(_STOP)  # closing: the main loop ends once the long task is done
+                return
+            self._do(task)
+
     def close(self) -> None:
         """Run what was submitted, then end the thread; later :meth:`run` calls raise."""
         with self._lock:
@@ -77,9 +99,13 @@ class ComputeThread:
 
     def _loop(self) -> None:
         while (task := self._tasks.get()) is not _STOP:
-            try:
-                task.result = task.fn()
-            except BaseException as e:  # handed to the caller, whatever it is
-                task.error = e
-            finally:
-                task.done.set()
+            self._do(task)
+
+    @staticmethod
+    def _do(task: _Task) -> None:
+        try:
+            task.result = task.fn()
+        except BaseException as e:  # handed to the caller, whatever it is
+            task.error = e
+        finally:
+            task.done.set()

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
+import anyio
 import pytest
+import torch
 from service_helpers import b64, gray_png, running, worker_of
 
+from models.base import SampleOutput
 from service.compute import ComputeThread
 
 
@@ -71,16 +75,16 @@ def test_after_close_what_was_submitted_runs_and_new_work_is_refused():
         compute.run(lambda: None)
 
 
-def record_threads(worker) -> list[str]:
-    """Patch a loaded model so each log_prob records the thread it runs on."""
+def record_threads(worker, method: str = "log_prob") -> list[str]:
+    """Patch a loaded model so each call of ``method`` records the thread it runs on."""
     names: list[str] = []
-    original = worker.model.log_prob
+    original = getattr(worker.model, method)
 
-    def log_prob(x, y=None):
+    def recorded(*args, **kwargs):
         names.append(threading.current_thread().name)
-        return original(x, y)
+        return original(*args, **kwargs)
 
-    worker.model.log_prob = log_prob
+    setattr(worker.model, method, recorded)
     return names
 
 
@@ -109,3 +113,75 @@ async def test_per_model_cpu_compute_runs_each_model_on_its_own_thread(make_sett
         r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())]})
         assert r.status_code == 200
     assert names == ["genserve-pixelcnn-cpu-0"]
+
+
+def endless_generation(model, started: threading.Event, release: threading.Event) -> None:
+    """Replace a loaded model's batched sampler by one that reports a row every few milliseconds
+    until ``release`` is set (at most 10 s), then returns blank images."""
+
+    def sample_parts(parts):
+        started.set()
+        rows = 0
+        while not release.is_set() and rows < 2000:
+            rows += 1
+            for part in parts:
+                if part.on_row is not None:
+                    part.on_row(rows, torch.zeros(part.n, *model.shape, dtype=torch.uint8))
+            release.wait(0.005)
+        return [SampleOutput(images=torch.zeros(p.n, *model.shape, dtype=torch.uint8), log_prob=None) for p in parts]
+
+    model.sample_parts = sample_parts
+
+
+@pytest.mark.anyio
+async def test_a_generation_lets_other_models_batches_run_between_its_rows(make_settings):
+    """On a shared compute thread a /score for another model waits for a row of a generation in
+    progress, not for its end (here the generation ends only after the score is answered)."""
+    async with running(make_settings(models="pixelcnn,vae")) as (app, client):
+        started, release = threading.Event(), threading.Event()
+        endless_generation(worker_of(app, "pixelcnn").model, started, release)
+        names = record_threads(worker_of(app, "vae"), "iwae")  # what a VAE's /score runs
+        sampling = asyncio.create_task(client.post("/sample", json={"model": "pixelcnn", "n": 2}))
+        assert await anyio.to_thread.run_sync(started.wait, 10)
+        r = await client.post("/score", json={"model": "vae", "images": [b64(gray_png())]})
+        assert r.status_code == 200
+        assert not sampling.done() and not release.is_set()  # answered while the generation runs
+        release.set()
+        assert (await sampling).status_code == 200
+    assert names == ["genserve-compute-cpu-0"]
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    """Poll another thread's progress (a task being queued has no event of its own)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        threading.Event().wait(0.001)
+
+
+def test_run_waiting_runs_the_tasks_already_waiting_and_not_later_ones():
+    compute = ComputeThread("test-compute")
+    order: list[str] = []
+
+    def submit(name: str, then=None) -> None:
+        """Submit a task from another thread, as a worker does; return once it is queued."""
+
+        def task() -> None:
+            order.append(name)
+            if then is not None:
+                then()
+
+        before = compute.waiting
+        threading.Thread(target=compute.run, args=(task,), daemon=True).start()
+        wait_until(lambda: compute.waiting > before)
+
+    def long_task() -> None:
+        submit("a", then=lambda: submit("c"))  # "c" is queued while run_waiting runs "a"
+        submit("b")
+        compute.run_waiting()
+        order.append("long task ends")
+
+    compute.run(long_task)
+    compute.run(lambda: None)  # queued after "c"
+    assert order == ["a", "b", "long task ends", "c"]
+    compute.close()
