@@ -12,7 +12,8 @@ the rounds and its ratio to the first configuration's median.
 A ``--config`` is a comma list of GENSERVE_* assignments (empty: the defaults; the server serves
 ``--model`` alone unless a config sets ``GENSERVE_MODELS``, ``GENSERVE_MODELS=`` serving every model
 in the folder). With ``--sample MODEL:N`` each round also times sequential ``/sample`` requests of N
-images from MODEL where that model is served.
+images from MODEL where that model is served, while one more client keeps scoring one image of
+``--model`` at a time: the latency those scores see while a generation runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,9 +53,10 @@ def measure(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any
     proc = start_server(Path(args.model_dir), args.model, args.device, port, settings=settings)
     try:
         wait_ready(url, proc)
-        out = http_phases(url, score_body(url, args.model, args.score_type), client=args.client, seconds=args.seconds)
+        body = score_body(url, args.model, args.score_type)
+        out = http_phases(url, body, client=args.client, seconds=args.seconds)
         if args.sample:
-            out["sample_seconds"] = sample_phase(url, *args.sample, requests=args.sample_requests)
+            out["sample"] = sample_phase(url, *args.sample, requests=args.sample_requests, score=body)
         return out
     finally:
         stop_server(proc)
@@ -67,20 +70,48 @@ def parse_sample(text: str) -> tuple[str, int]:
     return model, int(n)
 
 
-def sample_phase(url: str, model: str, n: int, *, requests: int) -> float | None:
-    """Median seconds of ``requests`` sequential /sample requests of ``n`` images (after one to
-    warm up), or None where the server does not serve ``model``."""
+def sample_phase(url: str, model: str, n: int, *, requests: int, score: dict[str, Any]) -> dict[str, Any] | None:
+    """``requests`` sequential /sample requests of ``n`` images (after one to warm up), while
+    another client posts ``score`` in a loop; None where the server does not serve ``model``.
+
+    Returns the median seconds per /sample and the median and 95th-percentile milliseconds of the
+    scores answered meanwhile."""
     with httpx.Client(base_url=url, timeout=300) as client:
         if client.get(f"/models/{model}").status_code == 404:
             return None
         body = {"model": model, "n": n, "seed": 0}
         client.post("/sample", json=body).raise_for_status()
+        stop, latencies = threading.Event(), []
+
+        def score_loop() -> None:
+            with httpx.Client(base_url=url, timeout=300) as scorer:
+                while not stop.is_set():
+                    start = time.perf_counter()
+                    scorer.post("/score", json=score).raise_for_status()
+                    latencies.append(1000 * (time.perf_counter() - start))
+
+        scoring = threading.Thread(target=score_loop)
+        scoring.start()
         times = []
-        for _ in range(requests):
-            start = time.perf_counter()
-            client.post("/sample", json=body).raise_for_status()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        try:
+            for _ in range(requests):
+                start = time.perf_counter()
+                client.post("/sample", json=body).raise_for_status()
+                times.append(time.perf_counter() - start)
+        finally:
+            stop.set()
+            scoring.join()
+    ordered = sorted(latencies)
+    return {
+        "seconds": statistics.median(times),
+        "score_ms_median": statistics.median(ordered),
+        "score_ms_p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "scores": len(ordered),
+    }
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    return statistics.median(r[key] for r in runs) if runs else None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return statistics.median(run[key][field] for run in runs)
 
         one, many = median("http_1_clients", "images_per_s"), median("http_32_clients", "images_per_s")
-        sample_times = [run["sample_seconds"] for run in runs if run.get("sample_seconds") is not None]
+        sampled = [run["sample"] for run in runs if run.get("sample") is not None]
         summary.append(
             {
                 "settings": settings,
@@ -108,7 +139,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "mean_batch_32_clients": median("http_32_clients", "mean_batch_images"),
                 "errors": sum(run[key]["errors"] for run in runs for key in ("http_1_clients", "http_32_clients")),
                 "batching_gain": many / one if one else None,
-                "sample_seconds": statistics.median(sample_times) if sample_times else None,
+                "sample_seconds": median_of(sampled, "seconds"),
+                "score_ms_median_while_sampling": median_of(sampled, "score_ms_median"),
+                "score_ms_p95_while_sampling": median_of(sampled, "score_ms_p95"),
                 "rounds": runs,
             }
         )
@@ -138,8 +171,11 @@ def table(result: dict[str, Any]) -> str:
     ]
     sample = result["sample"]
     if sample:
-        lines[0] += f"; /sample: median seconds of a {sample['n']}-image request from {sample['model']}"
-        lines[-1] += f" {'/sample s':>10}"
+        lines[0] += (
+            f"; /sample: median seconds of a {sample['n']}-image request from {sample['model']}, and the "
+            "median / 95th-percentile ms of one client's scores meanwhile"
+        )
+        lines[-1] += f" {'/sample s':>10} {'score ms':>13}"
     for s in result["configs"]:
         name = " ".join(f"{k}={v}" for k, v in s["settings"].items()) or "(the defaults)"
         per_round = " ".join(f"{run['http_32_clients']['images_per_s']:.0f}" for run in s["rounds"])
@@ -148,8 +184,11 @@ def table(result: dict[str, Any]) -> str:
             f"{s['mean_batch_32_clients']:6.1f} {s['batching_gain']:5.2f}x "
             f"{s['ratio_1_client']:8.2f} / {s['ratio_32_clients']:.2f}"
         )
-        if sample:
-            line += f" {'-' if s['sample_seconds'] is None else format(s['sample_seconds'], '.2f'):>10}"
+        if sample and s["sample_seconds"] is not None:
+            during = f"{s['score_ms_median_while_sampling']:.0f} / {s['score_ms_p95_while_sampling']:.0f}"
+            line += f" {s['sample_seconds']:10.2f} {during:>13}"
+        elif sample:
+            line += f" {'-':>10} {'-':>13}"
         lines.append(f"{line}   (32 clients by round: {per_round})")
     return "\n".join(lines)
 

@@ -55,3 +55,4 @@ def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None
     assert first["ratio_32_clients"] == 1.0
     # the sampling model is served by the second server only (every model in the folder)
     assert first["sample_seconds"] is None and second["sample_seconds"] > 0
+    assert second["score_ms_p95_while_sampling"] >= second["score_ms_median_while_sampling"] > 0
