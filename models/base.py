@@ -25,6 +25,7 @@ class SampleOutput:
 
 
 RowCallback = Callable[[int, Tensor], None]
+StepCallback = Callable[[], None]  # between two steps of a generation: the caller may run other work
 """Called during sampling as ``on_row(rows_done, images)`` with the partial (n, C, H, W) images;
 raising from it stops the sampler (the exception propagates), which is how a caller cancels."""
 
@@ -145,20 +146,28 @@ class DensityModel(nn.Module):
         """Draw n images (n, C, H, W) uint8; ``on_row`` reports progress (see RowCallback)."""
         raise NotImplementedError
 
-    def sample_parts(self, parts: list[SamplePart]) -> list[SampleOutput | None]:
+    def sample_parts(
+        self, parts: list[SamplePart], *, between_steps: StepCallback | None = None
+    ) -> list[SampleOutput | None]:
         """Sample several callers' parts; this default runs them one after another.
 
-        Models with a batched sampler override it to run all parts as one batch.
+        Models with a batched sampler override it to run all parts as one batch. ``between_steps``
+        is called between the steps of the generation (after every pixel of a batched
+        autoregressive generation; after every row here), for the caller to run other work.
         """
-        return self._parts_one_by_one(parts, self.sample)
+        return self._parts_one_by_one(parts, self.sample, between_steps)
 
     @staticmethod
-    def _parts_one_by_one(parts: list[SamplePart], sample: Callable[..., SampleOutput]) -> list[SampleOutput | None]:
+    def _parts_one_by_one(
+        parts: list[SamplePart], sample: Callable[..., SampleOutput], between_steps: StepCallback | None = None
+    ) -> list[SampleOutput | None]:
         """Each part through ``sample`` (the signature of :meth:`sample`); a cancelled part gives None."""
         results: list[SampleOutput | None] = []
         for part in parts:
 
             def report(rows: int, images: Tensor, part: SamplePart = part) -> None:
+                if between_steps is not None:
+                    between_steps()
                 if part.cancelled is not None and part.cancelled():
                     raise SamplingCancelled
                 if part.on_row is not None:
@@ -220,10 +229,12 @@ class AutoregressiveModel(DensityModel):
         assert out is not None  # a part without ``cancelled`` is never dropped
         return out
 
-    def sample_parts(self, parts: list[SamplePart]) -> list[SampleOutput | None]:
+    def sample_parts(
+        self, parts: list[SamplePart], *, between_steps: StepCallback | None = None
+    ) -> list[SampleOutput | None]:
         """This default samples each part with the reference sampler; models with a cached
         (incremental) sampler override it to run all parts as one batch."""
-        return self._parts_one_by_one(parts, self.sample_naive)
+        return self._parts_one_by_one(parts, self.sample_naive, between_steps)
 
     @torch.no_grad()
     def sample_naive(

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from models.base import AutoregressiveModel, SampleOutput, SamplePart, draw_categorical
+from models.base import AutoregressiveModel, SampleOutput, SamplePart, StepCallback, draw_categorical
 from models.likelihood import to_unit_range
 
 logger = logging.getLogger(__name__)
@@ -138,11 +138,14 @@ def run_parts(
     make_stepper: Callable[[int, Tensor | None], Stepper],
     *,
     on_logits: LogitsHook | None = None,
+    between_steps: StepCallback | None = None,
 ) -> list[SampleOutput | None]:
     """Sample every part as one batch; a cancelled part's result is None.
 
     ``make_stepper(n, labels)`` builds the model's cached state for n images (labels (n,) or None).
     A cancelled part leaves the batch after the row in progress; the rest go on with smaller tensors.
+    ``between_steps()`` runs after every pixel (all its sub-pixels drawn): a caller that shares
+    the thread can run other work there without changing the images.
     """
     for part in parts:
         if part.temperature <= 0:
@@ -173,6 +176,8 @@ def run_parts(
                 x[:, c, i, j] = v
                 stepper.put(i, j, c, to_unit_range(v, levels))
                 logp += lp
+            if between_steps is not None:
+                between_steps()
         stepper.end_row(i)
         # Report progress and let cancelled parts leave the batch.
         keep, start, still = [], 0, []

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import RowCallback, SampleOutput, SamplePart
+from models.base import RowCallback, SampleOutput, SamplePart, StepCallback
 from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, next_column, run_parts
 from models.pixelcnn import GatedBlock, PixelCNN
 
@@ -85,13 +85,15 @@ def sample_parts_cached(
     *,
     on_logits: LogitsHook | None = None,
     cuda_graphs: bool = False,
+    between_steps: StepCallback | None = None,
 ) -> list[SampleOutput | None]:
     """Sample several parts (e.g. requests) as one batch; see :class:`SamplePart`.
 
     Each part's rows draw their uniforms from the part's own generator in the reference order, so
     its images do not depend on the rest of the batch. A cancelled part leaves the batch after the
     row in progress, and the remaining parts go on with smaller tensors. ``cuda_graphs`` (a model
-    on a CUDA device only) replays each pixel step as a CUDA graph.
+    on a CUDA device only) replays each pixel step as a CUDA graph. ``between_steps`` runs after
+    every pixel (see :func:`models.cached_sampling.run_parts`).
     """
     if model.training and model.config.dropout > 0:
         raise RuntimeError("call model.eval() before sampling (dropout would change the draws)")
@@ -101,7 +103,7 @@ def sample_parts_cached(
     def make(n: int, labels: Tensor | None) -> _PixelCNNStepper:
         return _PixelCNNStepper(model, n, labels, cuda_graphs=cuda_graphs)
 
-    return run_parts(model, parts, make, on_logits=on_logits)
+    return run_parts(model, parts, make, on_logits=on_logits, between_steps=between_steps)
 
 
 class _PixelCNNStepper:

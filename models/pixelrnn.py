@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import AutoregressiveModel, SampleOutput, SamplePart
+from models.base import AutoregressiveModel, SampleOutput, SamplePart, StepCallback
 from models.likelihood import to_unit_range
 from models.pixelcnn import Conv1x1, channel_groups, shift_down
 
@@ -150,8 +150,10 @@ class PixelRNN(AutoregressiveModel):
         logits = self.out2(F.relu(self.out1(F.relu(hx))))  # (B, C*L, H, W)
         return logits.view(x.shape[0], cfg.in_channels, cfg.levels, cfg.height, cfg.width)
 
-    def sample_parts(self, parts: list[SamplePart]) -> list[SampleOutput | None]:
+    def sample_parts(
+        self, parts: list[SamplePart], *, between_steps: StepCallback | None = None
+    ) -> list[SampleOutput | None]:
         """All parts as one cached batched generation (see models/pixelrnn_sampler.py)."""
         from models.pixelrnn_sampler import sample_parts_cached
 
-        return sample_parts_cached(self, parts, cuda_graphs=self.sample_cuda_graphs)
+        return sample_parts_cached(self, parts, cuda_graphs=self.sample_cuda_graphs, between_steps=between_steps)

@@ -22,24 +22,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import SampleOutput, SamplePart
+from models.base import SampleOutput, SamplePart, StepCallback
 from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, next_column, run_parts
 from models.pixelrnn import PixelRNN, RowLSTMLayer, lstm_cell
 
 
 @torch.no_grad()
 def sample_parts_cached(
-    model: PixelRNN, parts: list[SamplePart], *, on_logits: LogitsHook | None = None, cuda_graphs: bool = False
+    model: PixelRNN,
+    parts: list[SamplePart],
+    *,
+    on_logits: LogitsHook | None = None,
+    cuda_graphs: bool = False,
+    between_steps: StepCallback | None = None,
 ) -> list[SampleOutput | None]:
     """Sample several parts (e.g. requests) as one batch; see :class:`SamplePart`. ``cuda_graphs``
-    (a model on a CUDA device only) replays each pixel step as a CUDA graph."""
+    (a model on a CUDA device only) replays each pixel step as a CUDA graph; ``between_steps``
+    runs after every pixel (see :func:`models.cached_sampling.run_parts`)."""
     if cuda_graphs and model.device.type != "cuda":
         raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
 
     def make(n: int, labels: Tensor | None) -> _RowLSTMStepper:
         return _RowLSTMStepper(model, n, labels, cuda_graphs=cuda_graphs)
 
-    return run_parts(model, parts, make, on_logits=on_logits)
+    return run_parts(model, parts, make, on_logits=on_logits, between_steps=between_steps)
 
 
 class _Layer:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from models.base import DensityModel, RowCallback, SamplePart
+from models.base import DensityModel, SamplePart
 from models.outliers import Scorer, load_scorer
 from models.vae import VAE
 from service import scoring
@@ -390,7 +390,6 @@ class Worker:
     def _sample(self, jobs: list[Job]) -> list[SampleResult | None]:
         """One batched generation for every job; a job cancelled on the way gets None (nobody waits)."""
         assert self.model is not None
-        between_rows = None if self.compute is None else _between_rows(self.compute)
         parts = []
         for job in jobs:
             p = job.payload
@@ -404,11 +403,13 @@ class Worker:
                     if label is None
                     else torch.full((job.size,), label, dtype=torch.long, device=self.device),
                     cancelled=lambda job=job: job.cancelled,  # type: ignore[misc]
-                    on_row=_chain(p.get("on_row"), between_rows),
+                    on_row=p.get("on_row"),
                 )
             )
+        # On a shared compute thread, the slot's other waiting batches run between the pixels.
+        between_steps = None if self.compute is None else self.compute.run_waiting
         with torch.inference_mode():
-            outs = self.model.sample_parts(parts)
+            outs = self.model.sample_parts(parts, between_steps=between_steps)
         results: list[SampleResult | None] = []
         for job, out in zip(jobs, outs, strict=True):
             if out is None:
@@ -421,32 +422,6 @@ class Worker:
 
     def _set_depth(self) -> None:
         self.metrics.queue_images.labels(**self._labels).set(self._pending)
-
-
-def _between_rows(compute: ComputeThread) -> RowCallback:
-    """An ``on_row`` hook for a generation on a shared compute thread: at each new row (whichever
-    part reports it first) run the batches the slot's other workers have submitted meanwhile."""
-    last = -1
-
-    def hook(rows: int, images: Tensor) -> None:
-        nonlocal last
-        if rows != last:
-            last = rows
-            compute.run_waiting()
-
-    return hook
-
-
-def _chain(first: RowCallback | None, then: RowCallback | None) -> RowCallback | None:
-    """Both callbacks, in order (either may be None)."""
-    if first is None or then is None:
-        return first or then
-
-    def both(rows: int, images: Tensor) -> None:
-        first(rows, images)
-        then(rows, images)
-
-    return both
 
 
 def _settle(job: Job, *, result: Any = None, error: BaseException | None = None) -> None:

@@ -11,8 +11,8 @@ So the CPU workers with the same index (one per model) hand their torch work (lo
 each batched pass) to one :class:`ComputeThread`: one pool per slot, whatever the number of
 models. Their batches take turns, first come first served, on cores they would share anyway;
 batching, queues and limits stay per worker. A generation (seconds) lets the others' batches run
-between its rows (:meth:`ComputeThread.run_waiting`), so they wait for a row, not for the whole
-generation. A CUDA worker does its work on its own thread.
+between its pixels (:meth:`ComputeThread.run_waiting`), so they wait for one pixel step, not for
+the whole generation. A CUDA worker does its work on its own thread.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class ComputeThread:
         return result
 
     def run_waiting(self) -> None:
-        """From the thread itself, between the steps of a long task (the rows of a generation):
+        """From the thread itself, between the steps of a long task (the pixels of a generation):
         run the tasks that were waiting when called, so that they wait for one step, not for the
         whole task. Tasks submitted meanwhile wait for the next call."""
         assert threading.current_thread() is self._thread, "run_waiting is for the compute thread itself"

@@ -114,6 +114,29 @@ def test_batched_parts_match_solo_runs_and_cancelled_parts_leave() -> None:
         assert got is not None and torch.equal(got.images, want.images)
 
 
+def test_work_between_steps_runs_after_every_pixel_and_changes_no_image() -> None:
+    """What a shared compute thread does between the pixels of a generation (another model's
+    forward pass, here one that draws from the global generator) leaves the images as they were."""
+    model, other = tiny(channels=3, n_classes=3), tiny(seed=1)
+    specs = [(5, [2, 1]), (6, [0, 0, 1])]
+
+    def parts() -> list[SamplePart]:
+        return [SamplePart(len(lab), torch.Generator().manual_seed(s), 0.9, torch.tensor(lab)) for s, lab in specs]
+
+    plain = model.sample_parts(parts())
+    calls = {"n": 0}
+
+    def other_work() -> None:
+        calls["n"] += 1
+        other.log_prob(torch.randint(0, 8, (2, 1, 5, 6)))
+
+    busy = model.sample_parts(parts(), between_steps=other_work)
+    assert calls["n"] == 5 * 6  # once per pixel, after all its sub-pixels
+    for got, want in zip(busy, plain, strict=True):
+        assert got is not None and want is not None
+        assert torch.equal(got.images, want.images) and torch.allclose(got.log_prob, want.log_prob)
+
+
 def test_all_parts_cancelled_returns_nothing() -> None:
     model = tiny()
     parts = [SamplePart(2, torch.Generator().manual_seed(0), cancelled=lambda: True)]
@@ -124,11 +147,14 @@ def test_default_sample_parts_for_a_vae() -> None:
     torch.manual_seed(0)
     vae = VAE(VAEConfig(height=4, width=4, latent_dim=2, hidden=4, downsample=1, n_mixtures=2)).eval()
     solo = vae.sample(3, generator=torch.Generator().manual_seed(1))
+    steps = {"n": 0}
     got = vae.sample_parts(
-        [SamplePart(3, torch.Generator().manual_seed(1)), SamplePart(1, torch.Generator(), cancelled=lambda: True)]
+        [SamplePart(3, torch.Generator().manual_seed(1)), SamplePart(1, torch.Generator(), cancelled=lambda: True)],
+        between_steps=lambda: steps.__setitem__("n", steps["n"] + 1),
     )
     assert got[0] is not None and torch.equal(got[0].images, solo.images)
     assert got[1] is None
+    assert steps["n"] == 2  # once per reported row: a VAE decodes all rows at once, reported once per part
 
 
 def test_cached_sampler_refuses_dropout_in_training_mode() -> None:

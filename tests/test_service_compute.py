@@ -116,17 +116,16 @@ async def test_per_model_cpu_compute_runs_each_model_on_its_own_thread(make_sett
 
 
 def endless_generation(model, started: threading.Event, release: threading.Event) -> None:
-    """Replace a loaded model's batched sampler by one that reports a row every few milliseconds
+    """Replace a loaded model's batched sampler by one that takes a step every few milliseconds
     until ``release`` is set (at most 10 s), then returns blank images."""
 
-    def sample_parts(parts):
+    def sample_parts(parts, *, between_steps=None):
         started.set()
-        rows = 0
-        while not release.is_set() and rows < 2000:
-            rows += 1
-            for part in parts:
-                if part.on_row is not None:
-                    part.on_row(rows, torch.zeros(part.n, *model.shape, dtype=torch.uint8))
+        steps = 0
+        while not release.is_set() and steps < 2000:
+            steps += 1
+            if between_steps is not None:
+                between_steps()
             release.wait(0.005)
         return [SampleOutput(images=torch.zeros(p.n, *model.shape, dtype=torch.uint8), log_prob=None) for p in parts]
 
@@ -134,8 +133,8 @@ def endless_generation(model, started: threading.Event, release: threading.Event
 
 
 @pytest.mark.anyio
-async def test_a_generation_lets_other_models_batches_run_between_its_rows(make_settings):
-    """On a shared compute thread a /score for another model waits for a row of a generation in
+async def test_a_generation_lets_other_models_batches_run_between_its_steps(make_settings):
+    """On a shared compute thread a /score for another model waits for a step of a generation in
     progress, not for its end (here the generation ends only after the score is answered)."""
     async with running(make_settings(models="pixelcnn,vae")) as (app, client):
         started, release = threading.Event(), threading.Event()

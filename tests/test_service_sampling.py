@@ -33,9 +33,9 @@ def record_sample_batches(worker: Any) -> list[list[int]]:
     calls: list[list[int]] = []
     original = worker.model.sample_parts
 
-    def sample_parts(parts: list[Any]) -> Any:
+    def sample_parts(parts: list[Any], *, between_steps: Any = None) -> Any:
         calls.append([p.n for p in parts])
-        return original(parts)
+        return original(parts, between_steps=between_steps)
 
     worker.model.sample_parts = sample_parts
     return calls
@@ -112,7 +112,7 @@ async def test_a_cancelled_stream_stops_its_generation_and_frees_its_slot(make_s
         row1, proceed = threading.Event(), threading.Event()
         original = worker.model.sample_parts
 
-        def slow_sample_parts(parts: list[Any]) -> Any:
+        def slow_sample_parts(parts: list[Any], *, between_steps: Any = None) -> Any:
             for part in parts:
                 inner = part.on_row
 
@@ -125,7 +125,7 @@ async def test_a_cancelled_stream_stops_its_generation_and_frees_its_slot(make_s
                         proceed.wait(10)
 
                 part.on_row = on_row
-            return original(parts)
+            return original(parts, between_steps=between_steps)
 
         worker.model.sample_parts = slow_sample_parts
 
