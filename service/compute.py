@@ -11,14 +11,16 @@ So the CPU workers with the same index (one per model) hand their torch work (lo
 each batched pass) to one :class:`ComputeThread`: one pool per slot, whatever the number of
 models. Their batches take turns, first come first served, on cores they would share anyway;
 batching, queues and limits stay per worker. A generation (seconds) lets the others' batches run
-between its pixels (:meth:`ComputeThread.run_waiting`), so they wait for one pixel step, not for
-the whole generation. A CUDA worker does its work on its own thread.
+between its pixels, sharing the time about equally while they keep coming
+(:meth:`ComputeThread.run_waiting`), so they wait for a few milliseconds, not for the whole
+generation. A CUDA worker does its work on its own thread.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,19 +39,25 @@ class _Task:
         self.error: BaseException | None = None
 
 
+MIN_SLICE_S = 0.005  # a long task runs at least this long between two turns of the waiting ones
+
+
 class ComputeThread:
     """A daemon thread that runs submitted functions one at a time, in submission order.
 
     The thread starts on the first :meth:`run`, so building one (as a registry's startup check
-    does) costs nothing.
+    does) costs nothing. ``min_slice_s``: see :meth:`run_waiting`.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, min_slice_s: float = MIN_SLICE_S) -> None:
         self.name = name
+        self.min_slice_s = min_slice_s
         self._tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._slice_start = 0.0  # when the running long task last got the thread back
+        self._last_turn_s = 0.0  # how long the waiting tasks took on their last turn
 
     @property
     def waiting(self) -> int:
@@ -77,18 +85,27 @@ class ComputeThread:
 
     def run_waiting(self) -> None:
         """From the thread itself, between the steps of a long task (the pixels of a generation):
-        run the tasks that were waiting when called, so that they wait for one step, not for the
-        whole task. Tasks submitted meanwhile wait for the next call."""
+        give the tasks waiting now a turn, so that they wait for a slice of it, not for all of it.
+
+        Turns share the time: the long task first runs at least as long as the waiting tasks took
+        on their last turn, and at least ``min_slice_s``, so a stream of short tasks gets about
+        half the thread, not all of it. Tasks submitted during a turn wait for the next one.
+        """
         assert threading.current_thread() is self._thread, "run_waiting is for the compute thread itself"
+        if not self.waiting or time.perf_counter() - self._slice_start < max(self.min_slice_s, self._last_turn_s):
+            return
+        start = time.perf_counter()
         for _ in range(self.waiting):
             try:
                 task = self._tasks.get_nowait()
             except queue.Empty:
-                return
+                break
             if task is _STOP:
                 self._tasks.put(_STOP)  # closing: the main loop ends once the long task is done
-                return
+                break
             self._do(task)
+        self._slice_start = time.perf_counter()
+        self._last_turn_s = self._slice_start - start
 
     def close(self) -> None:
         """Run what was submitted, then end the thread; later :meth:`run` calls raise."""
@@ -99,6 +116,7 @@ class ComputeThread:
 
     def _loop(self) -> None:
         while (task := self._tasks.get()) is not _STOP:
+            self._slice_start, self._last_turn_s = time.perf_counter(), 0.0
             self._do(task)
 
     @staticmethod

@@ -159,7 +159,7 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 
 
 def test_run_waiting_runs_the_tasks_already_waiting_and_not_later_ones():
-    compute = ComputeThread("test-compute")
+    compute = ComputeThread("test-compute", min_slice_s=0.0)
     order: list[str] = []
 
     def submit(name: str, then=None) -> None:
@@ -183,4 +183,37 @@ def test_run_waiting_runs_the_tasks_already_waiting_and_not_later_ones():
     compute.run(long_task)
     compute.run(lambda: None)  # queued after "c"
     assert order == ["a", "b", "long task ends", "c"]
+    compute.close()
+
+
+def test_waiting_tasks_get_their_turn_only_after_the_long_task_had_as_long():
+    """Time sharing: the long task runs min_slice_s before the first turn of the waiting tasks,
+    and after a turn that took T, at least T before the next."""
+    compute = ComputeThread("test-compute", min_slice_s=0.02)
+    turns: list[tuple[float, float]] = []  # (start, end) of each short task
+
+    def short(seconds: float) -> None:
+        start = time.perf_counter()
+        time.sleep(seconds)  # the short task's work
+        turns.append((start, time.perf_counter()))
+
+    def submit(seconds: float) -> None:
+        before = compute.waiting
+        threading.Thread(target=compute.run, args=(lambda: short(seconds),), daemon=True).start()
+        wait_until(lambda: compute.waiting > before)
+
+    def long_task() -> float:
+        started = time.perf_counter()
+        submit(0.06)
+        while not turns:
+            compute.run_waiting()
+        submit(0.0)
+        while len(turns) < 2:
+            compute.run_waiting()
+        return started
+
+    started = compute.run(long_task)
+    (first_start, first_end), (second_start, _) = turns
+    assert first_start - started >= 0.02  # min_slice_s
+    assert second_start - first_end >= 0.06  # as long as the last turn took
     compute.close()
