@@ -37,6 +37,13 @@ def run_json(*args: str) -> dict:
 
 
 @pytest.mark.slow
+def test_omp_pools_times_its_three_cases() -> None:
+    r = run_json("bench/omp_pools.py", "--repeats", "20", "--others", "1")
+    assert r["others"] == 1 and all(r[case] > 0 for case in ("alone", "idle pools", "pools gone"))
+    assert r["slowdown_idle_pools"] == r["idle pools"] / r["alone"]
+
+
+@pytest.mark.slow
 def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None:
     r = run_json("bench/throughput.py", "--model-dir", str(model_dir), "--model", "vae", "--seconds", "0.3")
     assert r["http_1_clients"]["requests"] > 0 and r["http_32_clients"]["requests"] > 0
