@@ -406,8 +406,7 @@ class Worker:
                     on_row=p.get("on_row"),
                 )
             )
-        # On a shared compute thread, the slot's other waiting batches run between the pixels.
-        between_steps = None if self.compute is None else self.compute.run_waiting
+        between_steps = None if self.compute is None else self._let_others_run
         with torch.inference_mode():
             outs = self.model.sample_parts(parts, between_steps=between_steps)
         results: list[SampleResult | None] = []
@@ -419,6 +418,15 @@ class Worker:
             log_prob = None if out.log_prob is None else out.log_prob.float().cpu()
             results.append(SampleResult(images=out.images.cpu(), log_prob=log_prob))
         return results
+
+    def _let_others_run(self) -> None:
+        """Between the pixels of a generation on a shared compute thread: give the slot's other
+        waiting work its turn (service/compute.py), outside this generation's inference mode, as
+        it would run on its own (a model loading then makes ordinary tensors)."""
+        assert self.compute is not None
+        if self.compute.waiting:
+            with torch.inference_mode(False):
+                self.compute.run_waiting()
 
     def _set_depth(self) -> None:
         self.metrics.queue_images.labels(**self._labels).set(self._pending)

@@ -13,7 +13,9 @@ import torch
 from service_helpers import b64, gray_png, running, worker_of
 
 from models.base import SampleOutput
+from service.batching import BatchLimits, Worker
 from service.compute import ComputeThread
+from service.metrics import Metrics
 
 
 def test_runs_functions_in_order_on_its_own_thread_and_returns_their_results():
@@ -216,4 +218,27 @@ def test_waiting_tasks_get_their_turn_only_after_the_long_task_had_as_long():
     (first_start, first_end), (second_start, _) = turns
     assert first_start - started >= 0.02  # min_slice_s
     assert second_start - first_end >= 0.06  # as long as the last turn took
+    compute.close()
+
+
+def test_work_run_between_steps_leaves_the_generations_inference_mode(tmp_path):
+    """A batch (or a model loading) that gets its turn inside a generation runs as it would on its
+    own, not in the generation's inference mode (a model loaded there would get inference tensors)."""
+    compute = ComputeThread("test-compute", min_slice_s=0.0)
+    limits = BatchLimits(max_batch_size=1, max_batch_wait_s=0.0, max_queue=1, max_concurrent_samples=1)
+    worker = Worker(name="m", folder=tmp_path, device="cpu", index=0, limits=limits, metrics=Metrics(), compute=compute)
+    seen: list[bool] = []
+
+    def generation() -> None:
+        with torch.inference_mode():
+            before = compute.waiting
+            threading.Thread(
+                target=compute.run, args=(lambda: seen.append(torch.is_inference_mode_enabled()),), daemon=True
+            ).start()
+            wait_until(lambda: compute.waiting > before)
+            worker._let_others_run()
+            seen.append(torch.is_inference_mode_enabled())
+
+    compute.run(generation)
+    assert seen == [False, True]  # the other work ran outside it; the generation's mode is back
     compute.close()
