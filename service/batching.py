@@ -82,6 +82,7 @@ class BatchLimits:
     max_sample_batch: int = 64
     warmup: bool = True
     cuda_graphs: bool = False  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
+    torch_threads: int | None = None  # CPU threads of each thread that runs the model (None: torch's default)
 
 
 @dataclass
@@ -221,6 +222,10 @@ class Worker:
         return fn() if self.compute is None else self.compute.run(fn)
 
     def _load(self) -> Scorer:
+        if self.limits.torch_threads:
+            # Per thread: convolutions take their thread count from the calling thread's OpenMP
+            # setting, which torch otherwise copies in only at the thread's first parallel op.
+            torch.set_num_threads(self.limits.torch_threads)
         scorer, _ = load_scorer(self.folder, self.device)
         scorer.model.prepare_for_inference(cuda_graphs=self.limits.cuda_graphs)
         if self.limits.warmup:

@@ -205,6 +205,7 @@ class ModelRegistry:
             max_sample_batch=settings.max_sample_batch,
             warmup=settings.warmup,
             cuda_graphs=settings.cuda_graphs,
+            torch_threads=settings.torch_threads,
         )
 
     # ---- startup and shutdown -----------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 import time
 
@@ -242,3 +243,29 @@ def test_work_run_between_steps_leaves_the_generations_inference_mode(tmp_path):
     compute.run(generation)
     assert seen == [False, True]  # the other work ran outside it; the generation's mode is back
     compute.close()
+
+
+def openmp_threads() -> int:
+    """The OpenMP thread count of the calling thread (what torch's convolutions use)."""
+    try:
+        return int(ctypes.CDLL(None).omp_get_max_threads())
+    except AttributeError:
+        pytest.skip("torch is not built with OpenMP here")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("cpu_compute", ["shared", "per_model"])
+async def test_torch_threads_apply_on_the_thread_that_runs_the_model(make_settings, cpu_compute):
+    async with running(make_settings(models="pixelcnn", torch_threads=1, cpu_compute=cpu_compute)) as (app, client):
+        seen: list[int] = []
+        model = worker_of(app, "pixelcnn").model
+        original = model.log_prob
+
+        def log_prob(x, y=None):
+            seen.append(openmp_threads())
+            return original(x, y)
+
+        model.log_prob = log_prob
+        r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())]})
+        assert r.status_code == 200
+    assert seen == [1]
