@@ -245,6 +245,14 @@ def test_work_run_between_steps_leaves_the_generations_inference_mode(tmp_path):
     compute.close()
 
 
+@pytest.fixture
+def restore_threads():
+    """The app sets torch's thread count process-wide: give the rest of the suite its own back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def openmp_threads() -> int:
     """The OpenMP thread count of the calling thread (what torch's convolutions use)."""
     try:
@@ -255,7 +263,7 @@ def openmp_threads() -> int:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("cpu_compute", ["shared", "per_model"])
-async def test_torch_threads_apply_on_the_thread_that_runs_the_model(make_settings, cpu_compute):
+async def test_torch_threads_apply_on_the_thread_that_runs_the_model(make_settings, cpu_compute, restore_threads):
     async with running(make_settings(models="pixelcnn", torch_threads=1, cpu_compute=cpu_compute)) as (app, client):
         seen: list[int] = []
         model = worker_of(app, "pixelcnn").model
