@@ -37,7 +37,7 @@ class Metrics:
         self.in_flight = Gauge("genserve_in_flight_requests", "HTTP requests being served", registry=r)
         self.queue_wait = Histogram(
             "genserve_queue_wait_seconds",
-            "time a job waited before its forward pass",
+            "time a job waited before its forward pass (for its batch to form and for the device's compute thread)",
             WORKER,
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -47,7 +47,7 @@ class Metrics:
         )
         self.inference_seconds = Histogram(
             "genserve_inference_seconds",
-            "time of one batched pass",
+            "time of one batched pass (a generation's includes the turns it gives other models' batches on a CPU)",
             [*WORKER, "op"],
             buckets=LATENCY_BUCKETS,
             registry=r,
