@@ -246,7 +246,7 @@ class ModelRegistry:
                     limits=self.limits,
                     metrics=self.metrics,
                     arrivals=self.arrivals,
-                    compute=self._compute_for(dev, i),
+                    compute=self._compute_for(dev, i, models=len(wanted)),
                 )
                 for i, dev in enumerate(devices)
             ]
@@ -295,11 +295,13 @@ class ModelRegistry:
         for compute in self._computes.values():
             compute.close()
 
-    def _compute_for(self, device: str, index: int) -> ComputeThread | None:
+    def _compute_for(self, device: str, index: int, *, models: int) -> ComputeThread | None:
         """The compute thread of CPU slot ``index``, shared by every model's worker there
-        (service/compute.py); None for a CUDA worker, or with GENSERVE_CPU_COMPUTE=per_model: the
-        worker computes on its own thread."""
-        if device != "cpu" or self.settings.cpu_compute == "per_model":
+        (service/compute.py); None where the worker computes on its own thread: on CUDA, with
+        GENSERVE_CPU_COMPUTE=per_model, and with ``auto`` when one model is served (one thread,
+        one pool already, without a hand-over per batch)."""
+        mode = self.settings.cpu_compute
+        if device != "cpu" or mode == "per_model" or (mode == "auto" and models == 1):
             return None
         if index not in self._computes:
             self._computes[index] = ComputeThread(f"genserve-compute-cpu-{index}")

@@ -97,11 +97,12 @@ class Settings(BaseSettings):
     json_logs: bool = Field(default=False, description="log one JSON object per line")
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads for CPU inference")
     warmup: bool = Field(default=True, description="run one forward pass per worker before reporting ready")
-    cpu_compute: Literal["shared", "per_model"] = Field(
-        default="shared",
+    cpu_compute: Literal["auto", "shared", "per_model"] = Field(
+        default="auto",
         description="shared: every model's CPU worker with the same index runs its torch work on one thread, "
         "so torch keeps one OpenMP pool per slot (service/compute.py); per_model: one thread per model, so "
-        "models run at once, worth it only where GENSERVE_TORCH_THREADS times the models fits the cores",
+        "models run at once, worth it only where GENSERVE_TORCH_THREADS times the models fits the cores; "
+        "auto: shared when several models are served, else per_model",
     )
     cuda_graphs: bool = Field(
         default=False,

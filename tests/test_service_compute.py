@@ -108,6 +108,18 @@ async def test_cpu_workers_of_every_model_share_their_slots_compute_thread(make_
 
 
 @pytest.mark.anyio
+async def test_auto_shares_a_thread_between_several_models_and_not_for_one(make_settings):
+    async with running(make_settings(models="pixelcnn,vae")) as (app, _):
+        assert worker_of(app, "pixelcnn").compute is worker_of(app, "vae").compute is not None
+    async with running(make_settings(models="pixelcnn")) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        assert worker.compute is None  # one model: its worker's own thread, no hand-over per batch
+        names = record_threads(worker)
+        assert (await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())]})).status_code == 200
+    assert names == ["genserve-pixelcnn-cpu-0"]
+
+
+@pytest.mark.anyio
 async def test_per_model_cpu_compute_runs_each_model_on_its_own_thread(make_settings):
     async with running(make_settings(models="pixelcnn,vae", cpu_compute="per_model")) as (app, client):
         worker = worker_of(app, "pixelcnn")

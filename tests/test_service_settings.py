@@ -53,7 +53,7 @@ def test_auto_devices_fall_back_to_cpu(tmp_path: Path):
         ("request_timeout_s", 0, "greater than 0"),
         ("shutdown_timeout_s", -1, "greater than or equal to 0"),
         ("shutdown_timeout_s", 2.5, "should be a valid integer"),
-        ("cpu_compute", "per-model", "Input should be 'shared' or 'per_model'"),
+        ("cpu_compute", "per-model", "Input should be 'auto', 'shared' or 'per_model'"),
         ("max_upload_bytes", -5, "greater than or equal to 1"),
     ],
 )
