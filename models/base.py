@@ -25,9 +25,12 @@ class SampleOutput:
 
 
 RowCallback = Callable[[int, Tensor], None]
-StepCallback = Callable[[], None]  # between two steps of a generation: the caller may run other work
 """Called during sampling as ``on_row(rows_done, images)`` with the partial (n, C, H, W) images;
 raising from it stops the sampler (the exception propagates), which is how a caller cancels."""
+
+StepCallback = Callable[[], None]
+"""Called between two steps of a generation (``between_steps`` of ``sample_parts``): the caller may
+run other work there; the images do not change."""
 
 
 @dataclass
