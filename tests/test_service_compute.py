@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import threading
 import time
 
@@ -289,3 +290,31 @@ async def test_torch_threads_apply_on_the_thread_that_runs_the_model(make_settin
         r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png())]})
         assert r.status_code == 200
     assert seen == [1]
+
+
+def native_threads() -> int:
+    """Threads of this process that Python did not start: OpenMP's helpers among them."""
+    python = {t.native_id for t in threading.enumerate()}
+    return sum(1 for tid in os.listdir("/proc/self/task") if int(tid) not in python)
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
+async def test_serving_every_route_starts_no_more_openmp_pools(make_settings):
+    """Only the compute thread runs torch ops large enough to start a pool of helper threads: the
+    event loop and the threads that decode uploads and encode PNGs start none, which would make
+    every op of the compute thread pay to wake its helpers again (service/compute.py)."""
+    one, grid = [b64(gray_png(i)) for i in range(2)], {"Accept": "image/png"}
+    async with running(make_settings(models="pixelcnn,vae")) as (_, client):
+        before = native_threads()
+        for r in [
+            await client.post("/score", json={"model": "pixelcnn", "images": one * 32, "heatmap": True}),
+            await client.post("/score", json={"model": "vae", "images": one * 32}),
+            await client.post("/encode", json={"model": "vae", "images": one * 32}),
+            await client.post("/sample", json={"model": "pixelcnn", "n": 64}),
+            await client.post("/sample", json={"model": "pixelcnn", "n": 64}, headers=grid),
+            await client.post("/sample", json={"model": "vae", "n": 64}),
+            await client.post("/sample/stream", json={"model": "pixelcnn", "n": 16}),
+        ]:
+            assert r.status_code == 200, r.text
+        assert native_threads() == before
