@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a lent device machine (its tool's README): the GPU tests, then the
-# sampling and serving benchmarks on cuda:0 with the shipped models. Results land in $OUT (7 files).
+# sampling and serving benchmarks on cuda:0 with the shipped models, and the OpenMP-pool bench on
+# the host's CPU (docs/serving.md, "Several models on one CPU"). Results land in $OUT (8 files).
 #
 #   here:     make gpu-wheels                      # the web stack the device image lacks, into .whl/
 #   device:   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
@@ -26,6 +27,9 @@ timeout 150 python3 bench/sampling.py --device cuda --n 1 16 64 --naive-rows 2 -
   2>&1 | tee "$OUT/sampling-pixelcnn.json"
 timeout 100 python3 bench/sampling.py --device cuda --model checkpoints/pixelrnn-fmnist --n 1 16 64 --naive-rows 2 --cuda-graphs \
   --json 2>&1 | tee "$OUT/sampling-pixelrnn.json"
+
+# Does an idle OpenMP pool slow other threads on a many-core host too (service/compute.py)?
+timeout 60 python3 bench/omp_pools.py --others 4 2>&1 | tee "$OUT/omp-pools.txt"
 
 for model in vae-fmnist pixelcnn-fmnist; do
   timeout 90 python3 bench/throughput.py --model "$model" --device cuda:0 --seconds 5 --client httpx \
