@@ -15,6 +15,18 @@ from torch import Tensor, nn
 
 from models.likelihood import categorical_log_prob
 
+# Sampling temperatures outside this range are refused. At 1e-3 every draw is already the most
+# likely value for the shipped models and at 1e3 a uniform one (their samples' bits/dim stop
+# changing well inside it); beyond it float32 arithmetic overflows (logits / T, or z * T for a VAE).
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e3
+
+
+def check_temperature(temperature: float) -> None:
+    """Raise ValueError unless MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE."""
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:  # also false for NaN
+        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature!r}")
+
 
 @dataclass
 class SampleOutput:
@@ -255,8 +267,7 @@ class AutoregressiveModel(DensityModel):
         then channel order, so any sampler that consumes the generator the same way draws the same
         images. ``log_prob`` is the untempered model's exact log p(sample) in nats.
         """
-        if temperature <= 0:
-            raise ValueError("temperature must be positive")
+        check_temperature(temperature)
         self.check_labels(n, y)
         c_, h_, w_ = self.shape
         dev = self.device

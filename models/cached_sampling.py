@@ -16,7 +16,14 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from models.base import AutoregressiveModel, SampleOutput, SamplePart, StepCallback, draw_categorical
+from models.base import (
+    AutoregressiveModel,
+    SampleOutput,
+    SamplePart,
+    StepCallback,
+    check_temperature,
+    draw_categorical,
+)
 from models.likelihood import to_unit_range
 
 logger = logging.getLogger(__name__)
@@ -148,8 +155,7 @@ def run_parts(
     the thread can run other work there without changing the images.
     """
     for part in parts:
-        if part.temperature <= 0:
-            raise ValueError("temperature must be positive")
+        check_temperature(part.temperature)
         model.check_labels(part.n, part.labels)
     ch, height, width = model.shape
     levels = model.levels

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import DensityModel, RowCallback, SampleOutput, TrainStep
+from models.base import DensityModel, RowCallback, SampleOutput, TrainStep, check_temperature
 from models.likelihood import (
     discretized_logistic_mixture_log_prob,
     sample_discretized_logistic_mixture,
@@ -305,8 +305,7 @@ class VAE(DensityModel):
         on_row: RowCallback | None = None,
     ) -> SampleOutput:
         """Decode prior draws z ~ N(0, temperature^2 I); the likelihood of a VAE sample is not exact."""
-        if temperature <= 0:
-            raise ValueError("temperature must be positive")
+        check_temperature(temperature)
         self.check_labels(n, y)
         dev = self.device
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=dev) * temperature

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from models.base import MAX_TEMPERATURE, MIN_TEMPERATURE
+
 Label = StrictInt | StrictStr
 
 
@@ -54,9 +56,11 @@ class SampleRequest(BaseModel):
     )
     temperature: float | None = Field(
         None,
-        gt=0,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
         allow_inf_nan=False,
-        description="sharpness: < 1 more typical, > 1 more varied (a VAE scales its prior's std); default 1",
+        description="sharpness: < 1 more typical, > 1 more varied (a VAE scales its prior's std); default 1. "
+        f"From {MIN_TEMPERATURE:g} (every draw the most likely value) to {MAX_TEMPERATURE:g} (uniform noise)",
     )
     label: Label | None = Field(None, description="class name or index; required by class-conditional models only")
 

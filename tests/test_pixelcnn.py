@@ -246,7 +246,7 @@ def test_conditional_sampling_uses_the_labels() -> None:
         torch.testing.assert_close(out.log_prob, model.log_prob(out.images, y), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0])
-def test_non_positive_temperature_raises(temperature: float) -> None:
+@pytest.mark.parametrize("temperature", [0.0, -1.0, 1e-4, 1e4, 1e39, float("nan")])
+def test_temperature_out_of_range_raises(temperature: float) -> None:
     with pytest.raises(ValueError, match="temperature"):
         tiny().sample(1, temperature=temperature)

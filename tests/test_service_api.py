@@ -155,6 +155,24 @@ async def test_non_finite_numbers_are_422_naming_the_field(client, raw, field):
     assert err["input"] in ("inf", "nan")
 
 
+@pytest.mark.parametrize("route", ["/sample", "/sample/stream"])
+@pytest.mark.parametrize("model", ["pixelcnn", "vae"])
+@pytest.mark.parametrize(("temperature", "kind"), [(1e-4, "greater_than_equal"), (5.98e307, "less_than_equal")])
+async def test_temperature_outside_its_range_is_422_naming_the_range(client, route, model, temperature, kind):
+    # 5.98e307 once overflowed float32 inside the sampler and answered 500 (found by schemathesis).
+    r = await client.post(route, json={"model": model, "temperature": temperature})
+    assert r.status_code == 422, r.text
+    err = r.json()["detail"][0]
+    assert err["loc"] == ["body", "temperature"] and err["type"] == kind
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e3])
+async def test_temperature_range_ends_are_served(client, temperature):
+    for model in ("pixelcnn", "vae"):
+        r = await client.post("/sample", json={"model": model, "n": 2, "seed": 1, "temperature": temperature})
+        assert r.status_code == 200, r.text
+
+
 async def test_sample_validation_errors_keep_fastapi_format(client):
     r = await client.post("/sample", json={"model": "pixelcnn", "n": 0, "temperature": -1, "bogus": 1})
     assert r.status_code == 422
