@@ -28,6 +28,14 @@ def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
+async def stream_tasks_left() -> list[asyncio.Task[Any]]:
+    """Tasks still pending on a stream's event queue once the loop has had a few turns (a stream
+    that ended must leave none: asyncio logs "Task was destroyed but it is pending!" for each)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return [t for t in asyncio.all_tasks() if not t.done() and "Queue.get" in repr(t.get_coro())]
+
+
 def record_sample_batches(worker: Any) -> list[list[int]]:
     """Patch a worker's model to record the part sizes of every batched generation."""
     calls: list[list[int]] = []
@@ -92,6 +100,7 @@ async def test_stream_sends_start_progress_partial_and_result(make_settings):
         plain = (await client.post("/sample", json=body)).json()
         assert result["images"] == plain["images"] and result["seed"] == 7
         assert result["bits_per_dim"] == pytest.approx(plain["bits_per_dim"])
+        assert await stream_tasks_left() == []
 
 
 async def test_stream_errors_before_start_are_plain_http(make_settings):
@@ -156,6 +165,7 @@ async def test_a_cancelled_stream_stops_its_generation_and_frees_its_slot(make_s
         assert r.status_code == 200
         # the cancelled generation left after row 2 (reporting only row 1); then the new one ran all 8
         assert rows_seen == [1, *range(1, 9)]
+        assert await stream_tasks_left() == []
 
 
 async def test_cuda_graphs_setting_is_ignored_by_cpu_workers(make_settings: Any) -> None:

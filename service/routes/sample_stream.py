@@ -72,7 +72,9 @@ async def sample_stream(
     seed = body.seed if body.seed is not None else secrets.randbelow(2**53)
     rows = entry.shape[1]
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[tuple[int, Tensor | None]] = asyncio.Queue()
+    # (rows done, snapshot or None) per row, then None once the work has ended. Rows are put from the
+    # worker thread through the loop, before the work's result, so the end always comes last.
+    events: asyncio.Queue[tuple[int, Tensor | None] | None] = asyncio.Queue()
 
     def on_row(done: int, partial: Tensor) -> None:  # runs on the worker thread
         snapshot = partial.to("cpu", copy=True) if done % partial_every == 0 and done < rows else None
@@ -81,19 +83,15 @@ async def sample_stream(
     work = asyncio.ensure_future(
         registry.sample(entry, n=body.n, seed=seed, temperature=body.temperature or 1.0, label=label, on_row=on_row)
     )
+    work.add_done_callback(lambda _: events.put_nowait(None))
 
     async def stream() -> AsyncIterator[bytes]:
+        # One task reads the queue: this generator's own, so a client that goes away (the generator
+        # closed mid-await) leaves no reader behind.
         try:
             yield sse("start", {"model": entry.name, "seed": seed, "n": body.n, "rows": rows})
-            while True:
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    if events.empty():
-                        break
-                    continue
-                done, snapshot = getter.result()
+            while (event := await events.get()) is not None:
+                done, snapshot = event
                 yield sse("progress", {"rows_done": done, "rows": rows})
                 if snapshot is not None:
                     pngs = await run_in_threadpool(_pngs, images.from_levels(snapshot.numpy(), entry.levels))
