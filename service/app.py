@@ -28,6 +28,7 @@ from service.errors import ServiceError
 from service.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
 from service.logs import RequestLogMiddleware, configure_json_logs
 from service.metrics import Metrics, MetricsMiddleware
+from service.openapi import install as install_openapi
 from service.registry import ModelRegistry
 from service.routes import classify, encode, health, models, sample, sample_stream, score
 from service.settings import Settings
@@ -126,4 +127,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestLogMiddleware)
+    install_openapi(app, settings)
     return app

@@ -133,9 +133,10 @@ class ModelEntry:
         if isinstance(label, str):
             if names and label in names:
                 return names.index(label)
-            if not label.strip().isdigit():
+            text = label.strip()
+            if not (text.isascii() and text.isdigit()):  # "³" and "٣" are digits to str.isdigit
                 raise BadRequest(f"label '{label}' is not a class of model '{self.name}'; send {choices}")
-            label = int(label)
+            label = int(text)
         if not 0 <= label < n:
             raise BadRequest(f"label {label} is out of range for model '{self.name}'; send {choices}")
         return label

@@ -11,9 +11,19 @@ from models.base import MAX_TEMPERATURE, MIN_TEMPERATURE
 Label = StrictInt | StrictStr
 
 
+class FieldError(BaseModel):
+    """One field that failed validation (FastAPI's format)."""
+
+    loc: list[str | int] = Field(description='where: ["body", "n"], ["query", "resize"], ...')
+    msg: str = Field(description="what is wrong with it")
+    type: str = Field(description="pydantic's error type, e.g. less_than_equal, missing, finite_number")
+    input: Any = Field(None, description="the value sent (text over 200 characters is cut)")
+    ctx: dict[str, Any] | None = Field(None, description='the limit broken, e.g. {"le": 1000.0}')
+
+
 class ErrorResponse(BaseModel):
-    detail: Any = Field(
-        description="what went wrong and what to change (a list of field errors for 422s from validation)"
+    detail: str | list[FieldError] = Field(
+        description="what went wrong and what to change; for a request that fails validation, one entry per field"
     )
     request_id: str | None = Field(None, description="set on 500s; quote it when reporting the problem")
 
@@ -52,7 +62,7 @@ class SampleRequest(BaseModel):
     model: str = Field(description="model name from GET /models")
     n: int = Field(1, ge=1, description="images to draw (at most GENSERVE_MAX_SAMPLES)")
     seed: int | None = Field(
-        None, ge=0, lt=2**63, description="same seed (and model, n, temperature, label, device) -> same images"
+        None, ge=0, le=2**63 - 1, description="same seed (and model, n, temperature, label, device) -> same images"
     )
     temperature: float | None = Field(
         None,

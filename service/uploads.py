@@ -33,7 +33,7 @@ def multipart_schema(fields: dict[str, Any]) -> dict[str, Any]:
         "required": ["model", "files"],
         "properties": {
             "model": {"type": "string"},
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
             **fields,
         },
     }

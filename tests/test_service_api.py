@@ -231,6 +231,19 @@ async def test_score_multipart_errors(client):
     assert r.json()["detail"] == "form field(s) ['model'] sent more than once; send each option once"
 
 
+@pytest.mark.parametrize("label", ["³", "٣", "1.0", "-1", ""])
+async def test_multipart_label_that_is_no_class_or_ascii_index_is_422(client, label):
+    # A form label is text: "2" is an index, but "³" (str.isdigit, int() fails) once answered 500 (schemathesis).
+    files = [("files", ("a.png", gray_png(), "image/png"))]
+    r = await client.post("/score", data={"model": "pixelcnn-cond", "label": label}, files=files)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == (
+        f"label '{label}' is not a class of model 'pixelcnn-cond'; send one of ['a', 'b', 'c'] or an index 0..2"
+    )
+    r = await client.post("/score", data={"model": "pixelcnn-cond", "label": " 2 "}, files=files)
+    assert r.status_code == 200
+
+
 async def test_score_label_for_conditional_model(client):
     img = [b64(gray_png(0))]
     a = await client.post("/score", json={"model": "pixelcnn-cond", "images": img, "label": "a"})

@@ -67,18 +67,20 @@ class ServerLog:
             missing -= {n for n in missing if n in line}
 
 
-def start_server(model_dir: Path, **env: str) -> tuple[subprocess.Popen[str], str, ServerLog]:
-    """`genserve serve` of the tiny pixelcnn and vae on a free port, JSON logs, ``env`` added;
-    returns once both models are ready."""
+def start_server(
+    model_dir: Path, *, models: tuple[str, ...] = ("pixelcnn", "vae"), **env: str
+) -> tuple[subprocess.Popen[str], str, ServerLog]:
+    """`genserve serve` of the tiny ``models`` on a free port, JSON logs, ``env`` added;
+    returns once every model is ready."""
     port = free_port()
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENSERVE_MAX_BATCH_WAIT_MS": "1", **env}
     cmd = [sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
     proc = subprocess.Popen(
-        [*cmd, "--models", "pixelcnn,vae", "--json-logs"], cwd=ROOT, env=full_env, stderr=subprocess.PIPE, text=True
+        [*cmd, "--models", ",".join(models), "--json-logs"], cwd=ROOT, env=full_env, stderr=subprocess.PIPE, text=True
     )
     log = ServerLog(proc)
     try:
-        log.wait_for("Uvicorn running on", "model 'pixelcnn' ready", "model 'vae' ready")
+        log.wait_for("Uvicorn running on", *(f"model '{m}' ready" for m in models))
     except BaseException:
         stop_server(proc, log)
         raise

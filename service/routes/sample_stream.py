@@ -32,6 +32,7 @@ from models.likelihood import bits_per_dim
 from service import images
 from service.deps import AppMetrics, AppSettings, Registry
 from service.errors import BadRequest, ServiceError
+from service.routes.sample import ERRORS
 from service.schemas import SampleRequest, SampleResponse
 
 router = APIRouter(tags=["sample"])
@@ -51,7 +52,10 @@ def _pngs(pixels: np.ndarray) -> list[str]:
     "/sample/stream",
     summary="Draw images, streaming progress and partial images (Server-Sent Events)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "start, progress, partial, result"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "start, progress, partial, result"},
+        404: ERRORS[404],  # errors once the stream has started come as an `error` event
+    },
 )
 async def sample_stream(
     body: SampleRequest,

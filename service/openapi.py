@@ -1,0 +1,109 @@
+"""The OpenAPI document at /openapi.json says what this server answers, as configured.
+
+FastAPI documents each route's own responses. What the app adds around the routes is added here,
+so that a client generated from the document (or a fuzzer such as schemathesis) meets no status it
+was not told of:
+
+- every error's body is ``ErrorResponse``: ``detail`` is a string, or FastAPI's list of field
+  errors for a request that fails validation (FastAPI documents only the list);
+- 400 for a body that is not the JSON or multipart it says it is, 413 for one over
+  GENSERVE_MAX_UPLOAD_BYTES and 503 beyond GENSERVE_MAX_CONCURRENT_REQUESTS (POST routes; the
+  middlewares in ``service/limits.py``), and 500 with a ``request_id`` anywhere;
+- security schemes and 401 only where keys are checked: nowhere without GENSERVE_API_KEYS, and not
+  on /metrics with GENSERVE_METRICS_PUBLIC;
+- the request limits this server was started with: ``n`` at most GENSERVE_MAX_SAMPLES, ``images``
+  and ``files`` at most GENSERVE_MAX_IMAGES items.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from service.schemas import ErrorResponse
+from service.settings import Settings
+
+ERROR_REF = "#/components/schemas/ErrorResponse"
+FASTAPI_422_REF = "#/components/schemas/HTTPValidationError"
+METHODS = ("get", "put", "post", "delete", "patch", "options", "head")
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": ERROR_REF}}}}
+
+
+POST_ERRORS = {
+    "400": _error("the body is not valid JSON or multipart/form-data (as its Content-Type says)"),
+    "413": _error("the body is over GENSERVE_MAX_UPLOAD_BYTES"),
+    "503": _error("busy (GENSERVE_MAX_CONCURRENT_REQUESTS, a full queue) or still loading; retry after Retry-After"),
+}
+SERVER_ERROR = _error("unexpected; quote the request_id when reporting it (the log line carries the traceback)")
+UNAUTHORIZED = _error("missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+
+
+def _keys_checked(path: str, operation: dict[str, Any], settings: Settings) -> bool:
+    if "security" not in operation or not settings.api_key_list:
+        return False
+    return not (path == "/metrics" and settings.metrics_public)
+
+
+def _set_limits(body: dict[str, Any], settings: Settings) -> None:
+    """Write the configured per-request limits into one request body's schema (in place)."""
+    props = body.get("properties", {})
+    if "n" in props:
+        props["n"]["maximum"] = settings.max_samples
+    for name in ("images", "files"):
+        if name in props:
+            props[name]["maxItems"] = settings.max_images
+
+
+def complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Add the app-wide responses to ``schema`` (FastAPI's document, changed in place) and return it."""
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in error_schema.pop("$defs", {}).items():
+        schemas.setdefault(name, definition)
+    schemas.setdefault("ErrorResponse", error_schema)
+    for path, item in schema.get("paths", {}).items():
+        for method in METHODS:
+            operation = item.get(method)
+            if operation is None:
+                continue
+            responses = operation.setdefault("responses", {})
+            for response in responses.values():
+                for media in response.get("content", {}).values():
+                    if media.get("schema", {}).get("$ref") == FASTAPI_422_REF:
+                        media["schema"] = {"$ref": ERROR_REF}
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                body = media.get("schema", {})
+                ref = body.get("$ref", "")
+                if ref.startswith("#/components/schemas/"):
+                    body = schemas[ref.rsplit("/", 1)[1]]
+                _set_limits(body, settings)
+            if method == "post":
+                for status, response in POST_ERRORS.items():
+                    responses.setdefault(status, response)
+            responses.setdefault("500", SERVER_ERROR)
+            if _keys_checked(path, operation, settings):
+                responses.setdefault("401", UNAUTHORIZED)
+            else:
+                operation.pop("security", None)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    if not settings.api_key_list:
+        components.pop("securitySchemes", None)
+    return schema
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Serve :func:`complete`'s document at /openapi.json and /docs (built once, on first use)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete(build(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
