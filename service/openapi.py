@@ -12,7 +12,9 @@ was not told of:
 - security schemes and 401 only where keys are checked: nowhere without GENSERVE_API_KEYS, and not
   on /metrics with GENSERVE_METRICS_PUBLIC;
 - the request limits this server was started with: ``n`` at most GENSERVE_MAX_SAMPLES, ``images``
-  and ``files`` at most GENSERVE_MAX_IMAGES items.
+  and ``files`` at most GENSERVE_MAX_IMAGES items;
+- the names of the models it serves, as the ``enum`` of every ``model`` field and of
+  ``/models/{name}`` (so /docs offers them in a list).
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ def _keys_checked(path: str, operation: dict[str, Any], settings: Settings) -> b
     return not (path == "/metrics" and settings.metrics_public)
 
 
-def _set_limits(body: dict[str, Any], settings: Settings) -> None:
-    """Write the configured per-request limits into one request body's schema (in place)."""
+def _describe_body(body: dict[str, Any], settings: Settings, models: list[str]) -> None:
+    """Write the configured per-request limits and the served models into one request body's
+    schema (in place)."""
     props = body.get("properties", {})
+    if "model" in props and models:
+        props["model"]["enum"] = models
     if "n" in props:
         props["n"]["maximum"] = settings.max_samples
     for name in ("images", "files"):
@@ -58,8 +63,9 @@ def _set_limits(body: dict[str, Any], settings: Settings) -> None:
             props[name]["maxItems"] = settings.max_images
 
 
-def complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Add the app-wide responses to ``schema`` (FastAPI's document, changed in place) and return it."""
+def complete(schema: dict[str, Any], settings: Settings, models: list[str]) -> dict[str, Any]:
+    """Add the app-wide responses, the limits and ``models`` (the served names; none: say nothing of
+    them) to ``schema`` (FastAPI's document, changed in place) and return it."""
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -81,7 +87,10 @@ def complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 ref = body.get("$ref", "")
                 if ref.startswith("#/components/schemas/"):
                     body = schemas[ref.rsplit("/", 1)[1]]
-                _set_limits(body, settings)
+                _describe_body(body, settings, models)
+            for parameter in operation.get("parameters", []):
+                if path == "/models/{name}" and parameter["name"] == "name" and models:
+                    parameter["schema"]["enum"] = models
             if method == "post":
                 for status, response in POST_ERRORS.items():
                     responses.setdefault(status, response)
@@ -98,12 +107,13 @@ def complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Serve :func:`complete`'s document at /openapi.json and /docs (built once, on first use)."""
+    """Serve :func:`complete`'s document at /openapi.json and /docs, built once, on first use:
+    after the lifespan has found the models (no request is served before)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = complete(build(), settings)
+            app.openapi_schema = complete(build(), settings, sorted(app.state.registry.entries))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -57,7 +57,7 @@ class ModelList(BaseModel):
 
 
 class SampleRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     model: str = Field(description="model name from GET /models")
     n: int = Field(1, ge=1, description="images to draw (at most GENSERVE_MAX_SAMPLES)")
@@ -87,7 +87,7 @@ class SampleResponse(BaseModel):
 
 
 class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     model: str = Field(description="model name from GET /models")
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
@@ -140,7 +140,7 @@ class ScoreResponse(BaseModel):
 class ImagesRequest(BaseModel):
     """Images for a model, as base64 in JSON (/classify and /encode)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     model: str = Field(description="model name from GET /models")
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")

@@ -139,20 +139,41 @@ async def test_sample_bad_requests_are_422(client, body, detail):
 
 
 @pytest.mark.parametrize(
-    ("raw", "field"),
+    ("raw", "field", "kind"),
     [
-        (b'{"model": "vae", "n": 1e400}', "n"),  # parses as infinity
-        (b'{"model": "vae", "temperature": NaN}', "temperature"),
-        (b'{"model": "vae", "temperature": Infinity}', "temperature"),
-        (b'{"model": "vae", "temperature": 1e400}', "temperature"),
+        (b'{"model": "vae", "n": 1e400}', "n", "int_type"),  # parses as infinity, a float
+        (b'{"model": "vae", "temperature": NaN}', "temperature", "finite_number"),
+        (b'{"model": "vae", "temperature": Infinity}', "temperature", "finite_number"),
+        (b'{"model": "vae", "temperature": 1e400}', "temperature", "finite_number"),
     ],
 )
-async def test_non_finite_numbers_are_422_naming_the_field(client, raw, field):
+async def test_non_finite_numbers_are_422_naming_the_field(client, raw, field, kind):
     r = await client.post("/sample", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     err = r.json()["detail"][0]
-    assert err["loc"] == ["body", field] and err["type"] == "finite_number"
+    assert err["loc"] == ["body", field] and err["type"] == kind
     assert err["input"] in ("inf", "nan")
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/sample", {"model": "vae", "seed": False}, "seed"),  # was taken as seed 0 (schemathesis)
+        ("/sample", {"model": "vae", "n": True}, "n"),
+        ("/sample", {"model": "vae", "n": "2"}, "n"),
+        ("/sample", {"model": "vae", "n": 2.0}, "n"),
+        ("/sample", {"model": "vae", "temperature": "0.5"}, "temperature"),
+        ("/sample/stream", {"model": "vae", "seed": True}, "seed"),
+        ("/score", {"model": "vae", "images": [], "heatmap": 1}, "heatmap"),
+        ("/score", {"model": "vae", "images": [], "resize": "true"}, "resize"),
+        ("/encode", {"model": "vae", "images": [], "resize": 0}, "resize"),
+    ],
+)
+async def test_json_values_of_the_wrong_type_are_422_not_coerced(client, route, body, field):
+    # JSON says what type a value is: a bool is no integer, "2" no number, 1 no bool.
+    r = await client.post(route, json=body)
+    assert r.status_code == 422, r.text
+    assert ["body", field] in [e["loc"] for e in r.json()["detail"]]
 
 
 @pytest.mark.parametrize("route", ["/sample", "/sample/stream"])

@@ -54,6 +54,19 @@ async def test_without_keys_the_document_asks_for_none_and_states_every_error(ma
 
 
 @pytest.mark.anyio
+async def test_the_document_lists_the_served_models(make_settings):
+    async with running(make_settings(models="vae,pixelcnn"), wait=False) as (_, client):
+        doc = (await client.get("/openapi.json")).json()
+    served = ["pixelcnn", "vae"]
+    assert doc["components"]["schemas"]["SampleRequest"]["properties"]["model"]["enum"] == served
+    for route in ("/score", "/classify", "/encode"):
+        for media in doc["paths"][route]["post"]["requestBody"]["content"].values():
+            assert media["schema"]["properties"]["model"]["enum"] == served, route
+    (name,) = doc["paths"]["/models/{name}"]["get"]["parameters"]
+    assert name["schema"]["enum"] == served
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("metrics_public", [False, True])
 async def test_with_keys_the_protected_routes_say_so(make_settings, metrics_public):
     async with running(make_settings(api_keys=KEY, metrics_public=metrics_public), wait=False) as (_, client):
