@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 from models.base import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 Label = StrictInt | StrictStr
+
+FORM_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def form_bool(value: Any) -> Any:
+    """A multipart field's text as a bool: exactly one of FORM_BOOLS' spellings."""
+    if isinstance(value, str):
+        if value not in FORM_BOOLS:
+            raise ValueError(f"send one of {list(FORM_BOOLS)}")
+        return FORM_BOOLS[value]
+    return value
+
+
+FormBool = Annotated[bool, BeforeValidator(form_bool)]
+# The schema of such a field in the multipart variants' OpenAPI entries.
+FORM_BOOL_SCHEMA: dict[str, Any] = {"type": "string", "enum": list(FORM_BOOLS), "default": "false"}
 
 
 class FieldError(BaseModel):
@@ -108,8 +124,8 @@ class ScoreForm(BaseModel):
 
     model: str
     score_type: str | None = None
-    heatmap: bool = False
-    resize: bool = False
+    heatmap: FormBool = False
+    resize: FormBool = False
     label: str | None = None
 
 
@@ -153,7 +169,7 @@ class ImagesForm(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str
-    resize: bool = False
+    resize: FormBool = False
 
 
 class ClassifyRequest(ImagesRequest):

@@ -241,6 +241,26 @@ async def test_score_multipart_label_heatmap_and_resize_query(client):
     assert res["resized"] is True and decode_png(res["heatmap"]).size == (8, 8)
 
 
+@pytest.mark.parametrize(("text", "resized"), [("true", True), ("1", True), ("false", False), ("0", False)])
+async def test_multipart_booleans_are_the_documented_spellings(client, text, resized):
+    files = [("files", ("big.png", png_bytes(np.zeros((16, 16), np.uint8)), "image/png"))]
+    r = await client.post("/score", data={"model": "pixelcnn", "resize": text}, files=files)
+    if resized:
+        assert r.status_code == 200 and r.json()["results"][0]["resized"] is True
+    else:
+        assert r.status_code == 422 and "resize" in r.json()["detail"]  # 16x16 for an 8x8 model
+
+
+@pytest.mark.parametrize("text", ["yes", "on", "TRUE", ""])
+async def test_multipart_booleans_in_other_spellings_are_422(client, text):
+    # The OpenAPI document lists true, false, 1 and 0; the server takes those and nothing else.
+    files = [("files", ("a.png", gray_png(), "image/png"))]
+    r = await client.post("/encode", data={"model": "vae", "resize": text}, files=files)
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "resize"] and "['true', 'false', '1', '0']" in err["msg"]
+
+
 async def test_score_multipart_errors(client):
     r = await client.post("/score", data={"model": "pixelcnn"}, files=[("other", ("a.png", gray_png(), "image/png"))])
     assert r.status_code == 422 and "form field 'files'" in r.json()["detail"]

@@ -20,7 +20,7 @@ from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
 from service.errors import BadRequest
 from service.registry import ModelEntry
-from service.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, ImagesForm
+from service.schemas import FORM_BOOL_SCHEMA, ClassifyRequest, ClassifyResponse, ClassifyResult, ImagesForm
 from service.uploads import decode, receive, request_body, upload_responses
 
 router = APIRouter(tags=["classify"])
@@ -80,7 +80,7 @@ def build_results(
         "where p(x) = sum_y p(x|y) p(y) fails the calibrated outlier test. JSON with base64 `images`, or "
         "multipart/form-data with `files` and a `model` field. Costs one model pass per class."
     ),
-    openapi_extra=request_body(ClassifyRequest, {"resize": {"type": "boolean", "default": False}}),
+    openapi_extra=request_body(ClassifyRequest, {"resize": FORM_BOOL_SCHEMA}),
     responses=upload_responses("not a conditional model, bad image, wrong size, too many"),
 )
 async def classify(

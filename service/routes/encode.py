@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
 from service.errors import BadRequest
-from service.schemas import EncodeRequest, EncodeResponse, EncodeResult, ImagesForm
+from service.schemas import FORM_BOOL_SCHEMA, EncodeRequest, EncodeResponse, EncodeResult, ImagesForm
 from service.uploads import decode, receive, request_body, upload_responses
 
 router = APIRouter(tags=["encode"])
@@ -23,7 +23,7 @@ router = APIRouter(tags=["encode"])
         "downstream models (docs/classify.md measures a linear probe on them). JSON with base64 `images`, "
         "or multipart/form-data with `files` and a `model` field."
     ),
-    openapi_extra=request_body(EncodeRequest, {"resize": {"type": "boolean", "default": False}}),
+    openapi_extra=request_body(EncodeRequest, {"resize": FORM_BOOL_SCHEMA}),
     responses=upload_responses("not a VAE, bad image, wrong size, too many images"),
 )
 async def encode(

@@ -18,15 +18,15 @@ from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
 from service.errors import BadRequest
 from service.registry import ModelEntry
-from service.schemas import ScoreForm, ScoreRequest, ScoreResponse, ScoreResult
+from service.schemas import FORM_BOOL_SCHEMA, ScoreForm, ScoreRequest, ScoreResponse, ScoreResult
 from service.uploads import decode, receive, request_body, upload_responses
 
 router = APIRouter(tags=["score"])
 
 FORM_FIELDS = {
     "score_type": {"type": "string"},
-    "heatmap": {"type": "boolean", "default": False},
-    "resize": {"type": "boolean", "default": False},
+    "heatmap": FORM_BOOL_SCHEMA,
+    "resize": FORM_BOOL_SCHEMA,
     "label": {"type": "string"},
 }
 
