@@ -1,7 +1,7 @@
 """The app factory: ``create_app(settings) -> FastAPI``. Models load in the lifespan, never at import.
 
-A request enters through five middlewares (request id and log line → metrics → limit on requests
-in flight → body size limit → arrivals count, service/arrivals.py), reaches a route in
+A request enters through six middlewares (request id and log line → metrics → limit on requests
+in flight → body deadline → body size limit → arrivals count, service/arrivals.py), reaches a route in
 ``service/routes/``, waits in a worker's batcher (``service/batching.py``), runs on the model's
 thread, and is answered by the route from the worker's tensors.
 """
@@ -25,7 +25,7 @@ from service import images
 from service.arrivals import ArrivalsMiddleware
 from service.auth import require_api_key
 from service.errors import ServiceError
-from service.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
+from service.limits import BodySizeLimitMiddleware, BodyTimeoutMiddleware, ConcurrencyLimitMiddleware
 from service.logs import RequestLogMiddleware, configure_json_logs
 from service.metrics import Metrics, MetricsMiddleware
 from service.openapi import install as install_openapi
@@ -120,10 +120,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, dependencies=protected)
 
     # Added innermost first: the request log wraps metrics, which wrap the limit on requests in flight,
-    # the body size limit, and the arrivals count (POST requests on their way to a worker, for the
-    # batcher's wait).
+    # the body deadline, the body size limit, and the arrivals count (POST requests on their way to a
+    # worker, for the batcher's wait).
     app.add_middleware(ArrivalsMiddleware, arrivals=registry.arrivals)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestLogMiddleware)

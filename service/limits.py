@@ -1,10 +1,13 @@
 """Request limits at the door: body size (refused on Content-Length at once, and counted while
-reading) and work requests in flight (refused before their bodies are read). Together they bound the
-memory uploads can take: GENSERVE_MAX_CONCURRENT_REQUESTS x GENSERVE_MAX_UPLOAD_BYTES."""
+reading), the time a body may take to arrive, and work requests in flight (refused before their
+bodies are read). Together they bound the memory uploads can take (GENSERVE_MAX_CONCURRENT_REQUESTS x
+GENSERVE_MAX_UPLOAD_BYTES) and how long a slow client can hold a place among those requests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -45,6 +48,50 @@ class BodySizeLimitMiddleware:
 
     async def _refuse(self, send: Send) -> None:
         await send_json(send, 413, {"detail": too_large_detail(self.max_bytes)})
+
+
+def body_timeout_detail(timeout_s: float) -> str:
+    return (
+        f"the request body did not arrive within {timeout_s:g} s of the request's start "
+        "(GENSERVE_BODY_TIMEOUT_S); send it at once, or in smaller requests"
+    )
+
+
+class BodyTimeoutMiddleware:
+    """408 when a request's body has not fully arrived ``timeout_s`` after its headers did.
+
+    Without it a client that trickles its body (a byte now and then: "slow POST") holds its place
+    among GENSERVE_MAX_CONCURRENT_REQUESTS for as long as it likes, and enough such clients refuse
+    everyone else. Like nginx's ``client_body_timeout``, but a deadline for the whole body rather
+    than for each read, which a byte per interval would defeat. Once the body is complete, reads
+    (the wait for a disconnect) pass through untimed.
+    """
+
+    def __init__(self, app: ASGIApp, *, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = time.monotonic() + self.timeout_s
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                # Raised inside the route's body read, as the size limit's 413 is.
+                raise HTTPException(status_code=408, detail=body_timeout_detail(self.timeout_s)) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed_receive, send)
 
 
 class ConcurrencyLimitMiddleware:

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         "refused at once); those still running then are cancelled and the process exits",
     )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="request body limit (413 above)")
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a request body must arrive within this many seconds of the request's headers, else 408; "
+        "bounds how long a slow client holds a place among max_concurrent_requests",
+    )
     max_concurrent_requests: int = Field(
         default=256,
         ge=1,

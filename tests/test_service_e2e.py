@@ -220,3 +220,21 @@ def test_sigterm_drains_requests_in_flight_then_cancels_the_rest(model_dir):
         finishing.close()
         stalled.close()
         stop_server(proc, log)
+
+
+@pytest.mark.slow
+def test_real_server_answers_a_trickled_body_408_and_closes_the_connection(model_dir: Path) -> None:
+    proc, url, log = start_server(model_dir, GENSERVE_BODY_TIMEOUT_S="1")
+    body = json.dumps({"model": "pixelcnn", "images": [b64(gray_png())]}).encode()
+    sock, _ = partial_score_request(url, body)  # half the body, then nothing
+    try:
+        start = time.monotonic()
+        head, _, payload = read_response(sock).partition(b"\r\n\r\n")  # returns once the server closes
+        assert 0.9 <= time.monotonic() - start < 10
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert "GENSERVE_BODY_TIMEOUT_S" in json.loads(payload)["detail"]
+        r = httpx.post(f"{url}/score", json={"model": "pixelcnn", "images": [b64(gray_png())]}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        sock.close()
+        stop_server(proc, log)

@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -566,3 +567,66 @@ async def test_requests_beyond_the_in_flight_limit_are_503_before_their_bodies_a
             assert (await client.post("/score", json=ONE)).status_code == 200  # the slots came back
         labels = {"route": "unmatched", "model": "", "status": "503"}
         assert app.state.metrics.sample_value("genserve_requests_total", labels) == 1
+
+
+async def trickle_request(app: Any, path: str, body: bytes, content_type: bytes) -> list[dict[str, Any]]:
+    """Drive ``app`` with a client that sends the first 10 bytes of ``body`` and then nothing more
+    (it stays connected); returns what the app sent."""
+    scope = json_post_scope(path, body)
+    scope["headers"] = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    messages = [{"type": "http.request", "body": body[:10], "more_body": True}]
+    never = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/score", b"application/json"),
+        ("/sample", b"application/json"),
+        ("/score", b"multipart/form-data; boundary=xyz"),
+    ],
+)
+async def test_a_body_that_does_not_arrive_in_time_is_408_and_frees_its_place(make_settings, path, content_type):
+    settings = make_settings(models="pixelcnn", max_concurrent_requests=1, body_timeout_s=0.3)
+    async with running(settings) as (app, client):
+        body = json.dumps(ONE).encode() if content_type == b"application/json" else b"--xyz\r\n" + b"x" * 100
+        with anyio.fail_after(10):
+            slow = asyncio.create_task(trickle_request(app, path, body, content_type))
+            await asyncio.sleep(0.1)  # the slow client holds the only place: others are refused
+            assert (await client.post("/score", json=ONE)).status_code == 503
+            sent = await slow
+        assert sent[0]["status"] == 408
+        assert json.loads(sent[1]["body"])["detail"] == (
+            "the request body did not arrive within 0.3 s of the request's start (GENSERVE_BODY_TIMEOUT_S); "
+            "send it at once, or in smaller requests"
+        )
+        assert (await client.post("/score", json=ONE)).status_code == 200  # its place came back
+        labels = {"route": path, "model": "", "status": "408"}
+        assert app.state.metrics.sample_value("genserve_requests_total", labels) == 1
+
+
+async def test_the_body_deadline_does_not_time_the_wait_for_a_disconnect(make_settings):
+    # Reads after the body is complete (the watch for a client hanging up) are not timed: a request
+    # that takes longer than the deadline to compute is answered 200.
+    async with running(make_settings(models="pixelcnn", body_timeout_s=0.2)) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model, block=True)
+        with anyio.fail_after(10):
+            task = asyncio.create_task(client.post("/score", json=ONE))
+            await wait_thread_event(gate.entered)
+            await asyncio.sleep(0.4)  # past the deadline, with the body long complete
+            gate.release.set()
+            assert (await task).status_code == 200
