@@ -6,9 +6,10 @@ was not told of:
 
 - every error's body is ``ErrorResponse``: ``detail`` is a string, or FastAPI's list of field
   errors for a request that fails validation (FastAPI documents only the list);
-- 400 for a body that is not the JSON or multipart it says it is, 413 for one over
-  GENSERVE_MAX_UPLOAD_BYTES and 503 beyond GENSERVE_MAX_CONCURRENT_REQUESTS (POST routes; the
-  middlewares in ``service/limits.py``), and 500 with a ``request_id`` anywhere;
+- 400 for a body that is not the JSON or multipart it says it is, 408 for one that did not arrive
+  within GENSERVE_BODY_TIMEOUT_S, 413 for one over GENSERVE_MAX_UPLOAD_BYTES and 503 beyond
+  GENSERVE_MAX_CONCURRENT_REQUESTS (POST routes; the middlewares in ``service/limits.py``), and
+  500 with a ``request_id`` anywhere;
 - security schemes and 401 only where keys are checked: nowhere without GENSERVE_API_KEYS, and not
   on /metrics with GENSERVE_METRICS_PUBLIC;
 - the request limits this server was started with: ``n`` at most GENSERVE_MAX_SAMPLES, ``images``
@@ -37,6 +38,7 @@ def _error(description: str) -> dict[str, Any]:
 
 POST_ERRORS = {
     "400": _error("the body is not valid JSON or multipart/form-data (as its Content-Type says)"),
+    "408": _error("the body did not arrive within GENSERVE_BODY_TIMEOUT_S of the headers"),
     "413": _error("the body is over GENSERVE_MAX_UPLOAD_BYTES"),
     "503": _error("busy (GENSERVE_MAX_CONCURRENT_REQUESTS, a full queue) or still loading; retry after Retry-After"),
 }
