@@ -27,8 +27,9 @@ from fastapi import FastAPI
 from service.schemas import ErrorResponse
 from service.settings import Settings
 
-ERROR_REF = "#/components/schemas/ErrorResponse"
-FASTAPI_422_REF = "#/components/schemas/HTTPValidationError"
+COMPONENTS = "#/components/schemas/"
+ERROR_REF = COMPONENTS + "ErrorResponse"
+FASTAPI_422_REF = COMPONENTS + "HTTPValidationError"
 METHODS = ("get", "put", "post", "delete", "patch", "options", "head")
 
 
@@ -65,42 +66,45 @@ def _describe_body(body: dict[str, Any], settings: Settings, models: list[str]) 
             props[name]["maxItems"] = settings.max_images
 
 
+def _complete_operation(
+    path: str, method: str, operation: dict[str, Any], schemas: dict[str, Any], settings: Settings, models: list[str]
+) -> None:
+    """One operation of the document: its error bodies, the app's statuses, limits, models, security."""
+    responses = operation.setdefault("responses", {})
+    for response in responses.values():
+        for media in response.get("content", {}).values():
+            if media.get("schema", {}).get("$ref") == FASTAPI_422_REF:
+                media["schema"] = {"$ref": ERROR_REF}
+    for media in operation.get("requestBody", {}).get("content", {}).values():
+        body = media.get("schema", {})
+        ref = body.get("$ref", "")
+        _describe_body(schemas[ref.rsplit("/", 1)[1]] if ref.startswith(COMPONENTS) else body, settings, models)
+    for parameter in operation.get("parameters", []):
+        if path == "/models/{name}" and parameter["name"] == "name" and models:
+            parameter["schema"]["enum"] = models
+    if method == "post":
+        for status, response in POST_ERRORS.items():
+            responses.setdefault(status, response)
+    responses.setdefault("500", SERVER_ERROR)
+    if _keys_checked(path, operation, settings):
+        responses.setdefault("401", UNAUTHORIZED)
+    else:
+        operation.pop("security", None)
+
+
 def complete(schema: dict[str, Any], settings: Settings, models: list[str]) -> dict[str, Any]:
     """Add the app-wide responses, the limits and ``models`` (the served names; none: say nothing of
     them) to ``schema`` (FastAPI's document, changed in place) and return it."""
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
-    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    error_schema = ErrorResponse.model_json_schema(ref_template=COMPONENTS + "{model}")
     for name, definition in error_schema.pop("$defs", {}).items():
         schemas.setdefault(name, definition)
     schemas.setdefault("ErrorResponse", error_schema)
     for path, item in schema.get("paths", {}).items():
         for method in METHODS:
-            operation = item.get(method)
-            if operation is None:
-                continue
-            responses = operation.setdefault("responses", {})
-            for response in responses.values():
-                for media in response.get("content", {}).values():
-                    if media.get("schema", {}).get("$ref") == FASTAPI_422_REF:
-                        media["schema"] = {"$ref": ERROR_REF}
-            for media in operation.get("requestBody", {}).get("content", {}).values():
-                body = media.get("schema", {})
-                ref = body.get("$ref", "")
-                if ref.startswith("#/components/schemas/"):
-                    body = schemas[ref.rsplit("/", 1)[1]]
-                _describe_body(body, settings, models)
-            for parameter in operation.get("parameters", []):
-                if path == "/models/{name}" and parameter["name"] == "name" and models:
-                    parameter["schema"]["enum"] = models
-            if method == "post":
-                for status, response in POST_ERRORS.items():
-                    responses.setdefault(status, response)
-            responses.setdefault("500", SERVER_ERROR)
-            if _keys_checked(path, operation, settings):
-                responses.setdefault("401", UNAUTHORIZED)
-            else:
-                operation.pop("security", None)
+            if method in item:
+                _complete_operation(path, method, item[method], schemas, settings, models)
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     if not settings.api_key_list:
