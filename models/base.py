@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from models.likelihood import categorical_log_prob
 
-# Sampling temperatures outside this range are refused. At 1e-3 every draw is already the most
-# likely value for the shipped models and at 1e3 a uniform one (their samples' bits/dim stop
-# changing well inside it); beyond it float32 arithmetic overflows (logits / T, or z * T for a VAE).
+# Sampling temperatures outside this range are refused. For the shipped autoregressive models every
+# draw is already the most likely value at 1e-3 and a uniform one at 1e3 (their samples' bits/dim
+# stop changing well inside the range); far beyond it float32 overflows (logits / T, or z * T for a VAE).
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
 

@@ -86,7 +86,8 @@ class SampleRequest(BaseModel):
         le=MAX_TEMPERATURE,
         allow_inf_nan=False,
         description="sharpness: < 1 more typical, > 1 more varied (a VAE scales its prior's std); default 1. "
-        f"From {MIN_TEMPERATURE:g} (every draw the most likely value) to {MAX_TEMPERATURE:g} (uniform noise)",
+        f"From {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g} (for the shipped autoregressive models: every draw "
+        "the most likely value, and uniform noise)",
     )
     label: Label | None = Field(None, description="class name or index; required by class-conditional models only")
 
