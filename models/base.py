@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from models.likelihood import categorical_log_prob
 
 # Sampling temperatures outside this range are refused. For the shipped autoregressive models every
-# draw is already the most likely value at 1e-3 and a uniform one at 1e3 (their samples' bits/dim
-# stop changing well inside the range); far beyond it float32 overflows (logits / T, or z * T for a VAE).
+# draw is already the most likely value at 1e-3 and nearly a uniform one at 1e3 (their samples' bits/dim
+# barely change past either end); far beyond it float32 overflows (logits / T, or z * T for a VAE).
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
 

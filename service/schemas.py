@@ -87,7 +87,7 @@ class SampleRequest(BaseModel):
         allow_inf_nan=False,
         description="sharpness: < 1 more typical, > 1 more varied (a VAE scales its prior's std); default 1. "
         f"From {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g} (for the shipped autoregressive models: every draw "
-        "the most likely value, and uniform noise)",
+        "the most likely value, and nearly uniform noise)",
     )
     label: Label | None = Field(None, description="class name or index; required by class-conditional models only")
 
