@@ -1,7 +1,8 @@
 """The app factory: ``create_app(settings) -> FastAPI``. Models load in the lifespan, never at import.
 
 A request enters through six middlewares (request id and log line → metrics → limit on requests
-in flight → body deadline → body size limit → arrivals count, service/arrivals.py), reaches a route in
+in flight → body deadline → body size limit → arrivals count, service/arrivals.py; CORS outside them
+all when GENSERVE_CORS_ORIGINS is set), reaches a route in
 ``service/routes/``, waits in a worker's batcher (``service/batching.py``), runs on the model's
 thread, and is answered by the route from the worker's tensors.
 """
@@ -19,6 +20,7 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from service import images
@@ -128,5 +130,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestLogMiddleware)
+    if settings.cors_origin_list:  # outermost, so that every answer (a 503 at the door, a 500) carries it
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Seed", "Retry-After"],
+            max_age=600,
+        )
     install_openapi(app, settings)
     return app

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=4_000_000, ge=1, description="larger uploaded images are refused (413)")
     api_keys: str = Field(default="", description="comma list of accepted API keys; empty = no auth")
     metrics_public: bool = Field(default=False, description="serve /metrics without an API key")
+    cors_origins: str = Field(
+        default="",
+        description='comma list of web origins (such as "https://app.example.com") whose pages may call the '
+        'API from a browser; "*" for any; empty = none (no CORS headers)',
+    )
     json_logs: bool = Field(default=False, description="log one JSON object per line")
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads for CPU inference")
     warmup: bool = Field(default=True, description="run one forward pass per worker before reporting ready")
@@ -120,6 +125,18 @@ class Settings(BaseSettings):
     @classmethod
     def _check_devices(cls, v: str) -> str:
         resolve_devices(v)  # raises with the fix
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, v: str) -> str:
+        for origin in split_list(v):
+            scheme, sep, host = origin.partition("://")
+            if origin != "*" and not (sep and scheme in ("http", "https") and host and "/" not in host):
+                raise ValueError(
+                    f"GENSERVE_CORS_ORIGINS entry {origin!r} is not an origin; write scheme://host[:port] with no "
+                    'path or trailing slash, as browsers send it (e.g. "https://app.example.com"), or "*"'
+                )
         return v
 
     @field_validator("model_dir")
@@ -144,3 +161,7 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return split_list(self.api_keys)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return split_list(self.cors_origins)

@@ -630,3 +630,37 @@ async def test_the_body_deadline_does_not_time_the_wait_for_a_disconnect(make_se
             await asyncio.sleep(0.4)  # past the deadline, with the body long complete
             gate.release.set()
             assert (await task).status_code == 200
+
+
+ORIGIN = "https://app.example.com"
+
+
+async def test_cors_lets_the_configured_origins_call_from_a_browser(make_settings):
+    async with running(make_settings(models="pixelcnn", api_keys="k", cors_origins=ORIGIN)) as (_, client):
+        # The preflight carries no key (browsers never send one there) and is answered by CORS.
+        pre = await client.options(
+            "/score",
+            headers={
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-api-key, content-type",
+            },
+        )
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == ORIGIN
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        r = await client.post("/score", json=ONE, headers={"Origin": ORIGIN, "X-API-Key": "k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        no_key = await client.post("/score", json=ONE, headers={"Origin": ORIGIN})
+        assert no_key.status_code == 401  # CORS opens the door to pages, not the keys
+        assert no_key.headers["access-control-allow-origin"] == ORIGIN  # so the page can read the 401
+        other = await client.post("/score", json=ONE, headers={"Origin": "https://evil.example", "X-API-Key": "k"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+async def test_without_cors_origins_no_cors_headers_are_sent(make_settings):
+    async with running(make_settings(models="pixelcnn")) as (_, client):
+        r = await client.post("/score", json=ONE, headers={"Origin": ORIGIN})
+        assert r.status_code == 200 and not any(h.startswith("access-control-") for h in r.headers)
+        pre = await client.options("/score", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 405 and "access-control-allow-origin" not in pre.headers

@@ -55,6 +55,10 @@ def test_auto_devices_fall_back_to_cpu(tmp_path: Path):
         ("shutdown_timeout_s", 2.5, "should be a valid integer"),
         ("cpu_compute", "per-model", "Input should be 'auto', 'shared' or 'per_model'"),
         ("max_upload_bytes", -5, "greater than or equal to 1"),
+        ("body_timeout_s", 0, "greater than 0"),
+        ("cors_origins", "https://app.example.com/", "GENSERVE_CORS_ORIGINS entry 'https://app.example.com/' is not"),
+        ("cors_origins", "app.example.com", "with no path or trailing slash, as browsers send it"),
+        ("cors_origins", "ftp://x", "is not an origin"),
     ],
 )
 def test_bad_values_refuse_to_start(tmp_path: Path, field, value, message):
