@@ -11,6 +11,8 @@ import anyio
 import pytest
 from service_helpers import Gate, b64, gray_png, json_post_scope, running, worker_of
 
+import service.routes.sample_stream
+
 pytestmark = pytest.mark.anyio
 
 ONE = {"model": "pixelcnn", "images": [b64(gray_png())]}
@@ -21,8 +23,11 @@ async def wait_thread_event(event: threading.Event) -> None:
 
 
 def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """The events of a stream, without its comments (``: keep-alive``)."""
     events = []
     for block in text.strip().split("\n\n"):
+        if block.startswith(":"):
+            continue
         lines = dict(line.split(": ", 1) for line in block.split("\n"))
         events.append((lines["event"], json.loads(lines["data"])))
     return events
@@ -176,3 +181,22 @@ async def test_cuda_graphs_setting_is_ignored_by_cpu_workers(make_settings: Any)
     async with running(make_settings(models="pixelcnn")) as (_, client):
         without = (await client.post("/sample", json=body)).json()
     assert with_setting["images"] == without["images"]
+
+
+async def test_a_stream_waiting_for_its_slot_sends_keep_alive_comments(make_settings, monkeypatch):
+    monkeypatch.setattr(service.routes.sample_stream, "KEEPALIVE_S", 0.05)
+    async with running(make_settings(models="pixelcnn")) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model, block=True)  # the worker is busy with a /score pass
+        first = asyncio.create_task(client.post("/score", json=ONE))
+        await wait_thread_event(gate.entered)
+        stream = asyncio.create_task(client.post("/sample/stream", json={"model": "pixelcnn", "n": 1, "seed": 2}))
+        await asyncio.sleep(0.5)  # about ten intervals with nothing to send
+        gate.release.set()
+        r = await stream
+        assert (await first).status_code == 200
+        blocks = r.text.strip().split("\n\n")
+        assert blocks[0].startswith("event: start") and blocks[1] == ": keep-alive"
+        assert blocks.count(": keep-alive") >= 3
+        assert "event: progress" not in "\n\n".join(blocks[: blocks.index(": keep-alive")])
+        assert parse_sse(r.text)[-1][0] == "result"

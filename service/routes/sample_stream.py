@@ -8,6 +8,10 @@ Events, each ``event: NAME`` and one ``data:`` line of JSON:
 - ``result``: the same JSON object ``POST /sample`` answers, then the stream ends;
 - ``error``: ``{"status", "detail"}`` if the work fails after the stream started, then the stream ends.
 
+While nothing else is sent (the request waits for a sampling slot), a comment line ``: keep-alive``
+goes out every KEEPALIVE_S seconds, so that proxies and load balancers that close idle connections
+(nginx and AWS load balancers after 60 s) keep the stream open; EventSource clients ignore comments.
+
 A client that disconnects cancels its share of the batched generation after the current row, and
 its sampling slot is free at once.
 """
@@ -36,6 +40,8 @@ from service.routes.sample import ERRORS
 from service.schemas import SampleRequest, SampleResponse
 
 router = APIRouter(tags=["sample"])
+KEEPALIVE_S = 15.0
+KEEPALIVE = b": keep-alive\n\n"
 logger = logging.getLogger("genserve.sample")
 
 
@@ -94,7 +100,15 @@ async def sample_stream(
         # closed mid-await) leaves no reader behind.
         try:
             yield sse("start", {"model": entry.name, "seed": seed, "n": body.n, "rows": rows})
-            while (event := await events.get()) is not None:
+            while True:
+                try:
+                    async with asyncio.timeout(KEEPALIVE_S):
+                        event = await events.get()
+                except TimeoutError:
+                    yield KEEPALIVE
+                    continue
+                if event is None:
+                    break
                 done, snapshot = event
                 yield sse("progress", {"rows_done": done, "rows": rows})
                 if snapshot is not None:
