@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -75,7 +76,7 @@ def request_body(model_dir: Path, model: str) -> dict[str, Any]:
 def start(server: str, model_dir: Path, model: str, port: int) -> subprocess.Popen[bytes]:
     """One server in its own process group (LitServe starts worker processes of its own)."""
     if server == "genserve":
-        cmd = [sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
+        cmd = [sys.executable, "-m", "tools.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
         cmd += ["--devices", "cpu"]
         env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096", "GENSERVE_MODELS": model}
     else:
@@ -98,10 +99,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     if with_group:  # LitServe's workers, if any outlived their parent
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
@@ -209,9 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             order = SERVERS if r % 2 == 0 else SERVERS[::-1]
             got: dict[str, Any] = {}
             got[order[0]] = serve_and_load(order[0], model_dir, model, body, args)
-            got["inprocess_32"] = in_process(
-                model_dir / model, "cpu", batch=32, seconds=args.seconds, score_type="nll"
-            )
+            got["inprocess_32"] = in_process(model_dir / model, "cpu", batch=32, seconds=args.seconds, score_type="nll")
             got[order[1]] = serve_and_load(order[1], model_dir, model, body, args)
             rounds.append(got)
             logger.info("%s round %d: %s", model, r + 1, got)
@@ -263,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         import litserve  # noqa: F401
     except ImportError:

@@ -32,7 +32,7 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.outliers import Scorer, load_scorer  # noqa: E402
+from models.scoring.scorer import Scorer, load_scorer  # noqa: E402
 
 try:
     import litserve as ls
@@ -107,7 +107,9 @@ def main() -> None:
     args = p.parse_args()
     if ls is None:
         raise SystemExit('LitServe is not installed: pip install -e ".[bench]"')
-    api = ScoreAPI(Path(args.model_dir) / args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
+    api = ScoreAPI(
+        Path(args.model_dir) / args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout
+    )
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
 

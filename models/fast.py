@@ -21,17 +21,29 @@ order of float additions differs) with fewer and larger operations:
   shift brings in gives it).
 
 Weights are copied when the fast model is built: it does not follow later changes to the module's
-parameters (``PixelCNN.prepare_for_inference`` builds it, after loading; training never uses it).
+parameters: ``PixelCNN.prepare_for_inference`` builds it after loading (on CPU), and the model uses
+it only in eval mode without gradients, so training never does.
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from models.layers import Conv1x1, GatedBlock
 from models.likelihood import to_unit_range
-from models.pixelcnn import GatedBlock, PixelCNN
+
+
+class GatedPixelCNN(Protocol):
+    """What :class:`FastPixelCNN` reads of a :class:`~models.pixelcnn.PixelCNN` (no import back)."""
+
+    config: Any
+    blocks: nn.ModuleList
+    out1: Conv1x1
+    out2: Conv1x1
 
 
 def _matrix(weight: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -59,20 +71,21 @@ class _FastBlock:
     """One gated block's weights as matrices; its activations are (H, B, W, C), flattened to (H*B*W, C)
     where a matrix product reads them, so that row i of every image is one contiguous slice."""
 
-    def __init__(self, block: GatedBlock) -> None:
+    def __init__(self, block: GatedBlock | nn.Module) -> None:
+        assert isinstance(block, GatedBlock)
         self.first = block.first
         vc = block.v_conv
         self.v_k = vc.k  # (k//2+1) x k window, centred on the column, ending at the current row
         self.v_w = _row_matrices(vc.weight)  # k//2+1 matrices (k*in, 2h), the top row first
+        assert vc.bias is not None and block.v_to_h.bias is not None  # nn.Conv2d's default: with a bias
         self.v_b = vc.bias.detach().clone()
         self.vh_w = _matrix(block.v_to_h.weight)  # (2h, 2h)
         self.h_kw = block.h_conv_a.k
-        (wa,), (wb,) = _row_matrices(block.h_conv_a.weight, block.h_conv_a.mask), _row_matrices(
-            block.h_conv_b.weight, block.h_conv_b.mask
-        )
+        ha, hb = block.h_conv_a, block.h_conv_b
+        (wa,), (wb,) = _row_matrices(ha.weight, ha.mask), _row_matrices(hb.weight, hb.mask)
         self.h_w = torch.cat([wa, wb], dim=1)  # (kw*in, 2h): both gate halves
         # The link's bias reaches every row (row 0 through the zero row the shift brings in).
-        self.h_b = (torch.cat([block.h_conv_a.bias, block.h_conv_b.bias]) + block.v_to_h.bias).detach()
+        self.h_b = (torch.cat([ha.bias, hb.bias]) + block.v_to_h.bias).detach()
         res_w, skip_w = _matrix(block.h_res.weight, block.h_res.mask), _matrix(block.h_skip.weight, block.h_skip.mask)
         self.out_w = torch.cat([res_w, skip_w], dim=1)  # (h, 2h)
         self.out_b = torch.cat([block.h_res.bias, block.h_skip.bias]).detach()
@@ -111,11 +124,11 @@ class _FastBlock:
 class FastPixelCNN:
     """Inference-only logits of a loaded :class:`PixelCNN` (see the module docstring)."""
 
-    def __init__(self, model: PixelCNN) -> None:
+    def __init__(self, model: GatedPixelCNN) -> None:
         cfg = model.config
         self.config = cfg
         with torch.no_grad():
-            self.blocks = [_FastBlock(block) for block in model.blocks]  # type: ignore[arg-type]
+            self.blocks = [_FastBlock(block) for block in model.blocks]
             self.w1, self.b1 = _matrix(model.out1.weight, model.out1.mask), model.out1.bias.detach().clone()
             self.w2, self.b2 = _matrix(model.out2.weight, model.out2.mask), model.out2.bias.detach().clone()
         self.dtype = model.out1.weight.dtype

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import AutoregressiveModel
+from models.fast import FastPixelCNN
 from models.layers import Conv1x1, GatedBlock
 from models.likelihood import to_unit_range
 from models.sampling.pixelcnn import sample_parts_cached
@@ -55,8 +56,29 @@ class PixelCNN(AutoregressiveModel):
         self.blocks = nn.ModuleList(blocks)
         self.out1 = Conv1x1(h, config.out_hidden, c)
         self.out2 = Conv1x1(config.out_hidden, c * config.levels, c)
+        self.fast: FastPixelCNN | None = None  # set by prepare_for_inference
+
+    def prepare_for_inference(self, *, cuda_graphs: bool = False) -> None:
+        """Also, on CPU: the weights as matrices for :class:`models.fast.FastPixelCNN`, which computes
+        the logits of eval-mode passes without gradients as a few large matrix products (the same
+        values up to float rounding). Call again after changing the weights."""
+        super().prepare_for_inference(cuda_graphs=cuda_graphs)
+        self.fast = FastPixelCNN(self) if self.device.type == "cpu" else None
+
+    def _fast(self) -> FastPixelCNN | None:
+        return self.fast if self.fast is not None and not self.training and not torch.is_grad_enabled() else None
+
+    def pixel_log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        fast = self._fast()
+        if fast is None:
+            return super().pixel_log_prob(x, y)
+        self.check_input(x, y)
+        return fast.pixel_log_prob(x, y)
 
     def logits(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        fast = self._fast()
+        if fast is not None:
+            return fast.logits(x, y)
         cfg = self.config
         b = x.shape[0]
         inp = to_unit_range(x, cfg.levels).to(self.out1.weight.dtype)  # (B, C, H, W) in [-1, 1]

@@ -1,0 +1,145 @@
+"""The fast PixelCNN forward (models/fast.py) against the masked-convolution model it is built from."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint, read_metadata
+from models.fast import FastPixelCNN
+from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.sampling.pixelcnn import sample_cached
+
+STORE = Path(__file__).resolve().parents[2] / "checkpoints"
+SHIPPED_PIXELCNNS = sorted(
+    str(p.parent.relative_to(STORE))
+    for p in STORE.glob("**/model.json")
+    if read_metadata(p.parent)["architecture"] == "gated_pixelcnn"
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_model(seed: int = 0, **overrides: Any) -> PixelCNN:
+    """A small PixelCNN in eval mode with random weights and biases (nothing trivially zero)."""
+    cfg: dict[str, Any] = {
+        "in_channels": 1, "height": 5, "width": 7, "levels": 16, "hidden": 8, "n_blocks": 2,
+        "first_kernel": 5, "kernel": 3, "out_hidden": 16,
+    }  # fmt: skip
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = PixelCNN(PixelCNNConfig(**cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+CASES = [
+    {},
+    {"in_channels": 3},  # colour: channel-masked centre taps and 1x1 convs
+    {"n_classes": 4},
+    {"in_channels": 2, "n_classes": 3, "first_kernel": 7, "kernel": 5},
+    {"n_blocks": 0},
+    {"height": 1, "width": 1},
+]
+
+
+@pytest.mark.parametrize("overrides", CASES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_logits_equal_the_masked_convolutions(overrides: dict[str, Any], batch: int) -> None:
+    model = random_model(**overrides)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.levels, (batch, cfg.in_channels, cfg.height, cfg.width), generator=gen)
+    y = torch.randint(0, cfg.n_classes, (batch,), generator=gen) if cfg.n_classes else None
+    with torch.no_grad():
+        ref = model.logits(x, y)
+        ref_lp = model.pixel_log_prob(x, y)
+        fast = FastPixelCNN(model)
+        got = fast.logits(x, y)
+        got_lp = fast.pixel_log_prob(x, y)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_lp, ref_lp, rtol=0, atol=1e-5)
+
+
+def test_the_model_takes_the_fast_path_only_prepared_in_eval_mode_without_gradients() -> None:
+    model = random_model()
+    x = torch.randint(0, 16, (2, 1, 5, 7))
+    assert model.fast is None
+    model.prepare_for_inference()
+    assert isinstance(model.fast, FastPixelCNN)
+    with torch.no_grad():
+        assert model._fast() is model.fast
+        fast_lp = model.log_prob(x)
+    # With gradients (training, the causality tests) the masked convolutions run, so gradients reach
+    # the parameters.
+    assert model._fast() is None
+    lp = model.log_prob(x)
+    assert lp.requires_grad
+    torch.testing.assert_close(fast_lp, lp.detach(), rtol=0, atol=1e-4)
+    model.train()
+    with torch.no_grad():
+        assert model._fast() is None
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fast_path_changing_a_later_sub_pixel_never_changes_earlier_logits(channels: int) -> None:
+    model = random_model(in_channels=channels, height=4, width=4)
+    model.prepare_for_inference()
+    c_, h_, w_ = model.shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 16, (1, c_, h_, w_), generator=gen)
+    with torch.no_grad():
+        base = model.logits(x)  # (1, C, L, H, W)
+        for pos in range(c_ * h_ * w_):
+            i, rest = divmod(pos, w_ * c_)
+            j, c = divmod(rest, c_)
+            x2 = x.clone()
+            x2[0, c, i, j] = (x2[0, c, i, j] + 7) % 16
+            changed = (model.logits(x2) - base).abs().amax(dim=2)[0]  # (C, H, W)
+            for pos_o in range(pos + 1):  # sub-pixels up to and including the changed one
+                io, rest_o = divmod(pos_o, w_ * c_)
+                jo, co = divmod(rest_o, c_)
+                assert changed[co, io, jo] < 1e-6, f"logit of {(co, io, jo)} depends on later {(c, i, j)}"
+            assert changed.max() > 0 or pos == c_ * h_ * w_ - 1  # something later does see it
+
+
+@pytest.mark.parametrize("n_classes", [None, 3])
+def test_cached_sampler_and_the_naive_one_on_fast_logits_draw_the_same_images(n_classes: int | None) -> None:
+    model = random_model(n_classes=n_classes, levels=8)
+    model.prepare_for_inference()
+    y = torch.arange(3) % n_classes if n_classes else None
+    naive = model.sample_naive(3, generator=torch.Generator().manual_seed(5), y=y)  # through the fast logits
+    cached = sample_cached(model, 3, generator=torch.Generator().manual_seed(5), y=y)
+    assert torch.equal(naive.images, cached.images)
+    torch.testing.assert_close(naive.log_prob, cached.log_prob, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SHIPPED_PIXELCNNS)
+def test_every_shipped_pixelcnn_gives_the_same_log_likelihoods(name: str) -> None:
+    model, _ = load_checkpoint(STORE / name)
+    assert isinstance(model, PixelCNN)
+    c, h, w = model.shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.levels, (2, c, h, w), generator=gen, dtype=torch.uint8)
+    x[1] = torch.zeros(c, h, w, dtype=torch.uint8)
+    x[1, :, 6:22, 8:20] = 200  # a plain bright rectangle on black: an in-distribution-like image
+    y = torch.tensor([0, 3]) if model.n_classes else None
+    with torch.inference_mode():
+        ref = model.log_prob(x, y)
+        model.prepare_for_inference()
+        got = model.log_prob(x, y)
+    assert ((got - ref).abs() / model.dims).max() <= 1e-4
