@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from models.base import DensityModel, SamplePart
+from models.sampling.cached import torch_threads
 from models.scoring.scorer import Scorer, load_scorer
 from models.vae import VAE
 from service import scoring
@@ -122,6 +123,7 @@ class Worker:
         self.state = State.LOADING
         self.error: str | None = None
         self.sample_slots = asyncio.Semaphore(limits.max_concurrent_samples)
+        self._threads = torch.get_num_threads()  # set again before each generation (_sample)
         self.loaded = asyncio.Event()  # set once the thread has loaded (or failed to load) the model
         self._queue: deque[Job] = deque()
         self._pending = 0  # images queued or running
@@ -413,6 +415,7 @@ class Worker:
                 )
             )
         between_steps = None if self.compute is None else self._let_others_run
+        self._threads = torch.get_num_threads()  # the count the others' work runs on (a generation: fewer)
         with torch.inference_mode():
             outs = self.model.sample_parts(parts, between_steps=between_steps)
         results: list[SampleResult | None] = []
@@ -431,7 +434,7 @@ class Worker:
         it would run on its own (a model loading then makes ordinary tensors)."""
         assert self.compute is not None
         if self.compute.waiting:
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), torch_threads(self._threads):
                 self.compute.run_waiting()
 
     def _set_depth(self) -> None:

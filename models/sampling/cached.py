@@ -9,8 +9,9 @@ exact log-probability of what was drawn, progress reports, and cancelled parts l
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Protocol
 
 import torch
@@ -158,6 +159,28 @@ class Stepper(Protocol):
         ...
 
 
+# Threads a CPU generation runs on (None: the caller's torch.get_num_threads()). Its steps are tiny
+# matrix products ((n, a few hundred) by (a few hundred, 2h) for a PixelCNN pixel), which a second
+# OpenMP thread cannot speed up but can stall: each op waits at a barrier for a helper that, on a
+# machine busy with other work, may have lost its core (docs/sampling.md, "Threads").
+CPU_THREADS: int | None = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside the block, the previous count after it (nothing to do if
+    n is None or already the count). Changing the count costs milliseconds: not per step."""
+    prev = torch.get_num_threads()
+    if n is None or n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 @torch.no_grad()
 def run_parts(
     model: SampledModel,
@@ -172,8 +195,22 @@ def run_parts(
     ``make_stepper(n, labels)`` builds the model's cached state for n images (labels (n,) or None).
     A cancelled part leaves the batch after the row in progress; the rest go on with smaller tensors.
     ``between_steps()`` runs after every pixel (all its sub-pixels drawn): a caller that shares
-    the thread can run other work there without changing the images.
+    the thread can run other work there without changing the images. On CPU the generation runs
+    on :data:`CPU_THREADS` threads, ``between_steps`` included (a caller that runs other work
+    there restores its own count for it, if it needs it: :func:`torch_threads`).
     """
+    with torch_threads(CPU_THREADS if model.device.type == "cpu" else None):
+        return _run_parts(model, parts, make_stepper, on_logits=on_logits, between_steps=between_steps)
+
+
+def _run_parts(
+    model: SampledModel,
+    parts: list[SamplePart],
+    make_stepper: Callable[[int, Tensor | None], Stepper],
+    *,
+    on_logits: LogitsHook | None,
+    between_steps: StepCallback | None,
+) -> list[SampleOutput | None]:
     for part in parts:
         check_temperature(part.temperature)
         model.check_labels(part.n, part.labels)

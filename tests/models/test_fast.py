@@ -143,3 +143,23 @@ def test_every_shipped_pixelcnn_gives_the_same_log_likelihoods(name: str) -> Non
         model.prepare_for_inference()
         got = model.log_prob(x, y)
     assert ((got - ref).abs() / model.dims).max() <= 1e-4
+
+
+def test_a_cpu_generation_runs_on_one_thread_and_gives_the_count_back() -> None:
+    from models.sampling import cached
+
+    model = random_model()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    out = sample_cached(
+        model, 2, generator=torch.Generator().manual_seed(0), on_logits=lambda *_: seen.append(torch.get_num_threads())
+    )
+    assert set(seen) == {cached.CPU_THREADS} == {1}
+    assert torch.get_num_threads() == 2
+    # The same images on the caller's threads (the module setting None: today's behaviour).
+    cached.CPU_THREADS = None
+    try:
+        again = sample_cached(model, 2, generator=torch.Generator().manual_seed(0))
+    finally:
+        cached.CPU_THREADS = 1
+    assert torch.equal(out.images, again.images)
