@@ -107,10 +107,13 @@ def main() -> None:
     p.add_argument("--model", default="checkpoints/pixelcnn-fmnist")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--seconds", type=float, default=20.0, help="per batch size, both variants together")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--sample", type=int, default=0, help="also time the cached sampler drawing this many images")
     p.add_argument("--sample-rounds", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, _ = load_checkpoint(args.model)
     if not isinstance(model, PixelCNN):
         raise SystemExit(f"{args.model} is a {model.architecture}, not a gated PixelCNN")

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a lent device machine (its tool's README): the GPU tests, then the
-# sampling and serving benchmarks on cuda:0 with the shipped models, and the OpenMP-pool bench on
-# the host's CPU (docs/serving.md, "Several models on one CPU"). Results land in $OUT (8 files).
+# sampling and serving benchmarks on cuda:0 with the shipped models, the peer bench (genserve against
+# LitServe, docs/serving.md "Against a peer") on cuda:0, and on the host's CPU the OpenMP-pool bench
+# (docs/serving.md, "Several models on one CPU") and the fast PixelCNN forward (docs/sampling.md).
+# Results land in $OUT (11 files).
 #
 #   here:     make gpu-wheels                      # the web stack the device image lacks, into .whl/
 #   device:   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
-# About 6 minutes on an H100/H200. Record the figures in docs/ with the card's name.
+# About 9 minutes on an H100/H200 (the peer bench and the host-CPU bench are cut short to fit). Record the figures in docs/ with the card's name.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-check}
@@ -37,3 +39,10 @@ for model in vae-fmnist pixelcnn-fmnist; do
   timeout 150 python3 bench/settings_ab.py --model "$model" --device cuda:0 --seconds 4 --rounds 2 --client httpx \
     --config GENSERVE_MAX_BATCH_WAIT_MS=0 --config GENSERVE_MAX_BATCH_WAIT_MS=5 2>&1 | tee "$OUT/ab-wait-$model.txt"
 done
+
+# genserve against LitServe on the card, two models (the lent time does not fit all five).
+timeout 200 python3 bench/peer_bench.py --device cuda:0 --client httpx --seconds 4 --rounds 1 \
+  --models pixelcnn-fmnist vae-fmnist 2>&1 | tee "$OUT/peer-cuda.txt"
+# The fast forward is a CPU path (models/fast.py): masked vs fast on the host's cores.
+timeout 90 python3 bench/fast_forward.py --batch 1 32 --seconds 10 --sample 16 --sample-rounds 1 2>&1 \
+  | tee "$OUT/fast-forward-host-cpu.txt"

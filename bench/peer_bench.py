@@ -73,15 +73,15 @@ def request_body(model_dir: Path, model: str) -> dict[str, Any]:
     return body
 
 
-def start(server: str, model_dir: Path, model: str, port: int) -> subprocess.Popen[bytes]:
+def start(server: str, model_dir: Path, model: str, port: int, device: str = "cpu") -> subprocess.Popen[bytes]:
     """One server in its own process group (LitServe starts worker processes of its own)."""
     if server == "genserve":
         cmd = [sys.executable, "-m", "tools.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
-        cmd += ["--devices", "cpu"]
+        cmd += ["--devices", device]
         env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096", "GENSERVE_MODELS": model}
     else:
         cmd = [sys.executable, str(ROOT / "bench" / "peer_litserve.py"), "--model-dir", str(model_dir)]
-        cmd += ["--model", model, "--port", str(port)]
+        cmd += ["--model", model, "--port", str(port), "--device", device]
         env = dict(os.environ)
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -165,7 +165,7 @@ def serve_and_load(server: str, model_dir: Path, model: str, body: dict[str, Any
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     url = base + ("/score" if server == "genserve" else "/predict")
-    proc = start(server, model_dir, model, port)
+    proc = start(server, model_dir, model, port, args.device)
     try:
         wait_ready(base, proc)
         for _ in range(3):  # warm the path (and LitServe's first batch)
@@ -200,7 +200,8 @@ def summarise(model: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = Path(args.model_dir)
     models = args.models or shipped_models(model_dir)
-    result: dict[str, Any] = {"seconds": args.seconds, "rounds": args.rounds, "client": args.client, "models": []}
+    result: dict[str, Any] = {"seconds": args.seconds, "rounds": args.rounds, "client": args.client}
+    result |= {"device": args.device, "models": []}
     for model in models:
         body = request_body(model_dir, model)
         rounds = []
@@ -208,7 +209,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             order = SERVERS if r % 2 == 0 else SERVERS[::-1]
             got: dict[str, Any] = {}
             got[order[0]] = serve_and_load(order[0], model_dir, model, body, args)
-            got["inprocess_32"] = in_process(model_dir / model, "cpu", batch=32, seconds=args.seconds, score_type="nll")
+            got["inprocess_32"] = in_process(
+                model_dir / model, args.device, batch=32, seconds=args.seconds, score_type="nll"
+            )
             got[order[1]] = serve_and_load(order[1], model_dir, model, body, args)
             rounds.append(got)
             logger.info("%s round %d: %s", model, r + 1, got)
@@ -247,6 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="*", help="checkpoint folders under --model-dir (default: every one)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each load phase")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per model")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N, for both servers and the in-process row")
     p.add_argument(
         "--client", choices=["hey", "httpx"], default="hey" if shutil.which("hey") else "httpx", help="load generator"
     )

@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--model-dir", default="checkpoints")
     p.add_argument("--model", required=True, help="checkpoint folder name under --model-dir")
     p.add_argument("--port", type=int, default=8031)
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-timeout", type=float, default=0.0, help="seconds a batch waits for more requests")
     args = p.parse_args()
@@ -110,7 +111,9 @@ def main() -> None:
     api = ScoreAPI(
         Path(args.model_dir) / args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout
     )
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60)
+    accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
+    devices = [int(args.device.partition(":")[2] or 0)] if accelerator == "cuda" else "auto"
+    server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=1, timeout=60)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
 
 
