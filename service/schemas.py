@@ -110,6 +110,7 @@ class ScoreRequest(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
     score_type: str | None = Field(None, description="one of the model's score_types; default its default_score_type")
     heatmap: bool = Field(False, description="also return a per-pixel NLL map (autoregressive models only)")
+    input_image: bool = Field(False, description="also return each image as the model saw it (after any conversion)")
     resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
     label: Label | None = Field(
         None,
@@ -126,6 +127,7 @@ class ScoreForm(BaseModel):
     model: str
     score_type: str | None = None
     heatmap: FormBool = False
+    input_image: FormBool = False
     resize: FormBool = False
     label: str | None = None
 
@@ -146,6 +148,11 @@ class ScoreResult(BaseModel):
         "minus the background model's), linear from 0 nats or less (black) to heatmap_scale_nats or more (white)"
     )
     heatmap_scale_nats: float | None = Field(description="NLL drawn as white: C * ln(levels), a uniform guess")
+    input_image: str | None = Field(
+        None,
+        description="with input_image=true: base64 PNG (C x H x W, 8-bit) of the array the model scored, after "
+        "the conversion that resize=true applies (mode, size); what the web page shows",
+    )
 
 
 class ScoreResponse(BaseModel):
