@@ -26,8 +26,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.ood_eval import auroc, load_eval_set
-from models.outliers import NLL, load_scorer, png_code_bits, score_images, webp_code_bits
+from models.scoring.coders import png_code_bits, webp_code_bits
+from models.scoring.scorer import load_scorer
+from models.scoring.scores import NLL
+from tools.ood_eval import auroc, load_eval_set
+from tools.score_sets import score_images
 
 
 def pillow_coder(fmt: str, **options: object) -> Callable[[torch.Tensor], np.ndarray]:

@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from models.data import load_dataset
-from models.ood_eval import auroc, load_eval_set
-from models.outliers import COMPLEXITY, GUARD_WEIGHT, NLL, load_scorer, score_images
+from models.scoring.scorer import load_scorer
+from models.scoring.scores import COMPLEXITY, GUARD_WEIGHT, NLL
+from tools.data import load_dataset
+from tools.ood_eval import auroc, load_eval_set
+from tools.score_sets import score_images
 
 Scores = dict[str, np.ndarray]
 

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.outliers import Scorer, load_scorer
+from models.scoring.scorer import Scorer, load_scorer
 from models.vae import VAE
 from service.scoring import default_score_type
 

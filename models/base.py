@@ -63,6 +63,10 @@ class SamplePart:
     on_row: RowCallback | None = None
 
 
+CachedSampler = Callable[..., "list[SampleOutput | None]"]
+"""``sampler(model, parts, *, cuda_graphs, between_steps)``: an autoregressive model's batched sampler."""
+
+
 class SamplingCancelled(Exception):
     """Raised inside a sampler when every part of its batch was cancelled."""
 
@@ -210,6 +214,15 @@ class AutoregressiveModel(DensityModel):
 
     kind: ClassVar[str] = "autoregressive"
     exact: ClassVar[bool] = True
+    # The model's cached (incremental) sampler, models/sampling/: all parts as one batched generation
+    # in O(1) layer evaluations per sub-pixel. None: the reference sampler, part by part.
+    cached_sampler: ClassVar[CachedSampler | None] = None
+    sample_cuda_graphs: bool = False  # set by prepare_for_inference
+
+    def prepare_for_inference(self, *, cuda_graphs: bool = False) -> None:
+        """With ``cuda_graphs`` on a CUDA device, the cached sampler replays its pixel step as a CUDA
+        graph (models/sampling/cached.py): the same images, one launch per step."""
+        self.sample_cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.cached_sampler is not None
 
     def logits(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Unnormalised logits (B, C, levels, H, W); position i may depend only on x_<i."""
@@ -247,9 +260,12 @@ class AutoregressiveModel(DensityModel):
     def sample_parts(
         self, parts: list[SamplePart], *, between_steps: StepCallback | None = None
     ) -> list[SampleOutput | None]:
-        """This default samples each part with the reference sampler; models with a cached
-        (incremental) sampler override it to run all parts as one batch."""
-        return self._parts_one_by_one(parts, self.sample_naive, between_steps)
+        """All parts as one batch through the model's cached sampler; without one, each part with the
+        reference sampler."""
+        sampler = type(self).cached_sampler
+        if sampler is None:
+            return self._parts_one_by_one(parts, self.sample_naive, between_steps)
+        return sampler(self, parts, cuda_graphs=self.sample_cuda_graphs, between_steps=between_steps)
 
     @torch.no_grad()
     def sample_naive(

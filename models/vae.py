@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import DensityModel, RowCallback, SampleOutput, TrainStep, check_temperature
+from models.layers import CausalConv2d, Conv1x1
 from models.likelihood import (
     discretized_logistic_mixture_log_prob,
     sample_discretized_logistic_mixture,
     to_unit_range,
 )
-from models.pixelcnn import Conv1x1, centre_mask
 
 
 @dataclass
@@ -80,34 +80,6 @@ class Encoder(nn.Module):
         return mean, logvar.clamp(-12.0, 8.0)
 
 
-class MaskedConv2d(nn.Module):
-    """k x k conv whose output at (i, j) reads only earlier sub-pixels.
-
-    Rows above the centre in full, the centre row left of the centre, and at the centre only the
-    input channels of earlier colour groups (mask A, ``include_own=False``: the first layer) or of
-    earlier and the same group (mask B: later layers); see :func:`centre_mask`.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, k: int, groups: int, *, include_own: bool = False) -> None:
-        super().__init__()
-        if k % 2 == 0:
-            raise ValueError("decoder_context must be odd")
-        self.k = k
-        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, k, k))
-        self.bias = nn.Parameter(torch.zeros(out_ch))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        mask = torch.zeros(out_ch, in_ch, k, k)
-        mask[:, :, : k // 2] = 1.0
-        mask[:, :, k // 2, : k // 2] = 1.0
-        mask[:, :, k // 2, k // 2] = centre_mask(out_ch, in_ch, groups, include_own=include_own)
-        self.mask: Tensor
-        self.register_buffer("mask", mask, persistent=False)
-
-    def forward(self, x: Tensor, *, pad: bool = True) -> Tensor:
-        """Same-size output with zero padding, or (``pad=False``) the valid part only (k-1 smaller)."""
-        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.k // 2 if pad else 0)
-
-
 class Decoder(nn.Module):
     """z (B, latent_dim) [and x for a local-context decoder] -> mixture parameters (B, C, K, H, W) each."""
 
@@ -125,10 +97,12 @@ class Decoder(nn.Module):
         layers += [nn.Conv2d(h, cfg.in_channels * 3 * cfg.n_mixtures, 3, padding=1)]
         self.net = nn.Sequential(*layers)
         if cfg.decoder_context:
+            if cfg.decoder_context % 2 == 0:
+                raise ValueError("decoder_context must be odd")
             n_out = cfg.in_channels * 3 * cfg.n_mixtures
-            self.ctx = MaskedConv2d(cfg.in_channels, h, cfg.decoder_context, cfg.in_channels)
+            self.ctx = CausalConv2d(cfg.in_channels, h, cfg.decoder_context, cfg.in_channels)
             self.ctx_layers = nn.ModuleList(
-                [MaskedConv2d(h, h, 3, cfg.in_channels, include_own=True) for _ in range(cfg.context_layers)]
+                [CausalConv2d(h, h, 3, cfg.in_channels, include_own=True) for _ in range(cfg.context_layers)]
             )
             self.ctx_mix = nn.Conv2d(h, h, 1)  # z features into the context path
             self.ctx_out = Conv1x1(h, n_out, cfg.in_channels)  # pointwise: keeps the mask's causality

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from models.base import DensityModel, SamplePart
-from models.outliers import Scorer, load_scorer
+from models.scoring.scorer import Scorer, load_scorer
 from models.vae import VAE
 from service import scoring
 from service.arrivals import Arrivals

@@ -23,9 +23,10 @@ from torch import Tensor
 
 from models.base import AutoregressiveModel, DensityModel, RowCallback
 from models.checkpoint import META, CheckpointError, build_model, read_metadata
-from models.classify import training_prior
-from models.outliers import BACKGROUND, available_score_types, stale_calibration
-from service import scoring
+from models.scoring.calibration import default_score_type
+from models.scoring.classify import training_prior
+from models.scoring.scorer import BACKGROUND, has_background, stale_calibration
+from models.scoring.scores import available_score_types
 from service.arrivals import Arrivals
 from service.batching import BatchLimits, SampleResult, State, Worker
 from service.compute import ComputeThread
@@ -93,7 +94,7 @@ class ModelEntry:
 
     @property
     def default_score_type(self) -> str:
-        return scoring.default_score_type(self.meta, background=self.background_meta is not None)
+        return default_score_type(self.meta, background=self.background_meta is not None)
 
     def info(self) -> dict[str, Any]:
         dataset = self.meta.get("dataset") or {}
@@ -170,7 +171,7 @@ def skeleton_model(folder: Path, meta: dict[str, Any]) -> DensityModel:
 def background_metadata(folder: Path, skeleton: DensityModel) -> dict[str, Any] | None:
     """The metadata of ``folder``'s background model, None if it has none; RegistryError unless the
     background takes the model's images and is unconditional."""
-    if not scoring.has_background(folder):
+    if not has_background(folder):
         return None
     bg_folder = folder / BACKGROUND
     try:

@@ -1,42 +1,20 @@
-"""Score types as the service sees them: what /score computes for a batch, and how it is judged.
+"""What /score runs in a worker for one batch, and how its heatmaps are scaled.
 
-The scores themselves live in :mod:`models.outliers`: each worker holds a
-:class:`~models.outliers.Scorer` built from its model folder (the model, plus the background model
-in ``<folder>/background/`` on the same device where there is one), and :func:`compute` runs it.
-Which score types a model offers follows from its folder alone (:func:`score_types_for`), so
-``/models`` and request validation need no loaded weights.
-
-How a score is judged comes from the checkpoint's ``calibration`` (written by ``genserve
-calibrate``): ``{"default_score": name, "scores": {name: {"threshold": t, "quantiles": [q_0..q_100]}}}``.
-``is_outlier = score > threshold``; the percentile is where the score falls among the quantiles.
-An uncalibrated model defaults to the score type the evaluation recommends, without a threshold.
+The scores, the scorer and the calibration live in :mod:`models.scoring`: each worker holds a
+:class:`~models.scoring.scorer.Scorer` built from its model folder (the model, plus the background
+model in ``<folder>/background/`` on the same device where there is one), and :func:`compute` runs
+it and adds Bayes' rule for class-conditional models.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from torch import Tensor
 
 from models.base import DensityModel
-from models.checkpoint import META
-from models.classify import posterior_from
-from models.outliers import BACKGROUND, SCORE_TYPES, Scorer, available_score_types, recommended_score
-
-__all__ = ["SCORE_TYPES", "Calibration", "calibration_for", "compute", "default_score_type", "percentile"]
-
-
-def has_background(folder: Path) -> bool:
-    return (folder / BACKGROUND / META).is_file()
-
-
-def score_types_for(folder: Path) -> list[str]:
-    """The score types a model folder offers (``likelihood_ratio`` needs a background model)."""
-    return available_score_types(has_background=has_background(folder))
+from models.scoring.classify import posterior_from
+from models.scoring.scorer import Scorer
 
 
 def compute(scorer: Scorer, x: Tensor, y: Tensor | None, *, score_type: str, heatmap: bool) -> dict[str, Tensor]:
@@ -63,50 +41,3 @@ def compute(scorer: Scorer, x: Tensor, y: Tensor | None, *, score_type: str, hea
 def heatmap_scale_nats(model: DensityModel) -> float:
     """The per-pixel NLL drawn as 255 in heatmaps: C * ln(levels), the cost of a uniform guess."""
     return model.shape[0] * math.log(model.levels)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """How to judge one score type for one model; None where the checkpoint has no calibration."""
-
-    threshold: float | None = None
-    quantiles: tuple[float, ...] | None = None
-
-    def is_outlier(self, score: float) -> bool | None:
-        return None if self.threshold is None else score > self.threshold
-
-    def percentile(self, score: float) -> float | None:
-        return None if self.quantiles is None else percentile(score, self.quantiles)
-
-
-def default_score_type(meta: dict[str, Any], *, background: bool = False) -> str:
-    """The calibrated default, else the recommended score for a model with (or without) a background."""
-    return str((meta.get("calibration") or {}).get("default_score") or recommended_score(has_background=background))
-
-
-def calibration_for(meta: dict[str, Any], score_type: str) -> Calibration:
-    entry = ((meta.get("calibration") or {}).get("scores") or {}).get(score_type)
-    if not entry:
-        return Calibration()
-    threshold = entry.get("threshold")
-    quantiles = entry.get("quantiles")
-    return Calibration(
-        threshold=None if threshold is None else float(threshold),
-        quantiles=None if not quantiles else tuple(sorted(float(q) for q in quantiles)),
-    )
-
-
-def percentile(score: float, quantiles: tuple[float, ...]) -> float:
-    """Where ``score`` falls among evenly spaced quantiles q_0..q_K (K=100: percentiles), in [0, 100].
-
-    Linear between neighbouring quantiles; below q_0 is 0 and above q_K is 100.
-    """
-    k = len(quantiles) - 1
-    if k < 1 or score <= quantiles[0]:
-        return 0.0
-    if score >= quantiles[-1]:
-        return 100.0
-    i = bisect.bisect_right(quantiles, score)  # quantiles[i-1] <= score < quantiles[i]
-    lo, hi = quantiles[i - 1], quantiles[i]
-    frac = 0.0 if hi == lo else (score - lo) / (hi - lo)
-    return 100.0 * (i - 1 + frac) / k

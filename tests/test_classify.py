@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from models.classify import class_posterior
 from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.scoring.classify import class_posterior
 
 
 @pytest.fixture

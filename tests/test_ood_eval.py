@@ -13,11 +13,12 @@ import torch
 from conftest import TINY_PIXELCNN, dataset_meta
 
 from models.checkpoint import read_metadata, save_checkpoint, sha256_file
-from models.classify import class_posterior
-from models.cli import main
-from models.ood_eval import auprc, auroc, fpr_at_tpr, load_eval_set
-from models.outliers import load_scorer, score_images
 from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.scoring.classify import class_posterior
+from models.scoring.scorer import load_scorer
+from tools.cli import main
+from tools.ood_eval import auprc, auroc, fpr_at_tpr, load_eval_set
+from tools.score_sets import score_images
 
 SHAPE = (1, 8, 8)
 

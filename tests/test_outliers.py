@@ -1,4 +1,4 @@
-"""Outlier scores, the scorer and calibration (models/outliers.py), on constructed cases and tiny models."""
+"""Outlier scores, the scorer and calibration (models/scoring/), on constructed cases and tiny models."""
 
 from __future__ import annotations
 
@@ -15,30 +15,24 @@ from conftest import TINY_PIXELCNN, TINY_VAE, dataset_meta
 from PIL import Image
 
 from models.checkpoint import read_metadata, save_checkpoint, update_metadata
-from models.outliers import (
+from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.scoring.calibration import calibrate_scores, conformal_rank
+from models.scoring.coders import code_length_bits, png_code_bits, webp_code_bits
+from models.scoring.scorer import Scorer, load_scorer, stale_calibration
+from models.scoring.scores import (
     COMPLEXITY,
     GUARD_WEIGHT,
     GUARDED,
     NLL,
     RATIO,
-    Scorer,
-    calibrate,
-    calibrate_scores,
-    code_length_bits,
     complexity_score,
-    conformal_rank,
     guarded_score,
     likelihood_ratio_score,
-    load_scorer,
     nll_score,
     pixel_anomaly,
-    png_code_bits,
-    score_images,
-    stale_calibration,
-    webp_code_bits,
 )
-from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.vae import VAE, VAEConfig
+from tools.score_sets import calibrate, score_images
 
 D = 64  # 1 x 8 x 8
 

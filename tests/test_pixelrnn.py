@@ -14,10 +14,11 @@ from test_pixelcnn import all_images, dependence
 from test_sampling import stand_in_recorder
 
 from models.base import SamplePart
-from models.cached_sampling import run_parts
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.pixelrnn import PixelRNN, PixelRNNConfig, RowLSTMLayer, lstm_cell
-from models.pixelrnn_sampler import sample_parts_cached
+from models.layers import RowLSTMLayer, lstm_cell
+from models.pixelrnn import PixelRNN, PixelRNNConfig
+from models.sampling.cached import run_parts
+from models.sampling.pixelrnn import sample_parts_cached
 
 
 @pytest.fixture(autouse=True)
@@ -227,8 +228,8 @@ def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.Mo
     """The stepper's CUDA-graph bookkeeping on CPU, with the stand-in recorder of test_sampling:
     fixed input columns copied in, hidden and cell states copied out, graphs captured again after a
     part leaves the batch."""
-    import models.cached_sampling as cached_sampling
-    import models.pixelrnn_sampler as sampler
+    import models.sampling.cached as cached_sampling
+    import models.sampling.pixelrnn as sampler
 
     captures: list[int] = []
     monkeypatch.setattr(cached_sampling, "capture_cuda_graph", stand_in_recorder(captures))

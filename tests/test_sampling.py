@@ -9,7 +9,7 @@ import torch
 
 from models.base import SamplePart
 from models.pixelcnn import PixelCNN, PixelCNNConfig
-from models.pixelcnn_sampler import sample_cached
+from models.sampling.pixelcnn import sample_cached
 from models.vae import VAE, VAEConfig
 
 
@@ -208,9 +208,9 @@ def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.Mo
     """The stepper's graph bookkeeping, on CPU: a stand-in recorder that, like a CUDA graph, keeps
     the captured step and writes each replay into the output tensor it returned at capture. Two
     graphs (with and without the window shift), captured again after a part leaves the batch."""
-    import models.cached_sampling as cached_sampling
-    import models.pixelcnn_sampler as sampler
-    from models.cached_sampling import run_parts
+    import models.sampling.cached as cached_sampling
+    import models.sampling.pixelcnn as sampler
+    from models.sampling.cached import run_parts
 
     captures: list[int] = []
     monkeypatch.setattr(cached_sampling, "capture_cuda_graph", stand_in_recorder(captures))
@@ -239,9 +239,9 @@ def test_graph_replay_control_flow_gives_the_plain_images(monkeypatch: pytest.Mo
 
 
 def test_a_failed_capture_falls_back_to_plain_steps(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    import models.cached_sampling as cached_sampling
-    import models.pixelcnn_sampler as sampler
-    from models.cached_sampling import run_parts
+    import models.sampling.cached as cached_sampling
+    import models.sampling.pixelcnn as sampler
+    from models.sampling.cached import run_parts
 
     calls: list[int] = []
 
@@ -259,7 +259,7 @@ def test_a_failed_capture_falls_back_to_plain_steps(monkeypatch: pytest.MonkeyPa
     part = [SamplePart(2, torch.Generator().manual_seed(3))]
     plain = run_parts(model, part, lambda n, y: sampler._PixelCNNStepper(model, n, y))[0]
     part = [SamplePart(2, torch.Generator().manual_seed(3))]
-    with caplog.at_level("WARNING", logger="models.cached_sampling"):
+    with caplog.at_level("WARNING", logger="models.sampling.cached"):
         fallback = run_parts(model, part, lambda n, y: sampler._PixelCNNStepper(model, n, y, cuda_graphs=True))[0]
     assert plain is not None and fallback is not None and torch.equal(plain.images, fallback.images)
     assert calls == [1]  # tried once, then plain steps for the rest of the generation

@@ -14,8 +14,9 @@ import torch
 from service_helpers import b64, gray_png, png_bytes, post_json, running
 
 from models.checkpoint import load_checkpoint, read_metadata, update_metadata
-from models.classify import class_posterior
-from models.outliers import calibrate, load_scorer, score_images
+from models.scoring.classify import class_posterior
+from models.scoring.scorer import load_scorer
+from tools.score_sets import calibrate, score_images
 
 pytestmark = pytest.mark.anyio
 

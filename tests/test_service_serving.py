@@ -20,7 +20,7 @@ from service_helpers import Gate, b64, gray_png, json_post_scope, png_bytes, pos
 
 import service.batching
 import service.uploads
-from models.outliers import load_scorer
+from models.scoring.scorer import load_scorer
 
 pytestmark = pytest.mark.anyio
 

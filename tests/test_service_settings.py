@@ -11,9 +11,9 @@ import torch
 from pydantic import ValidationError
 from service_helpers import running
 
-from models.cli import main as genserve
 from service.registry import RegistryError
 from service.settings import Settings
+from tools.cli import main as genserve
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 

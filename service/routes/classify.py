@@ -1,7 +1,7 @@
 """POST /classify: Bayes'-rule classification with refusal, for class-conditional models.
 
 Per image the model gives log p(x|y) for every class (one pass per class); Bayes' rule with the
-training prior gives p(y|x) and p(x) = sum_y p(x|y) p(y) (models/classify.py). An image whose p(x)
+training prior gives p(y|x) and p(x) = sum_y p(x|y) p(y) (models/scoring/classify.py). An image whose p(x)
 fails the calibrated outlier test (the model's default score above its threshold) is rejected:
 no class is forced on it.
 """
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from models.likelihood import bits_per_dim
-from service import scoring
+from models.scoring.calibration import calibration_for
 from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
 from service.errors import BadRequest
@@ -39,7 +39,7 @@ def build_results(
     entry: ModelEntry, score_type: str, out: dict[str, torch.Tensor], converted: list[bool]
 ) -> list[ClassifyResult]:
     classes = entry.classes or [str(i) for i in range(entry.n_classes or 0)]
-    calibration = scoring.calibration_for(entry.meta, score_type)
+    calibration = calibration_for(entry.meta, score_type)
     log_px = out["log_prob"].double()
     bpd = torch.as_tensor(bits_per_dim(log_px, entry.dims))
     posterior = out["class_log_posterior"].double().exp()

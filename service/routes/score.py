@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from models.likelihood import bits_per_dim
+from models.scoring.calibration import Calibration, calibration_for
 from service import images, scoring
 from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
@@ -45,7 +46,7 @@ def build_results(
     """One result per image; ``inputs`` (B, C, H, W) levels, when given, come back as PNGs (``input_image``)."""
     # A conditional model's calibration is of p(x); scores of p(x|y) for a given label have none.
     calibrated = not (labelled and entry.n_classes is not None)
-    calibration = scoring.calibration_for(entry.meta, score_type) if calibrated else scoring.Calibration()
+    calibration = calibration_for(entry.meta, score_type) if calibrated else Calibration()
     scale = scoring.heatmap_scale_nats(entry.skeleton) if "heatmap" in out else None
     log_prob = out["log_prob"].double()
     bpd = torch.as_tensor(bits_per_dim(log_prob, entry.dims))

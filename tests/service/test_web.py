@@ -33,9 +33,10 @@ from test_service_e2e import start_server, stop_server
 from test_service_outliers import calibration_images
 
 from models.checkpoint import save_checkpoint, update_metadata
-from models.outliers import calibrate, load_scorer
 from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.scoring.scorer import load_scorer
 from service.web.router import STATIC_DIR
+from tools.score_sets import calibrate
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("GENSERVE_CHROMIUM", "/usr/bin/chromium"))
@@ -145,7 +146,7 @@ async def test_score_returns_the_image_as_the_model_saw_it(make_settings):
 
 def fashion_png() -> bytes:
     """A Fashion-MNIST test image (Debian's dataset-fashion-mnist), or 8-bit noise where it is missing."""
-    from models.data import DatasetNotFound, load_named
+    from tools.data import DatasetNotFound, load_named
 
     try:
         with pytest.MonkeyPatch.context() as mp:

@@ -7,7 +7,7 @@ for every calibrated score type the false-positive rate observed at its threshol
 in-distribution test set, and the share of each out-of-distribution set it flags. Writes a JSON
 report, a markdown table, ROC curves and score histograms (PNG).
 
-Data specs are those of :func:`models.data.load_dataset` (a named data set without a split means
+Data specs are those of :func:`tools.data.load_dataset` (a named data set without a split means
 its test split), plus synthetic sets shaped like the model's input, deterministic given ``seed``:
 
 - ``noise:uniform[:N]`` (or ``noise``): N images (default 1,000) of i.i.d. uniform levels;
@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.data import NAMED, ImageDataset, load_dataset
-from models.outliers import NLL, RATIO, Scorer, load_scorer, score_images
+from models.scoring.scorer import Scorer, load_scorer
+from models.scoring.scores import NLL, RATIO
+from tools.data import NAMED, ImageDataset, load_dataset
+from tools.score_sets import score_images
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.classify import posterior_from
-from models.ood_eval import load_eval_set
-from models.outliers import ModelOutputs, Scorer, code_length_bits, load_scorer, model_outputs, needs_code
+from models.scoring.classify import posterior_from
+from models.scoring.coders import code_length_bits
+from models.scoring.scorer import ModelOutputs, Scorer, load_scorer
+from models.scoring.scores import needs_code
+from tools.ood_eval import load_eval_set
+from tools.score_sets import model_outputs
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A cached sampler keeps each layer's state and computes only what a new sub-pixel changes; what it
 keeps is the model's business (a :class:`Stepper`). This module owns the rest, once: the raster and
 channel order, the draws (Gumbel-max from each part's own generator, in the reference order of
-:meth:`AutoregressiveModel.sample_naive`, so a seed gives the same images alone or batched), the
+:meth:`models.base.AutoregressiveModel.sample_naive`, so a seed gives the same images alone or batched), the
 exact log-probability of what was drawn, progress reports, and cancelled parts leaving the batch.
 """
 
@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from models.base import (
-    AutoregressiveModel,
     SampleOutput,
     SamplePart,
     StepCallback,
@@ -31,6 +30,27 @@ logger = logging.getLogger(__name__)
 LogitsHook = Callable[[int, int, int, Tensor], None]
 """``on_logits(i, j, c, logits)`` sees the (n, L) logits of every step (tests compare them with the
 full forward pass)."""
+
+
+class SampledModel(Protocol):
+    """What :func:`run_parts` reads of an autoregressive model (models/base.py)."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def levels(self) -> int: ...
+
+    @property
+    def n_classes(self) -> int | None: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def training(self) -> bool: ...
+
+    def check_labels(self, n: int, y: Tensor | None) -> None: ...
 
 
 class MaskedConv(Protocol):
@@ -140,7 +160,7 @@ class Stepper(Protocol):
 
 @torch.no_grad()
 def run_parts(
-    model: AutoregressiveModel,
+    model: SampledModel,
     parts: list[SamplePart],
     make_stepper: Callable[[int, Tensor | None], Stepper],
     *,

@@ -29,9 +29,10 @@ from torch import Tensor
 
 from models.base import DensityModel
 from models.checkpoint import ARCHITECTURES, build_model, save_checkpoint, update_metadata
-from models.data import ImageDataset, load_dataset, validation_indices
-from models.evaluate import evaluate, progress
 from models.likelihood import bits_per_dim
+from tools.data import ImageDataset, load_dataset, validation_indices
+from tools.evaluate import evaluate
+from tools.progress import progress
 
 logger = logging.getLogger(__name__)
 STATE = "train_state.safetensors"
@@ -353,7 +354,7 @@ class Trainer:
 
     def dataset_meta(self, model: DensityModel) -> dict[str, Any]:
         name = self.cfg.data.partition(":")[0]
-        from models.data import NAMED
+        from tools.data import NAMED
 
         return {
             "spec": self.cfg.data,

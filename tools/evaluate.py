@@ -14,21 +14,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.base import DensityModel
-from models.data import ImageDataset
 from models.likelihood import bits_per_dim
 from models.vae import VAE
-
-
-def progress(iterable: Any, *, total: int | None = None, desc: str = "", enabled: bool = True, initial: int = 0) -> Any:
-    """tqdm when installed and enabled, else the iterable itself; ``initial``: steps already done
-    (a resumed epoch), counted in the bar but not in ``iterable``."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=1.0, initial=initial)
+from tools.data import ImageDataset
+from tools.progress import progress
 
 
 def _weights_digest(model: DensityModel) -> str:

@@ -12,22 +12,48 @@ and compute only what a new sub-pixel changes.
   window of kernel-width columns, as small matrix products.
 
 Every quantity is the one the full network computes (same weights, masks and zero padding), so the
-logits agree with :meth:`PixelCNN.logits` to float rounding, and the draws consume the generator
-exactly like the reference sampler (:meth:`AutoregressiveModel.sample_naive`): the same seed gives
+logits agree with :meth:`models.pixelcnn.PixelCNN.logits` to float rounding, and the draws consume the generator
+exactly like the reference sampler (:meth:`models.base.AutoregressiveModel.sample_naive`): the same seed gives
 the same images.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from models.base import RowCallback, SampleOutput, SamplePart, StepCallback
-from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, next_column, run_parts
-from models.pixelcnn import GatedBlock, PixelCNN
+from models.layers import Conv1x1, GatedBlock
+from models.sampling.cached import LogitsHook, SampledModel, StepGraphs, masked_matrix, next_column, run_parts
+
+
+class _Config(Protocol):
+    in_channels: int
+    height: int
+    width: int
+    levels: int
+    hidden: int
+    dropout: float
+
+
+class PixelCNN(SampledModel, Protocol):
+    """What the sampler reads of a gated PixelCNN (models/pixelcnn.py): its config, its
+    :class:`GatedBlock` s and its 1x1 output head."""
+
+    @property
+    def config(self) -> _Config: ...
+
+    @property
+    def blocks(self) -> nn.ModuleList: ...
+
+    @property
+    def out1(self) -> Conv1x1: ...
+
+    @property
+    def out2(self) -> Conv1x1: ...
 
 
 class _Layer:
@@ -93,7 +119,7 @@ def sample_parts_cached(
     its images do not depend on the rest of the batch. A cancelled part leaves the batch after the
     row in progress, and the remaining parts go on with smaller tensors. ``cuda_graphs`` (a model
     on a CUDA device only) replays each pixel step as a CUDA graph. ``between_steps`` runs after
-    every pixel (see :func:`models.cached_sampling.run_parts`).
+    every pixel (see :func:`models.sampling.cached.run_parts`).
     """
     if model.training and model.config.dropout > 0:
         raise RuntimeError("call model.eval() before sampling (dropout would change the draws)")

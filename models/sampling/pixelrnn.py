@@ -12,19 +12,46 @@ The reference sampler runs the whole network once per sub-pixel (C*H*W full pass
   head, as small matrix products.
 
 Same weights, masks and zero padding as :meth:`PixelRNN.logits`, so the logits agree with the full
-pass to float rounding and the draws, made by :func:`models.cached_sampling.run_parts`, are the
+pass to float rounding and the draws, made by :func:`models.sampling.cached.run_parts`, are the
 reference sampler's for the same seed.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from models.base import SampleOutput, SamplePart, StepCallback
-from models.cached_sampling import LogitsHook, StepGraphs, masked_matrix, next_column, run_parts
-from models.pixelrnn import PixelRNN, RowLSTMLayer, lstm_cell
+from models.layers import Conv1x1, RowLSTMLayer, lstm_cell
+from models.sampling.cached import LogitsHook, SampledModel, StepGraphs, masked_matrix, next_column, run_parts
+
+
+class _Config(Protocol):
+    in_channels: int
+    height: int
+    width: int
+    hidden: int
+    levels: int
+
+
+class PixelRNN(SampledModel, Protocol):
+    """What the sampler reads of a Row LSTM PixelRNN (models/pixelrnn.py): its config, its
+    :class:`RowLSTMLayer` s and its 1x1 output head."""
+
+    @property
+    def config(self) -> _Config: ...
+
+    @property
+    def layers(self) -> nn.ModuleList: ...
+
+    @property
+    def out1(self) -> Conv1x1: ...
+
+    @property
+    def out2(self) -> Conv1x1: ...
 
 
 @torch.no_grad()
@@ -38,7 +65,7 @@ def sample_parts_cached(
 ) -> list[SampleOutput | None]:
     """Sample several parts (e.g. requests) as one batch; see :class:`SamplePart`. ``cuda_graphs``
     (a model on a CUDA device only) replays each pixel step as a CUDA graph; ``between_steps``
-    runs after every pixel (see :func:`models.cached_sampling.run_parts`)."""
+    runs after every pixel (see :func:`models.sampling.cached.run_parts`)."""
     if cuda_graphs and model.device.type != "cuda":
         raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
 

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-# Subcommands that live outside models/ (they need the web stack); imported only when used.
-EXTERNAL = {"serve": "service.cli"}
+from service.cli import add_parser as add_serve_parser
 
 
 def _train(args: argparse.Namespace) -> int:
-    from models.train import TrainConfig, train
+    from tools.train import TrainConfig, train
 
     cfg: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     for key in ("data", "out", "epochs", "batch_size", "lr", "seed", "max_minutes", "device", "ema", "perturb"):
@@ -44,8 +42,8 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from models.checkpoint import load_checkpoint, update_metadata
-    from models.data import load_dataset
-    from models.evaluate import evaluate
+    from tools.data import load_dataset
+    from tools.evaluate import evaluate
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_checkpoint(args.model, device)
@@ -85,8 +83,9 @@ def _device(name: str) -> str:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from models.checkpoint import update_metadata
-    from models.data import load_dataset
-    from models.outliers import calibrate, load_scorer
+    from models.scoring.scorer import load_scorer
+    from tools.data import load_dataset
+    from tools.score_sets import calibrate
 
     scorer, meta = load_scorer(args.model, _device(args.device), vae_score_k=args.vae_k)
     spec = args.data or f"{(meta.get('dataset') or {}).get('name') or ''}:valid"
@@ -116,7 +115,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _eval_ood(args: argparse.Namespace) -> int:
-    from models.ood_eval import run
+    from tools.ood_eval import run
 
     report = run(
         args.model,
@@ -139,7 +138,7 @@ def _eval_ood(args: argparse.Namespace) -> int:
 
 
 def _eval_classify(args: argparse.Namespace) -> int:
-    from models.classify_eval import run
+    from tools.classify_eval import run
 
     report = run(
         args.model,
@@ -161,7 +160,7 @@ def _eval_classify(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from models.probe import run
+    from tools.probe import run
 
     report = run(
         args.model,
@@ -296,18 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the JSON report here too")
     p.set_defaults(func=_probe)
 
-    for name, module in EXTERNAL.items():
-        try:
-            importlib.import_module(module).add_parser(sub)
-        except Exception as exc:  # the web stack is optional on training machines
-            s = sub.add_parser(name, help=f"unavailable: {exc}")
-            s.set_defaults(func=lambda _a, exc=exc: _missing(exc))
+    add_serve_parser(sub)
     return parser
-
-
-def _missing(exc: Exception) -> int:
-    logging.getLogger("genserve").error("this command needs the service dependencies: %s", exc)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,11 @@
+"""Outlier scoring for density models, in small modules:
+
+- :mod:`.scores`: the score types and their pure functions of model outputs (bits/dim, higher =
+  more anomalous); the one place that says which score types a model offers;
+- :mod:`.coders`: lossless code lengths for the complexity scores;
+- :mod:`.scorer`: :class:`~.scorer.Scorer`, a loaded model (and its background) turned into scores;
+- :mod:`.calibration`: thresholds and quantiles, and reading them back from a checkpoint;
+- :mod:`.classify`: Bayes' rule for class-conditional models.
+
+Scoring whole data sets (with a cache and progress bars) is an offline tool: tools/score_sets.py.
+"""

@@ -1,0 +1,107 @@
+"""Calibration: the threshold and quantiles that judge a score, and reading them back.
+
+A score is calibrated on held-out in-distribution images (never the test set): the threshold is
+the conformal order statistic, the k-th smallest of n scores with k = ceil((n + 1)(1 - fpr)), so a
+new in-distribution image lies above it with probability at most fpr, and about fpr for large n.
+The checkpoint's ``calibration`` entry (written by ``genserve calibrate``) holds ``{"default_score":
+name, "scores": {name: {"threshold": t, "quantiles": [q_0..q_100]}}}``; ``is_outlier = score >
+threshold`` and the percentile is where the score falls among the quantiles.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.scoring.scores import recommended_score
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FPR = 0.01
+N_QUANTILES = 100  # calibration stores q_0 .. q_100 (percentiles)
+
+
+def conformal_rank(n: int, fpr: float) -> int:
+    """1-based rank k of the threshold among n sorted scores: k = ceil((n + 1)(1 - fpr)), at most n."""
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"target false-positive rate must lie in (0, 1), got {fpr}")
+    if n < 1:
+        raise ValueError("calibration needs at least one score")
+    return min(n, math.ceil((n + 1) * (1.0 - fpr) - 1e-9))
+
+
+def calibrate_scores(scores: np.ndarray, *, fpr: float = DEFAULT_FPR, n_quantiles: int = N_QUANTILES) -> dict[str, Any]:
+    """Threshold and quantiles of one score's in-distribution values (N,).
+
+    ``is_outlier = score > threshold`` flags a fresh in-distribution image with probability about
+    ``fpr``; ``quantiles`` are q_0 .. q_K (K = n_quantiles, linear interpolation) for percentiles.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if not np.isfinite(s).all():
+        raise ValueError(f"{int((~np.isfinite(s)).sum())} calibration scores are not finite")
+    n = len(s)
+    k = conformal_rank(n, fpr)
+    if (n + 1) * (1.0 - fpr) > n:
+        logger.warning("%d calibration images cannot resolve a false-positive rate of %g; use more", n, fpr)
+    threshold = float(s[k - 1])
+    return {
+        "threshold": threshold,
+        "quantiles": [float(q) for q in np.quantile(s, np.linspace(0.0, 1.0, n_quantiles + 1))],
+        "fpr_on_calibration": float((s > threshold).mean()),
+        "mean": float(s.mean()),
+        "std": float(s.std()),
+    }
+
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How to judge one score type for one model; None where the checkpoint has no calibration."""
+
+    threshold: float | None = None
+    quantiles: tuple[float, ...] | None = None
+
+    def is_outlier(self, score: float) -> bool | None:
+        return None if self.threshold is None else score > self.threshold
+
+    def percentile(self, score: float) -> float | None:
+        return None if self.quantiles is None else percentile(score, self.quantiles)
+
+
+def default_score_type(meta: dict[str, Any], *, background: bool = False) -> str:
+    """The calibrated default, else the recommended score for a model with (or without) a background."""
+    return str((meta.get("calibration") or {}).get("default_score") or recommended_score(has_background=background))
+
+
+def calibration_for(meta: dict[str, Any], score_type: str) -> Calibration:
+    """The threshold and quantiles of ``score_type`` in a checkpoint's metadata (empty if uncalibrated)."""
+    entry = ((meta.get("calibration") or {}).get("scores") or {}).get(score_type)
+    if not entry:
+        return Calibration()
+    threshold = entry.get("threshold")
+    quantiles = entry.get("quantiles")
+    return Calibration(
+        threshold=None if threshold is None else float(threshold),
+        quantiles=None if not quantiles else tuple(sorted(float(q) for q in quantiles)),
+    )
+
+
+def percentile(score: float, quantiles: tuple[float, ...]) -> float:
+    """Where ``score`` falls among evenly spaced quantiles q_0..q_K (K=100: percentiles), in [0, 100].
+
+    Linear between neighbouring quantiles; below q_0 is 0 and above q_K is 100.
+    """
+    k = len(quantiles) - 1
+    if k < 1 or score <= quantiles[0]:
+        return 0.0
+    if score >= quantiles[-1]:
+        return 100.0
+    i = bisect.bisect_right(quantiles, score)  # quantiles[i-1] <= score < quantiles[i]
+    lo, hi = quantiles[i - 1], quantiles[i]
+    frac = 0.0 if hi == lo else (score - lo) / (hi - lo)
+    return 100.0 * (i - 1 + frac) / k
