@@ -105,7 +105,6 @@ class Settings(BaseSettings):
         description='comma list of web origins (such as "https://app.example.com") whose pages may call the '
         'API from a browser; "*" for any; empty = none (no CORS headers)',
     )
-    web: bool = Field(default=True, description="serve the web page at / (its files under /static/)")
     json_logs: bool = Field(default=False, description="log one JSON object per line")
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads for CPU inference")
     warmup: bool = Field(default=True, description="run one forward pass per worker before reporting ready")

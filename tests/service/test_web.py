@@ -104,13 +104,6 @@ async def test_the_page_is_served_without_a_key_with_a_policy_that_forbids_other
 
 
 @pytest.mark.anyio
-async def test_the_web_setting_turns_the_page_off(make_settings):
-    async with running(make_settings(models="pixelcnn", web=False)) as (_, client):
-        assert (await client.get("/")).status_code == 404
-        assert (await client.get("/static/js/main.js")).status_code == 404
-
-
-@pytest.mark.anyio
 async def test_score_returns_the_image_as_the_model_saw_it(make_settings):
     """input_image=true: the PNG of the array scored, after resize=true's conversion (RGB 12x20 to
     grayscale 8x8 here); absent unless asked for; the same from JSON and multipart requests."""
