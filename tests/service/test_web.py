@@ -584,13 +584,15 @@ def test_every_tab_fits_a_phone(browser, server):
 @pytest.mark.skipif(not SHOTS, reason="set GENSERVE_UI_SCREENSHOTS=1 to write docs/ui/*.png from the shipped models")
 def test_screenshots_of_every_tab(browser, tmp_path):
     """docs/ui/{tab}-{desktop,phone}.png from the shipped checkpoints: a Fashion-MNIST test image is in
-    distribution and a photograph is an outlier; 16 samples; a shirt classified."""
+    distribution and uniform noise an outlier (the photograph's verdict is the model's to give);
+    16 samples; the same images classified."""
     ckpt = ROOT / "checkpoints"
     models = tuple(sorted(p.name for p in ckpt.iterdir() if (p / "model.json").is_file()))
     proc, url, log = start_server(ckpt, models=models, GENSERVE_TORCH_THREADS="1")
     out = ROOT / "docs" / "ui"
     out.mkdir(parents=True, exist_ok=True)
-    shirt, photo = fashion_png(), photo_jpeg()
+    shirt, photo, noise = fashion_png(), photo_jpeg(), gray_png(5, (28, 28))
+    uploads = [("fashion.png", "image/png", shirt), ("hopper.jpg", "image/jpeg", photo), ("noise.png", "image/png", noise)]
     try:
         for device, width in WIDTHS.items():
             context = browser.new_context(viewport={"width": width, "height": 900})
@@ -603,10 +605,10 @@ def test_screenshots_of_every_tab(browser, tmp_path):
             shot(page, out / f"models-{device}.png")
             page.goto(f"{url}/#score")
             page.wait_for_function("() => document.querySelector('#score-model').options.length > 0")
-            upload(page, "#score-files", ("shirt.png", "image/png", shirt), ("hopper.jpg", "image/jpeg", photo))
-            page.wait_for_function("() => document.querySelectorAll('#score-results li[data-outlier]').length === 2")
+            upload(page, "#score-files", *uploads)
+            page.wait_for_function("() => document.querySelectorAll('#score-results li[data-outlier]').length === 3")
             assert page.locator("#score-results li").nth(0).get_attribute("data-outlier") == "false"
-            assert page.locator("#score-results li").nth(1).get_attribute("data-outlier") == "true"
+            assert page.locator("#score-results li").nth(2).get_attribute("data-outlier") == "true"
             shot(page, out / f"score-{device}.png")
             page.goto(f"{url}/#sample")
             page.wait_for_function("() => document.querySelector('#sample-model').options.length > 0")

@@ -55,7 +55,7 @@ function render(li, file, r) {
     const fill = h("div", { class: "fill" });
     fill.style.width = `${(100 * p).toFixed(2)}%`;
     const row = [h("span", { role: "listitem" }, name), h("div", { class: "track", "aria-hidden": "true" }, fill), h("span", { class: "num" }, pct(p))];
-    if (p === best) row.forEach((el) => el.classList.add("top"));
+    if (p === best) row.forEach((el) => el.classList.add("best"));
     bars.append(...row);
   }
   const info = h(

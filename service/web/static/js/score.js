@@ -100,7 +100,12 @@ function render(li, m, scoreType, r, label) {
       ["label", label || null],
     ]),
   );
-  if (r.percentile !== null && cal && cal.quantiles) info.append(histogram(cal.quantiles, r.score, r.threshold, r.percentile));
+  if (r.percentile !== null && cal && cal.quantiles) {
+    info.append(
+      histogram(cal.quantiles, r.score, r.threshold, r.percentile),
+      h("p", { class: "hist-caption" }, `the calibration scores${m.calibration.n ? ` (${m.calibration.n} images)` : ""}; dashed: threshold`),
+    );
+  }
   else if (label) info.append(h("p", { class: "hint" }, "p(x|y) for a label has no calibration: no threshold, no percentile."));
   if (r.explanation !== undefined && r.explanation !== null) info.append(explanation(r.explanation));
   li.replaceChildren(li.firstChild, view, info);
@@ -136,8 +141,10 @@ async function heatOverlay(b64) {
   ctx.drawImage(img, 0, 0);
   const data = ctx.getImageData(0, 0, c.width, c.height);
   for (let p = 0; p < data.data.length; p += 4) {
-    const [r, g, b] = rampColor(data.data[p] / 255);
-    data.data.set([r, g, b, 255], p);
+    // the colour and its opacity both rise with the NLL: where the model expected the pixel, the image shows
+    const t = data.data[p] / 255;
+    const [r, g, b] = rampColor(t);
+    data.data.set([r, g, b, Math.round(255 * Math.min(1, 0.15 + 1.1 * t))], p);
   }
   ctx.putImageData(data, 0, 0);
   return c;
@@ -182,7 +189,7 @@ export function histogram(quantiles, score, threshold, percentile) {
   const top = Math.max(...mass) || 1;
   const x = (v) => ((Math.min(Math.max(v, lo), hi) - lo) / (hi - lo)) * W;
   const label = `score ${fmt(score)} at percentile ${percentile.toFixed(1)} of the calibration scores` + (threshold === null ? "" : `; threshold ${fmt(threshold)}`);
-  const svg = s("svg", { class: "hist", viewBox: `0 0 ${W} ${H + 24}`, role: "img", "aria-label": label });
+  const svg = s("svg", { class: "hist", viewBox: `0 0 ${W} ${H + 16}`, role: "img", "aria-label": label });
   svg.append(s("title", {}));
   svg.firstChild.textContent = label;
   mass.forEach((v, j) => {
@@ -196,8 +203,5 @@ export function histogram(quantiles, score, threshold, percentile) {
   const t = s("text", { x: Math.min(Math.max(sx, 30), W - 30), y: H + 14, "text-anchor": "middle" });
   t.textContent = score > hi ? `${fmt(score, 2)}${beyond}` : score < lo ? `${beyond}${fmt(score, 2)}` : `p${percentile.toFixed(0)}`;
   svg.append(t);
-  const cap = s("text", { x: W, y: H + 24, "text-anchor": "end" });
-  cap.textContent = "calibration scores; dashed: threshold";
-  svg.append(cap);
   return svg;
 }
