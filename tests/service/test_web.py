@@ -360,7 +360,7 @@ def test_score_tab_shows_a_png_and_a_jpeg_as_the_model_saw_them_behind_a_path_pr
     """Through a proxy at /genserve/: the converted image, bits/dim, the badge and percentile the API
     gives, the percentile drawn on the calibration histogram with its threshold, and the heatmap as
     an overlay that the checkbox hides and shows. Every request the page makes stays under the prefix."""
-    files = [("shirt.png", "image/png", fashion_png()), ("hopper.jpg", "image/jpeg", photo_jpeg())]
+    files = [("fashion.png", "image/png", fashion_png()), ("hopper.jpg", "image/jpeg", photo_jpeg())]
     open_tab(page, proxy.url, "score")
     default = httpx.get(f"{proxy.url}models/pixelcnn").json()["default_score_type"]
     assert page.get_by_label("Score type").input_value() == default
@@ -592,7 +592,11 @@ def test_screenshots_of_every_tab(browser, tmp_path):
     out = ROOT / "docs" / "ui"
     out.mkdir(parents=True, exist_ok=True)
     shirt, photo, noise = fashion_png(), photo_jpeg(), gray_png(5, (28, 28))
-    uploads = [("fashion.png", "image/png", shirt), ("hopper.jpg", "image/jpeg", photo), ("noise.png", "image/png", noise)]
+    uploads = [
+        ("fashion.png", "image/png", shirt),
+        ("hopper.jpg", "image/jpeg", photo),
+        ("noise.png", "image/png", noise),
+    ]
     try:
         for device, width in WIDTHS.items():
             context = browser.new_context(viewport={"width": width, "height": 900})
@@ -618,10 +622,12 @@ def test_screenshots_of_every_tab(browser, tmp_path):
             shot(page, out / f"sample-{device}.png")
             page.goto(f"{url}/#classify")
             page.wait_for_function("() => document.querySelector('#classify-model').options.length > 0")
-            upload(page, "#classify-files", ("shirt.png", "image/png", shirt), ("hopper.jpg", "image/jpeg", photo))
+            upload(page, "#classify-files", *uploads)
             page.wait_for_function(
-                "() => document.querySelectorAll('#classify-results li[data-rejected]').length === 2"
+                "() => document.querySelectorAll('#classify-results li[data-rejected]').length === 3"
             )
+            assert page.locator("#classify-results li").nth(0).get_attribute("data-rejected") == "false"
+            assert page.locator("#classify-results li").nth(2).get_attribute("data-rejected") == "true"
             shot(page, out / f"classify-{device}.png")
             context.close()
     finally:
