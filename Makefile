@@ -55,7 +55,7 @@ check-deploy: deploy-tools
 	$(COMPOSE) -f docker-compose.yml config -q
 	$(COMPOSE) -f docker-compose.yml -f docker-compose.gpu.yml config -q
 	deploy/validate.sh $(VENV)/bin/kubernetes-validate
-	$(PY) -m pytest -q tests/test_deploy.py
+	$(PY) -m pytest -q tests/deploy/test_deploy.py
 
 container-wheels:
 	TORCH_SPEC="$(TORCH_PIN)" docker/build.sh wheels

@@ -18,8 +18,8 @@ export PYTHONPATH=/tmp/site:$PWD
 {
   nvidia-smi -L
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_service_gpu.py tests/test_sampling.py \
-    tests/test_pixelrnn.py tests/test_service_sampling.py
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/service/test_gpu.py tests/models/test_sampling.py \
+    tests/models/test_pixelrnn.py tests/service/test_sampling.py
   echo "pytest exit: $?"
 } 2>&1 | tee "$OUT/pytest.log"
 

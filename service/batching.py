@@ -1,8 +1,8 @@
 """One worker per (model, device): a thread that owns the model and a dynamic batcher in front of it.
 
 Requests wait here. The event loop submits a :class:`Job` and awaits its future; the worker thread
-takes the oldest job, gathers queued jobs with the same key (op, score type, heatmap) up to
-``max_batch_size`` images, waiting up to ``max_batch_wait_ms`` after the first one arrived for more
+takes the oldest job, gathers queued jobs whose tasks (service/jobs.py) share its batch key up to
+the task's cap of images, waiting up to ``max_batch_wait_ms`` after the first one arrived for more
 but only while other requests are on their way to this model (service/arrivals.py), runs one
 forward pass for all of them (a CPU worker on the compute thread its slot shares with the other
 models' workers, service/compute.py), splits the outputs back, and resolves each future on the loop.
@@ -35,15 +35,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
 
-from models.base import DensityModel, SamplePart
+from models.base import DensityModel
 from models.scoring.scorer import Scorer, load_scorer
-from models.vae import VAE
-from service import scoring
 from service.arrivals import Arrivals
 from service.compute import ComputeThread
 from service.errors import Unavailable
+from service.jobs import Runtime, Task
 from service.metrics import Metrics
 
 logger = logging.getLogger("genserve.worker")
@@ -62,16 +60,20 @@ class State(StrEnum):
 
 @dataclass(eq=False)
 class Job:
-    """Work for one request: ``size`` images to score (``x``) or to draw (``n``)."""
+    """One request's task (service/jobs.py) in the queue, with the future its caller awaits."""
 
-    op: str  # "score", "encode" or "sample"
-    key: tuple[Any, ...]  # jobs with equal keys may share a forward pass
-    size: int
-    payload: dict[str, Any]
+    task: Task[Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.task.size
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
 
 
 @dataclass(frozen=True)
@@ -84,12 +86,6 @@ class BatchLimits:
     warmup: bool = True
     cuda_graphs: bool = False  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
     torch_threads: int | None = None  # CPU threads of each thread that runs the model (None: torch's default)
-
-
-@dataclass
-class SampleResult:
-    images: Tensor  # (n, C, H, W) integer levels, CPU
-    log_prob: Tensor | None  # (n,) nats, CPU
 
 
 class Worker:
@@ -119,6 +115,7 @@ class Worker:
         self.metrics = metrics
         self.model: DensityModel | None = None
         self.scorer: Scorer | None = None  # the model and its background companion, for /score
+        self.runtime: Runtime | None = None  # what the tasks run on, once loaded
         self.state = State.LOADING
         self.error: str | None = None
         self.sample_slots = asyncio.Semaphore(limits.max_concurrent_samples)
@@ -144,10 +141,10 @@ class Worker:
         """Images queued or running: what least-loaded routing compares."""
         return self._pending
 
-    async def run(self, op: str, key: tuple[Any, ...], size: int, payload: dict[str, Any]) -> Any:
-        """Queue a job and wait for its result; cancelling the caller drops the job."""
+    async def run(self, task: Task[T]) -> T:
+        """Queue a task and wait for its result; cancelling the caller drops the job."""
         loop = asyncio.get_running_loop()
-        job = Job(op=op, key=key, size=size, payload=payload, loop=loop, future=loop.create_future())
+        job = Job(task=task, loop=loop, future=loop.create_future())
         try:
             self._submit(job)
         finally:
@@ -210,6 +207,13 @@ class Worker:
             self._notify_loaded()
             return
         self.model, self.scorer = model, scorer
+        self.runtime = Runtime(
+            scorer=scorer,
+            device=self.device,
+            max_batch_size=self.limits.max_batch_size,
+            max_sample_batch=self.limits.max_sample_batch,
+            between_steps=None if self.compute is None else self._let_others_run,
+        )
         with self._cond:
             if self.state is State.LOADING:
                 self.state = State.READY
@@ -257,11 +261,12 @@ class Worker:
                 return None
             first = self._queue.popleft()
             batch, size = [first], first.size
-            cap = limits.max_sample_batch if first.op == "sample" else limits.max_batch_size
+            assert self.runtime is not None  # READY: loaded
+            key, cap = first.task.batch_key(), first.task.batch_cap(self.runtime)
             deadline = first.enqueued + limits.max_batch_wait_s
             while size < cap:
                 for job in list(self._queue):  # oldest first; other keys wait for a later pass
-                    if job.key == first.key and size + job.size <= cap:
+                    if job.task.batch_key() == key and size + job.size <= cap:
                         self._queue.remove(job)
                         batch.append(job)
                         size += job.size
@@ -295,8 +300,8 @@ class Worker:
             results = self._run_pass(live)
         except Exception as e:
             self._recover(e)
-            if len(live) == 1 or live[0].op == "sample":
-                for job in live:  # a generation has no input of its own to blame: all parts fail
+            if len(live) == 1 or not live[0].task.isolate_failures:
+                for job in live:  # e.g. a generation, which has no input of its own to blame: all parts fail
                     self._fail(job, e)
                 return
             # One request's images (or the batch's size, for an out-of-memory error) must not
@@ -326,14 +331,10 @@ class Worker:
     def _run_pass(self, jobs: list[Job]) -> list[Any]:
         """One batched pass for jobs of one key: one result per job, in order; metrics observed."""
         start = time.perf_counter()
-        op = jobs[0].op
-        results: list[Any]
-        if op == "score":
-            results = self._score(jobs)
-        elif op == "encode":
-            results = self._encode(jobs)
-        else:
-            results = self._sample(jobs)
+        assert self.runtime is not None
+        task_type = type(jobs[0].task)
+        op = task_type.op
+        results = task_type.run(self.runtime, [j.task for j in jobs], [j.is_cancelled for j in jobs])
         assert len(results) == len(jobs), "one result per job"
         self.metrics.inference_seconds.labels(**self._labels, op=op).observe(time.perf_counter() - start)
         self.metrics.batch_images.labels(**self._labels, op=op).observe(sum(j.size for j in jobs))
@@ -353,77 +354,6 @@ class Worker:
         else:
             logger.error("model '%s' on %s: a job failed (%d images)", self.name, self.device, job.size, exc_info=error)
         _settle(job, error=error)
-
-    def _score(self, jobs: list[Job]) -> list[dict[str, Tensor]]:
-        """One pass (in chunks of max_batch_size) over every job's images; each job gets its rows back."""
-        assert self.scorer is not None
-        _, score_type, heatmap, _unlabelled = jobs[0].key
-        x = torch.cat([j.payload["x"] for j in jobs]).to(self.device)
-        ys = [j.payload["y"] for j in jobs]
-        y = None if ys[0] is None else torch.cat(ys).to(self.device)
-        total, step = x.shape[0], self.limits.max_batch_size
-        parts = []
-        with torch.inference_mode():
-            for s in range(0, total, step):
-                yc = None if y is None else y[s : s + step]
-                out = scoring.compute(self.scorer, x[s : s + step], yc, score_type=score_type, heatmap=heatmap)
-                parts.append({k: v.cpu() for k, v in out.items()})
-        merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        for k, v in merged.items():
-            assert v.shape[0] == total, f"{k}: {v.shape[0]} outputs for {total} images"
-        sizes = [j.size for j in jobs]
-        return [
-            dict(zip(merged, rows, strict=True))
-            for rows in zip(*(v.split(sizes) for v in merged.values()), strict=True)
-        ]
-
-    def _encode(self, jobs: list[Job]) -> list[dict[str, Tensor]]:
-        """q(z|x) of every job's images (a VAE's encoder), in chunks of max_batch_size."""
-        model = self.model
-        assert isinstance(model, VAE)
-        x = torch.cat([j.payload["x"] for j in jobs]).to(self.device)
-        means, stds = [], []
-        with torch.inference_mode():
-            for s in range(0, x.shape[0], self.limits.max_batch_size):
-                m, sd = model.encode(x[s : s + self.limits.max_batch_size])
-                means.append(m.float().cpu())
-                stds.append(sd.float().cpu())
-        mean, std = torch.cat(means), torch.cat(stds)
-        assert mean.shape[0] == x.shape[0], f"{mean.shape[0]} codes for {x.shape[0]} images"
-        sizes = [j.size for j in jobs]
-        return [{"mean": m, "std": sd} for m, sd in zip(mean.split(sizes), std.split(sizes), strict=True)]
-
-    def _sample(self, jobs: list[Job]) -> list[SampleResult | None]:
-        """One batched generation for every job; a job cancelled on the way gets None (nobody waits)."""
-        assert self.model is not None
-        parts = []
-        for job in jobs:
-            p = job.payload
-            label = p["label"]
-            parts.append(
-                SamplePart(
-                    n=job.size,
-                    generator=torch.Generator(device=self.device).manual_seed(p["seed"]),
-                    temperature=p["temperature"],
-                    labels=None
-                    if label is None
-                    else torch.full((job.size,), label, dtype=torch.long, device=self.device),
-                    cancelled=lambda job=job: job.cancelled,  # type: ignore[misc]
-                    on_row=p.get("on_row"),
-                )
-            )
-        between_steps = None if self.compute is None else self._let_others_run
-        with torch.inference_mode():
-            outs = self.model.sample_parts(parts, between_steps=between_steps)
-        results: list[SampleResult | None] = []
-        for job, out in zip(jobs, outs, strict=True):
-            if out is None:
-                results.append(None)
-                continue
-            assert out.images.shape[0] == job.size, f"{out.images.shape[0]} samples for n={job.size}"
-            log_prob = None if out.log_prob is None else out.log_prob.float().cpu()
-            results.append(SampleResult(images=out.images.cpu(), log_prob=log_prob))
-        return results
 
     def _let_others_run(self) -> None:
         """Between the pixels of a generation on a shared compute thread: give the slot's other

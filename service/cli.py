@@ -42,8 +42,9 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.entries import RegistryError
     from service.metrics import Metrics
-    from service.registry import ModelRegistry, RegistryError
+    from service.registry import ModelRegistry
     from service.settings import Settings
 
     overrides: dict[str, Any] = {

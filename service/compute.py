@@ -3,9 +3,7 @@
 torch runs CPU ops on OpenMP, which gives each thread that runs them its own pool of helper threads.
 With more pool threads alive than cores (one pool per model's worker: five models on two cores
 make ten), libgomp stops spinning between parallel regions: its helpers sleep after every op and
-each op pays to wake them. On this 2-core machine a small convolution took 1.93x as long beside
-four idle pools (bench/omp_pools.py), and with the five shipped models served a 16-image PixelCNN
-/sample took 1.73 to 1.90 s instead of 0.67 to 0.74 s (docs/serving.md, "Several models on one
+each op pays to wake them (measured by bench/omp_pools.py; docs/serving.md, "Several models on one
 CPU").
 
 So the CPU workers with the same index (one per model) hand their torch work (loading, warm-up,

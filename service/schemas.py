@@ -44,6 +44,14 @@ class ErrorResponse(BaseModel):
     request_id: str | None = Field(None, description="set on 500s; quote it when reporting the problem")
 
 
+# The errors every route that names a model may answer, for its OpenAPI entry.
+MODEL_ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    503: {"model": ErrorResponse, "description": "the model's workers are busy or loading; see Retry-After"},
+    504: {"model": ErrorResponse, "description": "not done within GENSERVE_REQUEST_TIMEOUT_S"},
+}
+
+
 class ModelInfo(BaseModel):
     name: str = Field(description="the checkpoint folder's name; pass it as `model`")
     kind: Literal["autoregressive", "vae"]
@@ -51,7 +59,10 @@ class ModelInfo(BaseModel):
     shape: list[int] = Field(description="[C, H, W] of the images the model takes and draws")
     levels: int = Field(description="values per sub-pixel (256 for 8-bit images)")
     dataset: str | None = Field(description="name of the training data set")
-    classes: list[str] | None = Field(description="class names, for class-conditional models")
+    classes: list[str] | None = Field(
+        description="class names of the training data set, where it has them; `conditional` says whether the "
+        "model takes them as labels"
+    )
     metrics: dict[str, Any] = Field(description="test-set metrics recorded in the checkpoint")
     calibration: dict[str, Any] | None = Field(description="outlier calibration recorded by `genserve calibrate`")
     sha256: str = Field(description="sha256 of the weights file")
@@ -72,10 +83,23 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
-class SampleRequest(BaseModel):
+class ModelRequest(BaseModel):
+    """The base of every JSON request body: strict types, no unknown fields, and the model to use."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     model: str = Field(description="model name from GET /models")
+
+
+class ModelForm(BaseModel):
+    """The base of every multipart/form-data request's fields (text, so not strict): the model to use."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+
+
+class SampleRequest(ModelRequest):
     n: int = Field(1, ge=1, description="images to draw (at most GENSERVE_MAX_SAMPLES)")
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="same seed (and model, n, temperature, label, device) -> same images"
@@ -103,15 +127,23 @@ class SampleResponse(BaseModel):
     log_likelihood_nats: list[float] | None = Field(description="log p(sample) in nats where exact, else null")
 
 
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
+class ImagesRequest(ModelRequest):
+    """Images for a model, as base64 in JSON (/classify and /encode)."""
 
-    model: str = Field(description="model name from GET /models")
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+    resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
+
+
+class ImagesForm(ModelForm):
+    """The multipart/form-data variant of ImagesRequest: files in the `files` field."""
+
+    resize: FormBool = False
+
+
+class ScoreRequest(ImagesRequest):
     score_type: str | None = Field(None, description="one of the model's score_types; default its default_score_type")
     heatmap: bool = Field(False, description="also return a per-pixel NLL map (autoregressive models only)")
     input_image: bool = Field(False, description="also return each image as the model saw it (after any conversion)")
-    resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
     label: Label | None = Field(
         None,
         description="class-conditional models only: score p(x|y) for this class (name or index) instead of "
@@ -119,16 +151,12 @@ class ScoreRequest(BaseModel):
     )
 
 
-class ScoreForm(BaseModel):
+class ScoreForm(ImagesForm):
     """The multipart/form-data variant of ScoreRequest: files in the `files` field."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str
     score_type: str | None = None
     heatmap: FormBool = False
     input_image: FormBool = False
-    resize: FormBool = False
     label: str | None = None
 
 
@@ -159,25 +187,6 @@ class ScoreResponse(BaseModel):
     model: str
     score_type: str
     results: list[ScoreResult]
-
-
-class ImagesRequest(BaseModel):
-    """Images for a model, as base64 in JSON (/classify and /encode)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
-
-    model: str = Field(description="model name from GET /models")
-    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
-    resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
-
-
-class ImagesForm(BaseModel):
-    """The multipart/form-data variant of ImagesRequest: files in the `files` field."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str
-    resize: FormBool = False
 
 
 class ClassifyRequest(ImagesRequest):

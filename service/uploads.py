@@ -14,8 +14,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import images
+from service.entries import ModelEntry
 from service.errors import BadRequest, UnsupportedMediaType
-from service.registry import ModelEntry, ModelRegistry
+from service.registry import ModelRegistry
+from service.schemas import MODEL_ERRORS, ErrorResponse
 from service.settings import Settings
 
 J = TypeVar("J", bound=BaseModel)
@@ -41,11 +43,8 @@ def multipart_schema(fields: dict[str, Any]) -> dict[str, Any]:
 
 def upload_responses(bad_request: str) -> dict[int | str, dict[str, Any]]:
     """The error responses of an upload route, for its OpenAPI entry; ``bad_request`` describes its 422s."""
-    from service.routes.sample import ERRORS
-    from service.schemas import ErrorResponse
-
     return {
-        **ERRORS,
+        **MODEL_ERRORS,
         413: {"model": ErrorResponse, "description": "body or image too large"},
         415: {"model": ErrorResponse, "description": "neither JSON nor multipart"},
         422: {"model": ErrorResponse, "description": bad_request},

@@ -12,26 +12,7 @@ import torch
 from models.checkpoint import save_checkpoint
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.vae import VAE, VAEConfig
-
-TINY_PIXELCNN = dict(
-    in_channels=1, height=8, width=8, levels=256, hidden=8, n_blocks=1, first_kernel=3, kernel=3, out_hidden=16
-)
-TINY_VAE = dict(
-    in_channels=1,
-    height=8,
-    width=8,
-    latent_dim=4,
-    hidden=8,
-    downsample=1,
-    res_blocks=1,
-    n_mixtures=2,
-    iwae_samples=4,
-    iwae_chunk=4,
-)
-
-
-def dataset_meta(classes: list[str] | None = None) -> dict[str, Any]:
-    return {"spec": "test", "name": "test", "shape": [1, 8, 8], "levels": 256, "classes": classes}
+from tests.helpers import TINY_PIXELCNN, TINY_VAE, dataset_meta
 
 
 @pytest.fixture(scope="session")

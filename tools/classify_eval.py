@@ -71,6 +71,73 @@ def confidence(log_posterior: np.ndarray, correct: np.ndarray) -> dict[str, floa
     }
 
 
+def _check_model(
+    model_folder: str | Path, scorer: Scorer, meta: dict[str, Any]
+) -> tuple[int, torch.Tensor, dict[str, Any]]:
+    """(K classes, the prior p(y) of shape (K,), the calibration); refuses a model that cannot classify."""
+    k = scorer.model.n_classes
+    if k is None or scorer.prior is None:
+        raise ValueError(f"{model_folder}: classification needs a class-conditional model")
+    cal = meta.get("calibration") or {}
+    if not cal:
+        raise ValueError(f"{model_folder}: not calibrated; run `genserve calibrate --model {model_folder}` first")
+    return k, scorer.prior, cal
+
+
+def _bits_per_dim(log_marginal: np.ndarray, dims: int) -> float:
+    """Mean bits/dim of log p(x) in nats, shape (N,)."""
+    return float(-log_marginal.mean() / (dims * np.log(2)))
+
+
+def _in_distribution(
+    scorer: Scorer, spec: str, *, k: int, classes: list[str], threshold: float, seed: int, limit: int | None, **kw: Any
+) -> dict[str, Any]:
+    """The report on labelled in-distribution data: accuracy, refusals, confidence, confusion (K, K)."""
+    data = load_eval_set(spec, shape=scorer.model.shape, levels=scorer.model.levels, seed=seed, limit=limit)
+    if data.labels is None:
+        raise ValueError(f"{spec} has no labels; accuracy needs a labelled test set")
+    labels = data.labels.numpy()
+    got = classify_set(scorer, data.images, **kw)
+    rejected = got["score"] > threshold
+    pred = got["predicted"]
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    return {
+        "spec": spec,
+        "n": len(data),
+        "accuracy": _accuracy(pred, labels),
+        "rejected": float(rejected.mean()),
+        "accuracy_kept": _accuracy(pred[~rejected], labels[~rejected]),
+        "per_class_accuracy": {c: _accuracy(pred[labels == i], labels[labels == i]) for i, c in enumerate(classes)},
+        "mean_bits_per_dim": _bits_per_dim(got["log_marginal"], scorer.model.dims),
+        "confidence": confidence(got["log_posterior"], pred == labels),
+        "confusion": confusion.tolist(),
+    }
+
+
+def _out_of_distribution(
+    scorer: Scorer, spec: str, *, k: int, threshold: float, seed: int, limit: int | None, **kw: Any
+) -> dict[str, Any]:
+    """The report on an out-of-distribution set: the share refused and what it is taken for."""
+    o = load_eval_set(spec, shape=scorer.model.shape, levels=scorer.model.levels, seed=seed, limit=limit)
+    g = classify_set(scorer, o.images, **kw)
+    return {
+        "n": len(o),
+        "rejected": float((g["score"] > threshold).mean()),
+        "mean_bits_per_dim": _bits_per_dim(g["log_marginal"], scorer.model.dims),
+        "predicted_counts": np.bincount(g["predicted"], minlength=k).tolist(),
+    }
+
+
+def _write(result: dict[str, Any], report: str | Path) -> None:
+    """The JSON report at ``report`` and its markdown table beside it (.md)."""
+    path = Path(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))
+    logger.info("wrote %s and %s", path, path.with_suffix(".md"))
+
+
 def run(
     model_folder: str | Path,
     in_spec: str,
@@ -88,67 +155,31 @@ def run(
     """Evaluate; returns the report and, with ``report`` (a path ending .json), writes it and a .md."""
     t0 = time.perf_counter()
     scorer, meta = load_scorer(model_folder, device)
-    k = scorer.model.n_classes
-    if k is None or scorer.prior is None:
-        raise ValueError(f"{model_folder}: classification needs a class-conditional model")
-    cal = meta.get("calibration") or {}
-    if not cal:
-        raise ValueError(f"{model_folder}: not calibrated; run `genserve calibrate --model {model_folder}` first")
+    k, prior, cal = _check_model(model_folder, scorer, meta)
     score_type = str(cal["default_score"])
     threshold = float(cal["scores"][score_type]["threshold"])
     classes = list((meta.get("dataset") or {}).get("classes") or [str(i) for i in range(k)])
     kw: dict[str, Any] = {"score_type": score_type, "batch_size": batch_size, "cache_dir": cache_dir}
     kw["show_progress"] = show_progress
-
-    data = load_eval_set(in_spec, shape=scorer.model.shape, levels=scorer.model.levels, seed=seed, limit=limit)
-    if data.labels is None:
-        raise ValueError(f"{in_spec} has no labels; accuracy needs a labelled test set")
-    labels = data.labels.numpy()
-    got = classify_set(scorer, data.images, **kw)
-    rejected = got["score"] > threshold
-    pred = got["predicted"]
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
+    common: dict[str, Any] = {"k": k, "threshold": threshold, "seed": seed, "limit": limit}
+    in_result = _in_distribution(scorer, in_spec, classes=classes, **common, **kw)
     result: dict[str, Any] = {
         "model": str(model_folder),
         "classes": classes,
-        "prior": [round(float(p), 6) for p in scorer.prior],
+        "prior": [round(float(p), 6) for p in prior],
         "score_type": score_type,
         "threshold": threshold,
         "target_fpr": cal.get("target_fpr"),
         "calibration_data": cal.get("data"),
-        "in": {
-            "spec": in_spec,
-            "n": len(data),
-            "accuracy": _accuracy(pred, labels),
-            "rejected": float(rejected.mean()),
-            "accuracy_kept": _accuracy(pred[~rejected], labels[~rejected]),
-            "per_class_accuracy": {c: _accuracy(pred[labels == i], labels[labels == i]) for i, c in enumerate(classes)},
-            "mean_bits_per_dim": float(-got["log_marginal"].mean() / (scorer.model.dims * np.log(2))),
-            "confidence": confidence(got["log_posterior"], pred == labels),
-            "confusion": confusion.tolist(),
-        },
-        "out": {},
+        "in": in_result,
+        "out": {spec: _out_of_distribution(scorer, spec, **common, **kw) for spec in out_specs},
         "limit": limit,
         "seed": seed,
         "command": command,
     }
-    for spec in out_specs:
-        o = load_eval_set(spec, shape=scorer.model.shape, levels=scorer.model.levels, seed=seed, limit=limit)
-        g = classify_set(scorer, o.images, **kw)
-        result["out"][spec] = {
-            "n": len(o),
-            "rejected": float((g["score"] > threshold).mean()),
-            "mean_bits_per_dim": float(-g["log_marginal"].mean() / (scorer.model.dims * np.log(2))),
-            "predicted_counts": np.bincount(g["predicted"], minlength=k).tolist(),
-        }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if report is not None:
-        path = Path(report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        path.with_suffix(".md").write_text(markdown(result))
-        logger.info("wrote %s and %s", path, path.with_suffix(".md"))
+        _write(result, report)
     return result
 
 

@@ -180,11 +180,8 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genserve", description="Serve and train generative image models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: Any) -> None:
+    """``genserve train``: its flags override the JSON config."""
     t = sub.add_parser("train", help="train a model (resumes if --out holds a resume state)")
     t.add_argument("--config", help="JSON training config (see configs/)")
     t.add_argument("--data", help="dataset spec, e.g. fashion-mnist or npz:PATH")
@@ -203,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_train)
 
+
+def _add_eval(sub: Any) -> None:
+    """``genserve eval``: NLL of a checkpoint on a dataset."""
     e = sub.add_parser("eval", help="NLL of a checkpoint on a dataset (bits/dim, nats/image)")
     e.add_argument("--model", required=True, help="checkpoint folder")
     e.add_argument("--data", default="fashion-mnist:test")
@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)
 
+
+def _add_calibrate(sub: Any) -> None:
+    """``genserve calibrate``: outlier thresholds written into model.json."""
     c = sub.add_parser(
         "calibrate",
         help="outlier thresholds from held-out in-distribution data, written into model.json",
@@ -237,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_calibrate)
 
+
+def _add_eval_ood(sub: Any) -> None:
+    """``genserve eval-ood``: outlier detection against out-of-distribution sets."""
     o = sub.add_parser(
         "eval-ood",
         help="AUROC, AUPRC, FPR@95%%TPR of every score type; observed FPR at the calibrated threshold",
@@ -260,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(func=_eval_ood)
 
+
+def _add_eval_classify(sub: Any) -> None:
+    """``genserve eval-classify``: Bayes'-rule classification with refusals."""
     k = sub.add_parser(
         "eval-classify",
         help="accuracy of Bayes'-rule classification and the share refused, in and out of distribution",
@@ -279,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=_eval_classify)
 
+
+def _add_probe(sub: Any) -> None:
+    """``genserve probe``: linear probe on a VAE's latent features."""
     p = sub.add_parser(
         "probe",
         help="linear-probe accuracy of a VAE's latent features (logistic regression, train -> test)",
@@ -295,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the JSON report here too")
     p.set_defaults(func=_probe)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genserve", description="Serve and train generative image models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_calibrate(sub)
+    _add_eval_ood(sub)
+    _add_eval_classify(sub)
+    _add_probe(sub)
     add_serve_parser(sub)
     return parser
 

@@ -122,6 +122,39 @@ def fpr_at_tpr(scores_in: np.ndarray, scores_out: np.ndarray, tpr_target: float 
 # ---- the evaluation --------------------------------------------------------------------------------
 
 
+def _in_report(s_in: dict[str, np.ndarray], names: list[str], cal_scores: dict[str, Any]) -> dict[str, Any]:
+    """Per score type on the in-distribution set (scores (N,) each): mean, std and, where calibrated,
+    the threshold and the false-positive rate observed at it."""
+    in_report = {}
+    for n in names:
+        entry: dict[str, Any] = {"mean": float(s_in[n].mean()), "std": float(s_in[n].std())}
+        if n in cal_scores:
+            t = float(cal_scores[n]["threshold"])
+            entry["threshold"] = t
+            entry["observed_fpr_at_threshold"] = float((s_in[n] > t).mean())
+        in_report[n] = entry
+    return in_report
+
+
+def _out_report(
+    s_in: dict[str, np.ndarray], s_out: dict[str, np.ndarray], names: list[str], cal_scores: dict[str, Any]
+) -> dict[str, Any]:
+    """Per score type on one out-of-distribution set: AUROC, AUPRC, FPR at 95% TPR, the mean score
+    and, where calibrated, the share flagged at the threshold."""
+    per: dict[str, Any] = {}
+    for n in names:
+        m: dict[str, Any] = {
+            "auroc": auroc(s_in[n], s_out[n]),
+            "auprc": auprc(s_in[n], s_out[n]),
+            "fpr_at_95_tpr": fpr_at_tpr(s_in[n], s_out[n], 0.95),
+            "mean": float(s_out[n].mean()),
+        }
+        if n in cal_scores:
+            m["flagged_at_threshold"] = float((s_out[n] > float(cal_scores[n]["threshold"])).mean())
+        per[n] = m
+    return per
+
+
 def evaluate_ood(
     scorer: Scorer,
     meta: dict[str, Any],
@@ -145,31 +178,13 @@ def evaluate_ood(
         )
 
     s_in = scores_of(in_data)
-    in_report = {}
-    for n in names:
-        entry: dict[str, Any] = {"mean": float(s_in[n].mean()), "std": float(s_in[n].std())}
-        if n in cal_scores:
-            t = float(cal_scores[n]["threshold"])
-            entry["threshold"] = t
-            entry["observed_fpr_at_threshold"] = float((s_in[n] > t).mean())
-        in_report[n] = entry
+    in_report = _in_report(s_in, names, cal_scores)
     outs: dict[str, Any] = {}
     raw_out: dict[str, dict[str, np.ndarray]] = {}
     for data in out_data:
         s_out = scores_of(data)
         raw_out[data.spec] = s_out
-        per: dict[str, Any] = {}
-        for n in names:
-            m: dict[str, Any] = {
-                "auroc": auroc(s_in[n], s_out[n]),
-                "auprc": auprc(s_in[n], s_out[n]),
-                "fpr_at_95_tpr": fpr_at_tpr(s_in[n], s_out[n], 0.95),
-                "mean": float(s_out[n].mean()),
-            }
-            if n in cal_scores:
-                m["flagged_at_threshold"] = float((s_out[n] > float(cal_scores[n]["threshold"])).mean())
-            per[n] = m
-        outs[data.spec] = {"n": len(data), "scores": per}
+        outs[data.spec] = {"n": len(data), "scores": _out_report(s_in, s_out, names, cal_scores)}
     return {
         "model": meta.get("_folder", ""),
         "sha256": meta["weights"]["sha256"],

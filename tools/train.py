@@ -15,10 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +28,10 @@ from torch import Tensor
 from models.base import DensityModel
 from models.checkpoint import ARCHITECTURES, build_model, save_checkpoint, update_metadata
 from models.likelihood import bits_per_dim
-from tools.data import ImageDataset, load_dataset, validation_indices
+from tools.data import ImageDataset
 from tools.evaluate import evaluate
 from tools.progress import progress
+from tools.train_config import EMA, RunState, TrainConfig, lr_at, new_state, perturb, split_data  # re-exported
 
 logger = logging.getLogger(__name__)
 STATE = "train_state.safetensors"
@@ -40,87 +39,6 @@ STATE = "train_state.safetensors"
 # then follows the new budget from where the run stands.
 RESUMABLE_BUDGET = ("max_minutes", "epochs")
 STATE_META = "train_state.json"
-
-
-@dataclass
-class TrainConfig:
-    architecture: str = "gated_pixelcnn"
-    model: dict[str, Any] = field(default_factory=dict)  # model config fields; shape and levels come from the data
-    data: str = "fashion-mnist"  # named dataset (train/valid/test splits) or npz:/folder: spec
-    out: str = "runs/model"
-    epochs: int = 10
-    batch_size: int = 64  # per process
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.02  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema: float | None = 0.999  # EMA decay of the weights used for validation and the checkpoint
-    seed: int = 0
-    max_minutes: float | None = None  # time budget; the schedule follows whichever ends first
-    save_every_minutes: float = 5.0  # resume state cadence
-    conditional: bool = False  # class-conditional model (n_classes from the dataset)
-    perturb: float = 0.0  # Ren et al. 2019 background model: replace each sub-pixel with prob perturb
-    device: str = "auto"  # auto = cuda if available, else cpu
-    amp: bool = True  # bf16 autocast on CUDA
-    cpu_amp: bool = False  # bf16 autocast on CPU too (pays off where the CPU has avx512_bf16 or AMX)
-    val_batch_size: int = 500
-    test_eval: bool = True  # evaluate the best checkpoint on the test split at the end
-    progress: bool = True
-    init_from: str | None = None  # start from this checkpoint's weights (a fine-tuning stage)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown training config fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
-
-
-def lr_at(cfg: TrainConfig, progress_frac: float, step: int) -> float:
-    """Learning rate after ``step`` steps with ``progress_frac`` (0..1) of the schedule used."""
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_frac)))
-    return cfg.lr * warm * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos)
-
-
-def perturb(x: Tensor, rate: float, levels: int) -> Tensor:
-    """Replace each sub-pixel by a uniform random level with probability ``rate`` (Ren et al. 2019)."""
-    if rate <= 0:
-        return x
-    mask = torch.rand(x.shape, device=x.device) < rate
-    noise = torch.randint(0, levels, x.shape, device=x.device, dtype=x.dtype)
-    return torch.where(mask, noise, x)
-
-
-def split_data(spec: str) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
-    """(train, valid, test) for a spec: named datasets use their fixed splits; files are split here."""
-    name = spec.partition(":")[0]
-    if name in ("npz", "folder"):
-        full = load_dataset(spec)
-        tr, va = validation_indices(len(full))
-        sub = lambda idx, tag: ImageDataset(  # noqa: E731
-            full.images[idx], full.labels[idx] if full.labels is not None else None, full.classes, f"{spec}#{tag}"
-        )
-        return sub(tr, "train"), sub(va, "valid"), None
-    return load_dataset(f"{name}:train"), load_dataset(f"{name}:valid"), load_dataset(f"{name}:test")
-
-
-class EMA:
-    """Exponential moving average of floating-point parameters and buffers."""
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
 
 
 class Trainer:
@@ -158,33 +76,35 @@ class Trainer:
         return build_model(self.cfg.architecture, mc)
 
     def run(self) -> dict[str, Any]:
+        """Train (or resume) until the epochs or the time budget run out; returns the summary."""
         cfg = self.cfg
         if cfg.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture '{cfg.architecture}'; known: {sorted(ARCHITECTURES)}")
         train, valid, test = split_data(cfg.data)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        r = self.start(train)
+        while r.st["epoch"] < cfg.epochs and not r.out_of_time:
+            self.run_epoch(r, train, valid)
+        st = r.st
+        result = {"best_val_bits_per_dim": st["best_val_bpd"], "epochs_done": st["epoch"], "steps": st["global_step"]}
+        if self.is_main and cfg.test_eval and test is not None and (self.out / "model.json").exists():
+            result["test"] = self.test_eval(test)
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
+
+    def start(self, train: ImageDataset) -> RunState:
+        """Seed, build the model (optionally from ``init_from``), optimizer and EMA; resume if a state exists."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = self.build(train).to(self.device)
         if cfg.init_from:
-            from models.checkpoint import load_checkpoint
-
-            init, _ = load_checkpoint(cfg.init_from, self.device)
-            # Non-strict so a model may grow new parts (their own initialisation stays); shapes must match.
-            missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
-            if unexpected:
-                raise ValueError(f"init_from {cfg.init_from}: weights {unexpected} do not exist in this model")
-            self.log("initialised from %s (new, freshly initialised: %s)", cfg.init_from, missing or "none")
+            self.init_weights(model, cfg.init_from)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         ema = EMA(model, cfg.ema) if cfg.ema else None
-        st: dict[str, Any] = {
-            "epoch": 0,
-            "step_in_epoch": 0,
-            "global_step": 0,
-            "elapsed": 0.0,
-            "best_val_bpd": None,
-            "history": [],
-        }
+        st = new_state()
         if (self.out / STATE).exists():
             st = self.load_state(model, opt, ema)
             self.log("resuming from %s at epoch %d step %d", self.out / STATE, st["epoch"], st["step_in_epoch"])
@@ -197,7 +117,6 @@ class Trainer:
         labels = train.labels.to(self.device) if (cfg.conditional and train.labels is not None) else None
         n_local = len(train) // self.world
         steps_per_epoch = max(1, n_local // cfg.batch_size)
-        total_steps = steps_per_epoch * cfg.epochs
         self.log(
             "training %s (%d parameters) on %s: %d images, %d steps/epoch x %d epochs, world %d, device %s",
             cfg.architecture,
@@ -209,74 +128,100 @@ class Trainer:
             self.world,
             self.device,
         )
-        amp = self.autocast_enabled
         t_start = time.time() - st["elapsed"]
-        last_save = time.time()
-        out_of_time = False
-        while st["epoch"] < cfg.epochs and not out_of_time:
-            epoch = st["epoch"]
-            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            perm = perm[self.rank :: self.world][: steps_per_epoch * cfg.batch_size].to(self.device)
-            model.train()
-            bar = progress(
-                range(st["step_in_epoch"], steps_per_epoch),
-                total=steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                enabled=cfg.progress and self.is_main,
-                initial=st["step_in_epoch"],
-            )
-            run_loss = None
-            for s in bar:
-                torch.manual_seed(cfg.seed * 1_000_003 + st["global_step"] * 7919 + self.rank)
-                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-                x = perturb(images[idx], cfg.perturb, model.levels)
-                y = labels[idx] if labels is not None else None
-                elapsed = time.time() - t_start
-                frac = st["global_step"] / total_steps
-                if cfg.max_minutes:
-                    frac = max(frac, elapsed / (cfg.max_minutes * 60))
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(cfg, frac, st["global_step"])
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, nll = net(x, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                if ema:
-                    ema.update(model)
-                st["global_step"] += 1
-                st["step_in_epoch"] = s + 1
-                if s % 20 == 0:
-                    bpd = float(bits_per_dim(nll.mean(), model.dims)) * -1.0
-                    run_loss = bpd if run_loss is None else 0.9 * run_loss + 0.1 * bpd
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(bpd=f"{run_loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-                if cfg.max_minutes and time.time() - t_start > cfg.max_minutes * 60:
-                    out_of_time = True
-                    self.log("time budget of %.1f minutes used: stopping", cfg.max_minutes)
-                    break
-                if time.time() - last_save > cfg.save_every_minutes * 60:
-                    st["elapsed"] = time.time() - t_start
-                    self.save_state(model, opt, ema, st)
-                    last_save = time.time()
-            if hasattr(bar, "close"):
-                bar.close()
-            if st["step_in_epoch"] >= steps_per_epoch:
-                st["epoch"] += 1
-                st["step_in_epoch"] = 0
-            st["elapsed"] = time.time() - t_start
-            self.end_of_period(model, ema, valid, st, train_bpd=run_loss)
-            self.save_state(model, opt, ema, st)
-            last_save = time.time()
-        result = {"best_val_bits_per_dim": st["best_val_bpd"], "epochs_done": st["epoch"], "steps": st["global_step"]}
-        if self.is_main and cfg.test_eval and test is not None and (self.out / "model.json").exists():
-            result["test"] = self.test_eval(test)
-        if self.world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
-        return result
+        return RunState(
+            model=model,
+            net=net,
+            opt=opt,
+            ema=ema,
+            st=st,
+            images=images,
+            labels=labels,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=steps_per_epoch * cfg.epochs,
+            t_start=t_start,
+            last_save=time.time(),
+        )
+
+    def init_weights(self, model: DensityModel, path: str) -> None:
+        """Load a checkpoint's weights into ``model`` (a fine-tuning stage)."""
+        from models.checkpoint import load_checkpoint
+
+        init, _ = load_checkpoint(path, self.device)
+        # Non-strict so a model may grow new parts (their own initialisation stays); shapes must match.
+        missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"init_from {path}: weights {unexpected} do not exist in this model")
+        self.log("initialised from %s (new, freshly initialised: %s)", path, missing or "none")
+
+    def run_epoch(self, r: RunState, train: ImageDataset, valid: ImageDataset) -> None:
+        """Train the rest of the current epoch (or until time is up), then validate and save the state."""
+        cfg, st = self.cfg, r.st
+        epoch = st["epoch"]
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        perm = perm[self.rank :: self.world][: r.steps_per_epoch * cfg.batch_size].to(self.device)
+        r.model.train()
+        bar = progress(
+            range(st["step_in_epoch"], r.steps_per_epoch),
+            total=r.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            enabled=cfg.progress and self.is_main,
+            initial=st["step_in_epoch"],
+        )
+        run_loss = None
+        for s in bar:
+            run_loss = self.step(r, perm, s, bar, run_loss)
+            if cfg.max_minutes and time.time() - r.t_start > cfg.max_minutes * 60:
+                r.out_of_time = True
+                self.log("time budget of %.1f minutes used: stopping", cfg.max_minutes)
+                break
+            if time.time() - r.last_save > cfg.save_every_minutes * 60:
+                st["elapsed"] = time.time() - r.t_start
+                self.save_state(r.model, r.opt, r.ema, st)
+                r.last_save = time.time()
+        if hasattr(bar, "close"):
+            bar.close()
+        if st["step_in_epoch"] >= r.steps_per_epoch:
+            st["epoch"] += 1
+            st["step_in_epoch"] = 0
+        st["elapsed"] = time.time() - r.t_start
+        self.end_of_period(r.model, r.ema, valid, st, train_bpd=run_loss)
+        self.save_state(r.model, r.opt, r.ema, st)
+        r.last_save = time.time()
+
+    def step(self, r: RunState, perm: Tensor, s: int, bar: Any, run_loss: float | None) -> float | None:
+        """One optimizer step on batch ``s`` of ``perm`` (this rank's image indices, shape (steps * batch,)).
+
+        Returns the running training loss in bits/dim, updated every 20 steps.
+        """
+        cfg, st, model = self.cfg, r.st, r.model
+        torch.manual_seed(cfg.seed * 1_000_003 + st["global_step"] * 7919 + self.rank)
+        idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+        x = perturb(r.images[idx], cfg.perturb, model.levels)
+        y = r.labels[idx] if r.labels is not None else None
+        elapsed = time.time() - r.t_start
+        frac = st["global_step"] / r.total_steps
+        if cfg.max_minutes:
+            frac = max(frac, elapsed / (cfg.max_minutes * 60))
+        for g in r.opt.param_groups:
+            g["lr"] = lr_at(cfg, frac, st["global_step"])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_enabled):
+            loss, nll = r.net(x, y)
+        r.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        r.opt.step()
+        if r.ema:
+            r.ema.update(model)
+        st["global_step"] += 1
+        st["step_in_epoch"] = s + 1
+        if s % 20 == 0:
+            bpd = float(bits_per_dim(nll.mean(), model.dims)) * -1.0
+            run_loss = bpd if run_loss is None else 0.9 * run_loss + 0.1 * bpd
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(bpd=f"{run_loss:.3f}", lr=f"{r.opt.param_groups[0]['lr']:.2e}")
+        return run_loss
 
     def eval_model(self, model: DensityModel, ema: EMA | None) -> DensityModel:
         if ema is None:

@@ -158,6 +158,25 @@ class Stepper(Protocol):
         ...
 
 
+def _report_row(
+    parts: list[SamplePart], active: list[int], rows_done: int, x: Tensor, dev: torch.device
+) -> tuple[Tensor, list[int]]:
+    """After a row: report progress to the parts still in the batch and let the cancelled ones
+    leave. Returns the batch rows to keep and the parts that stay, in row order."""
+    keep, start, still = [], 0, []
+    for k in active:
+        part = parts[k]
+        rows = slice(start, start + part.n)
+        start += part.n
+        if part.cancelled is not None and part.cancelled():
+            continue
+        if part.on_row is not None:
+            part.on_row(rows_done, x[rows])
+        keep.append(torch.arange(rows.start, rows.stop, device=dev))
+        still.append(k)
+    return (torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long, device=dev)), still
+
+
 @torch.no_grad()
 def run_parts(
     model: SampledModel,
@@ -205,24 +224,12 @@ def run_parts(
             if between_steps is not None:
                 between_steps()
         stepper.end_row(i)
-        # Report progress and let cancelled parts leave the batch.
-        keep, start, still = [], 0, []
-        for k in active:
-            rows = slice(start, start + parts[k].n)
-            start += parts[k].n
-            part = parts[k]
-            if part.cancelled is not None and part.cancelled():
-                continue
-            if part.on_row is not None:
-                part.on_row(i + 1, x[rows])
-            keep.append(torch.arange(rows.start, rows.stop, device=dev))
-            still.append(k)
+        keep, still = _report_row(parts, active, i + 1, x, dev)
         if len(still) < len(active):
             if not still:
                 return results
-            idx = torch.cat(keep)
-            x, logp, temps = x[idx], logp[idx], temps[idx]
-            stepper.select(idx)
+            x, logp, temps = x[keep], logp[keep], temps[keep]
+            stepper.select(keep)
             active = still
     start = 0
     for k in active:

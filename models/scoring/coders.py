@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,15 +22,19 @@ def png_code_bits(x: Tensor) -> Tensor:
     the IDAT payload, without the file's constant signature and chunk framing, which a decoder that
     knows the image shape does not need. x (B, C, H, W) integers, C in {1, 3}, values < 256 ->
     (B,) float64."""
+    files = _encode_each(x, format="PNG", optimize=True, compress_level=9)
+    return torch.tensor([8.0 * _idat_bytes(f) for f in files], dtype=torch.float64)
+
+
+def _encode_each(x: Tensor, **save: Any) -> list[bytes]:
+    """Each image of x (B, C, H, W) integers < 256, C in {1, 3}, saved by Pillow with ``save``."""
     assert x.dim() == 4 and x.shape[1] in (1, 3), x.shape
-    arr = x.detach().to("cpu", torch.uint8).numpy()
-    bits = []
-    for im in arr:
+    files = []
+    for im in x.detach().to("cpu", torch.uint8).numpy():
         buf = io.BytesIO()
-        pil = Image.fromarray(im[0] if im.shape[0] == 1 else np.ascontiguousarray(im.transpose(1, 2, 0)))
-        pil.save(buf, format="PNG", optimize=True, compress_level=9)
-        bits.append(8.0 * _idat_bytes(buf.getvalue()))
-    return torch.tensor(bits, dtype=torch.float64)
+        Image.fromarray(im[0] if im.shape[0] == 1 else np.ascontiguousarray(im.transpose(1, 2, 0))).save(buf, **save)
+        files.append(buf.getvalue())
+    return files
 
 
 def _idat_bytes(png: bytes) -> int:
@@ -47,14 +52,8 @@ def webp_code_bits(x: Tensor) -> Tensor:
     """Bits of each image as lossless WebP (quality 100, method 4: libwebp's default effort): the VP8L
     bitstream, without the file's constant RIFF framing. x (B, C, H, W) integers, C in {1, 3},
     values < 256 -> (B,) float64."""
-    assert x.dim() == 4 and x.shape[1] in (1, 3), x.shape
-    arr = x.detach().to("cpu", torch.uint8).numpy()
     bits = []
-    for im in arr:
-        buf = io.BytesIO()
-        pil = Image.fromarray(im[0] if im.shape[0] == 1 else np.ascontiguousarray(im.transpose(1, 2, 0)))
-        pil.save(buf, format="WEBP", lossless=True, quality=100, method=4)
-        data = buf.getvalue()
+    for data in _encode_each(x, format="WEBP", lossless=True, quality=100, method=4):
         # RIFF header (12 bytes), then one chunk: "VP8L", its length (4 bytes, little-endian), the bitstream.
         vp8l = struct.unpack("<I", data[16:20])[0] if data[12:16] == b"VP8L" else len(data)
         bits.append(8.0 * vp8l)

@@ -18,8 +18,8 @@ from models.likelihood import bits_per_dim
 from models.scoring.calibration import calibration_for
 from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
+from service.entries import ModelEntry
 from service.errors import BadRequest
-from service.registry import ModelEntry
 from service.schemas import FORM_BOOL_SCHEMA, ClassifyRequest, ClassifyResponse, ClassifyResult, ImagesForm
 from service.uploads import decode, receive, request_body, upload_responses
 

@@ -22,22 +22,21 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from models.likelihood import bits_per_dim
 from service import images
-from service.deps import AppMetrics, AppSettings, Registry
-from service.errors import BadRequest, ServiceError
-from service.routes.sample import ERRORS
-from service.schemas import SampleRequest, SampleResponse
+from service.deps import AppMetrics, Registry
+from service.errors import ServiceError
+from service.jobs import SampleResult
+from service.metrics import Metrics
+from service.samples import CheckedSample, SampleCall, pngs, sample_response
+from service.schemas import MODEL_ERRORS
 
 router = APIRouter(tags=["sample"])
 KEEPALIVE_S = 15.0
@@ -50,8 +49,51 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _pngs(pixels: np.ndarray) -> list[str]:
-    return [images.b64(images.encode_png(p)) for p in pixels]
+# (rows done, snapshot or None) per row, then None once the work has ended.
+Events = asyncio.Queue[tuple[int, Tensor | None] | None]
+
+
+async def stream(
+    call: SampleCall, work: asyncio.Future[SampleResult], events: Events, metrics: Metrics
+) -> AsyncIterator[bytes]:
+    """The events of one stream, from the row reports in ``events`` and the work's result.
+
+    One task reads the queue: this generator's own, so a client that goes away (the generator
+    closed mid-await) leaves no reader behind, and its share of the generation is dropped."""
+    entry, rows = call.entry, call.entry.shape[1]
+    try:
+        yield sse("start", {"model": entry.name, "seed": call.seed, "n": call.n, "rows": rows})
+        while True:
+            try:
+                async with asyncio.timeout(KEEPALIVE_S):
+                    event = await events.get()
+            except TimeoutError:
+                yield KEEPALIVE
+                continue
+            if event is None:
+                break
+            done, snapshot = event
+            yield sse("progress", {"rows_done": done, "rows": rows})
+            if snapshot is not None:
+                partial = await run_in_threadpool(pngs, images.from_levels(snapshot.numpy(), entry.levels))
+                yield sse("partial", {"rows_done": done, "images": partial})
+        try:
+            result = work.result()
+        except ServiceError as e:
+            yield sse("error", {"status": e.status_code, "detail": e.detail})
+            return
+        except Exception:
+            logger.exception("sample stream for model '%s' failed", entry.name)
+            yield sse("error", {"status": 500, "detail": "internal error"})
+            return
+        metrics.images_sampled.labels(model=entry.name).inc(call.n)
+        answer = await run_in_threadpool(sample_response, call, result)
+        yield sse("result", answer.model_dump())
+    finally:
+        if not work.done():  # the client went away: drop its share of the generation
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ServiceError):
+                await work
 
 
 @router.post(
@@ -60,89 +102,33 @@ def _pngs(pixels: np.ndarray) -> list[str]:
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "start, progress, partial, result"},
-        404: ERRORS[404],  # errors once the stream has started come as an `error` event
+        404: MODEL_ERRORS[404],  # errors once the stream has started come as an `error` event
     },
 )
 async def sample_stream(
-    body: SampleRequest,
-    request: Request,
+    call: CheckedSample,
     registry: Registry,
-    settings: AppSettings,
     metrics: AppMetrics,
     partial_every: int = Query(4, ge=1, le=1024, description="send partial images every N rows"),
 ) -> StreamingResponse:
-    entry = registry.get(body.model)
-    request.state.model = entry.name
-    request.state.images = body.n
-    if body.n > settings.max_samples:
-        raise BadRequest(
-            f"n={body.n} is over the limit of {settings.max_samples} samples per request (GENSERVE_MAX_SAMPLES)"
-        )
-    label = entry.label_index(body.label)
-    seed = body.seed if body.seed is not None else secrets.randbelow(2**53)
+    entry, seed = call.entry, call.seed
     rows = entry.shape[1]
     loop = asyncio.get_running_loop()
-    # (rows done, snapshot or None) per row, then None once the work has ended. Rows are put from the
-    # worker thread through the loop, before the work's result, so the end always comes last.
-    events: asyncio.Queue[tuple[int, Tensor | None] | None] = asyncio.Queue()
+    # Rows are put from the worker thread through the loop, before the work's result, so the end
+    # (None) always comes last.
+    events: Events = asyncio.Queue()
 
     def on_row(done: int, partial: Tensor) -> None:  # runs on the worker thread
         snapshot = partial.to("cpu", copy=True) if done % partial_every == 0 and done < rows else None
         loop.call_soon_threadsafe(events.put_nowait, (done, snapshot))
 
     work = asyncio.ensure_future(
-        registry.sample(entry, n=body.n, seed=seed, temperature=body.temperature or 1.0, label=label, on_row=on_row)
+        registry.sample(entry, n=call.n, seed=seed, temperature=call.temperature, label=call.label, on_row=on_row)
     )
     work.add_done_callback(lambda _: events.put_nowait(None))
 
-    async def stream() -> AsyncIterator[bytes]:
-        # One task reads the queue: this generator's own, so a client that goes away (the generator
-        # closed mid-await) leaves no reader behind.
-        try:
-            yield sse("start", {"model": entry.name, "seed": seed, "n": body.n, "rows": rows})
-            while True:
-                try:
-                    async with asyncio.timeout(KEEPALIVE_S):
-                        event = await events.get()
-                except TimeoutError:
-                    yield KEEPALIVE
-                    continue
-                if event is None:
-                    break
-                done, snapshot = event
-                yield sse("progress", {"rows_done": done, "rows": rows})
-                if snapshot is not None:
-                    pngs = await run_in_threadpool(_pngs, images.from_levels(snapshot.numpy(), entry.levels))
-                    yield sse("partial", {"rows_done": done, "images": pngs})
-            try:
-                result = work.result()
-            except ServiceError as e:
-                yield sse("error", {"status": e.status_code, "detail": e.detail})
-                return
-            except Exception:
-                logger.exception("sample stream for model '%s' failed", entry.name)
-                yield sse("error", {"status": 500, "detail": "internal error"})
-                return
-            metrics.images_sampled.labels(model=entry.name).inc(body.n)
-            pixels = images.from_levels(result.images.numpy(), entry.levels)
-            log_prob = None if result.log_prob is None else result.log_prob.double()
-            answer = SampleResponse(
-                model=entry.name,
-                seed=seed,
-                label=label,
-                images=await run_in_threadpool(_pngs, pixels),
-                bits_per_dim=None
-                if log_prob is None
-                else [float(v) for v in np.asarray(bits_per_dim(log_prob, entry.dims)).reshape(-1)],
-                log_likelihood_nats=None if log_prob is None else [float(v) for v in log_prob],
-            )
-            yield sse("result", answer.model_dump())
-        finally:
-            if not work.done():  # the client went away: drop its share of the generation
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ServiceError):
-                    await work
-
     return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Seed": str(seed)}
+        stream(call, work, events, metrics),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Seed": str(seed)},
     )

@@ -18,8 +18,8 @@ from models.scoring.calibration import Calibration, calibration_for
 from service import images, scoring
 from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
+from service.entries import ModelEntry
 from service.errors import BadRequest
-from service.registry import ModelEntry
 from service.schemas import FORM_BOOL_SCHEMA, ScoreForm, ScoreRequest, ScoreResponse, ScoreResult
 from service.uploads import decode, receive, request_body, upload_responses
 

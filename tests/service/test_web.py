@@ -26,16 +26,16 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import TINY_PIXELCNN, dataset_meta
 from PIL import Image
-from service_helpers import b64, decode_png, gray_png, png_bytes, running
-from test_service_e2e import start_server, stop_server
-from test_service_outliers import calibration_images
 
 from models.checkpoint import save_checkpoint, update_metadata
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.scoring.scorer import load_scorer
 from service.web.router import STATIC_DIR
+from tests.helpers import TINY_PIXELCNN, dataset_meta
+from tests.service.helpers import b64, decode_png, gray_png, png_bytes, running
+from tests.service.test_e2e import start_server, stop_server
+from tests.service.test_outliers import calibration_images
 from tools.score_sets import calibrate
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PIXELCNN, dataset_meta
-from service_helpers import b64, decode_png, gray_png, png_bytes, running
 
 from models.checkpoint import save_checkpoint, update_metadata
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.scoring.coders import code_length_bits
 from models.scoring.scorer import load_scorer
-from service.registry import RegistryError
+from service.entries import RegistryError
+from tests.helpers import TINY_PIXELCNN, dataset_meta
+from tests.service.helpers import b64, decode_png, gray_png, png_bytes, running
 from tools.score_sets import calibrate
 
 pytestmark = pytest.mark.anyio

@@ -8,11 +8,11 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import png_bytes
 
 from models.scoring.calibration import Calibration, calibration_for, default_score_type, percentile
 from service import images
 from service.errors import BadRequest, PayloadTooLarge
+from tests.service.helpers import png_bytes
 
 
 def test_decode_base64_accepts_data_urls():

@@ -26,7 +26,7 @@ from tools.cli import main
 from tools.data import load_dataset, validation_indices
 from tools.train import STATE, STATE_META, TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_PIXELCNN = {"hidden": 4, "n_blocks": 1, "first_kernel": 3, "kernel": 3, "out_hidden": 8}
 TINY_VAE = {"latent_dim": 3, "hidden": 4, "downsample": 1, "n_mixtures": 2, "iwae_samples": 4, "iwae_chunk": 4}
 

@@ -12,12 +12,12 @@ import time
 import anyio
 import pytest
 import torch
-from service_helpers import b64, gray_png, running, worker_of
 
 from models.base import SampleOutput
 from service.batching import BatchLimits, Worker
 from service.compute import ComputeThread
 from service.metrics import Metrics
+from tests.service.helpers import b64, gray_png, running, worker_of
 
 
 def test_runs_functions_in_order_on_its_own_thread_and_returns_their_results():

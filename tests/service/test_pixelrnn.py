@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import dataset_meta
-from service_helpers import b64, decode_png, png_bytes, running
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.pixelrnn import PixelRNN, PixelRNNConfig
+from tests.helpers import dataset_meta
+from tests.service.helpers import b64, decode_png, png_bytes, running
 
 pytestmark = pytest.mark.anyio
 TINY_RNN = {"height": 8, "width": 8, "hidden": 6, "n_layers": 2, "input_kernel": 3, "state_kernel": 3, "out_hidden": 8}

@@ -11,7 +11,7 @@ import torch
 
 from models.checkpoint import load_checkpoint, read_metadata
 
-STORE = Path(__file__).resolve().parents[1] / "checkpoints"
+STORE = Path(__file__).resolve().parents[2] / "checkpoints"
 SHIPPED = sorted(p.name for p in STORE.iterdir() if (p / "model.json").is_file()) if STORE.is_dir() else []
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_helpers import b64, gray_png, running
-from test_service_e2e import ServerLog, start_server, stop_server
 
 from service.schemas import ErrorResponse
+from tests.service.helpers import b64, gray_png, running
+from tests.service.test_e2e import ServerLog, start_server, stop_server
 
 METHODS = ("get", "post")
 KEY = "fuzz-key"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from service_helpers import running
 
-from service.registry import RegistryError
+from service.entries import RegistryError
 from service.settings import Settings
+from tests.service.helpers import running
 from tools.cli import main as genserve
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pixelcnn import all_images, dependence
-from test_sampling import stand_in_recorder
 
 from models.base import SamplePart
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -19,6 +17,8 @@ from models.layers import RowLSTMLayer, lstm_cell
 from models.pixelrnn import PixelRNN, PixelRNNConfig
 from models.sampling.cached import run_parts
 from models.sampling.pixelrnn import sample_parts_cached
+from tests.models.test_pixelcnn import all_images, dependence
+from tests.models.test_sampling import stand_in_recorder
 
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VAE, dataset_meta
-from service_helpers import b64, decode_png, png_bytes, running, worker_of
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.vae import VAE, VAEConfig
+from tests.helpers import TINY_VAE, dataset_meta
+from tests.service.helpers import b64, decode_png, png_bytes, running, worker_of
 
 pytestmark = pytest.mark.anyio
 

@@ -16,11 +16,11 @@ import anyio
 import numpy as np
 import pytest
 import torch
-from service_helpers import Gate, b64, gray_png, json_post_scope, png_bytes, post_json, running, worker_of
 
 import service.batching
 import service.uploads
 from models.scoring.scorer import load_scorer
+from tests.service.helpers import Gate, b64, gray_png, json_post_scope, png_bytes, post_json, running, worker_of
 
 pytestmark = pytest.mark.anyio
 

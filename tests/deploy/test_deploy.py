@@ -22,7 +22,7 @@ from service.settings import Settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with the deploy tools (make deploy-tools)")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes" / "gpu"
 METRIC_RE = re.compile(r"\bgenserve_[a-z_]+\b")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PIXELCNN, TINY_VAE, dataset_meta
 from PIL import Image
 
 from models.checkpoint import read_metadata, save_checkpoint, update_metadata
@@ -32,6 +31,7 @@ from models.scoring.scores import (
     pixel_anomaly,
 )
 from models.vae import VAE, VAEConfig
+from tests.helpers import TINY_PIXELCNN, TINY_VAE, dataset_meta
 from tools.score_sets import calibrate, score_images
 
 D = 64  # 1 x 8 x 8

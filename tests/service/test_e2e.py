@@ -18,10 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import b64, decode_png, gray_png
-from test_service_sampling import parse_sse
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.service.helpers import b64, decode_png, gray_png
+from tests.service.test_sampling import parse_sse
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

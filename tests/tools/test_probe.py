@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PIXELCNN, TINY_VAE, dataset_meta
 
 from models.checkpoint import save_checkpoint
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.vae import VAE, VAEConfig
+from tests.helpers import TINY_PIXELCNN, TINY_VAE, dataset_meta
 from tools.cli import main
 from tools.probe import encode_all, fit_logistic, predict, probe_accuracy
 

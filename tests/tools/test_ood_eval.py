@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PIXELCNN, dataset_meta
 
 from models.checkpoint import read_metadata, save_checkpoint, sha256_file
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.scoring.classify import class_posterior
 from models.scoring.scorer import load_scorer
+from tests.helpers import TINY_PIXELCNN, dataset_meta
 from tools.cli import main
 from tools.ood_eval import auprc, auroc, fpr_at_tpr, load_eval_set
 from tools.score_sets import score_images

@@ -9,9 +9,9 @@ from typing import Any
 
 import anyio
 import pytest
-from service_helpers import Gate, b64, gray_png, json_post_scope, running, worker_of
 
 import service.routes.sample_stream
+from tests.service.helpers import Gate, b64, gray_png, json_post_scope, running, worker_of
 
 pytestmark = pytest.mark.anyio
 

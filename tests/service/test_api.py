@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from service_helpers import Gate, b64, decode_png, gray_png, png_bytes, running, worker_of
 
 from models.checkpoint import load_checkpoint, update_metadata
+from tests.service.helpers import Gate, b64, decode_png, gray_png, png_bytes, running, worker_of
 
 pytestmark = pytest.mark.anyio
 

@@ -11,11 +11,11 @@ import anyio
 import numpy as np
 import pytest
 import torch
-from service_helpers import b64, gray_png, png_bytes, post_json, running
 
 from models.checkpoint import load_checkpoint, read_metadata, update_metadata
 from models.scoring.classify import class_posterior
 from models.scoring.scorer import load_scorer
+from tests.service.helpers import b64, gray_png, png_bytes, post_json, running
 from tools.score_sets import calibrate, score_images
 
 pytestmark = pytest.mark.anyio

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from service_helpers import b64, gray_png, running, worker_of
+
+from tests.service.helpers import b64, gray_png, running, worker_of
 
 pytestmark = [
     pytest.mark.anyio,

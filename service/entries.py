@@ -1,0 +1,166 @@
+"""One served model as the service sees it (:class:`ModelEntry`): what its checkpoint says, built
+without weights, and its workers; and the startup checks of a model folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.base import AutoregressiveModel, DensityModel
+from models.checkpoint import META, CheckpointError, build_model, read_metadata
+from models.scoring.calibration import default_score_type
+from models.scoring.classify import training_prior
+from models.scoring.scorer import BACKGROUND, has_background
+from models.scoring.scores import available_score_types
+from service.batching import Worker
+from service.errors import BadRequest
+
+
+class RegistryError(ValueError):
+    """The configured models cannot be served; the message says how to fix the settings."""
+
+
+@dataclass
+class ModelEntry:
+    """One served model: what its checkpoint says, and its workers."""
+
+    name: str
+    folder: Path
+    meta: dict[str, Any]
+    skeleton: DensityModel  # built on the "meta" device: properties only, no weights
+    workers: list[Worker]
+    background_meta: dict[str, Any] | None = None  # the background model in <folder>/background/, if any
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.skeleton.shape
+
+    @property
+    def levels(self) -> int:
+        return self.skeleton.levels
+
+    @property
+    def dims(self) -> int:
+        return self.skeleton.dims
+
+    @property
+    def n_classes(self) -> int | None:
+        return self.skeleton.n_classes
+
+    @property
+    def per_pixel(self) -> bool:
+        """True if the model gives per-pixel likelihoods (heatmaps)."""
+        return isinstance(self.skeleton, AutoregressiveModel)
+
+    @property
+    def classes(self) -> list[str] | None:
+        classes = (self.meta.get("dataset") or {}).get("classes")
+        return [str(c) for c in classes] if classes else None
+
+    @property
+    def prior(self) -> list[float]:
+        """p(y) of a class-conditional model: its training class frequencies (uniform if unrecorded)."""
+        assert self.n_classes is not None
+        return [float(p) for p in training_prior(self.meta, self.n_classes)]
+
+    @property
+    def score_types(self) -> list[str]:
+        return available_score_types(has_background=self.background_meta is not None)
+
+    @property
+    def default_score_type(self) -> str:
+        return default_score_type(self.meta, background=self.background_meta is not None)
+
+    def info(self) -> dict[str, Any]:
+        dataset = self.meta.get("dataset") or {}
+        return {
+            "name": self.name,
+            "kind": self.skeleton.kind,
+            "architecture": self.skeleton.architecture,
+            "shape": list(self.shape),
+            "levels": self.levels,
+            "dataset": dataset.get("name") or dataset.get("spec"),
+            "classes": self.classes,
+            "metrics": self.meta.get("metrics") or {},
+            "calibration": self.meta.get("calibration") or None,
+            "sha256": self.meta["weights"].get("sha256", ""),
+            "devices": [w.device for w in self.workers],
+            "exact_likelihood": bool(self.skeleton.exact),
+            "conditional": self.n_classes is not None,
+            "score_types": self.score_types,
+            "default_score_type": self.default_score_type,
+            "background": None if self.background_meta is None else background_info(self.background_meta),
+        }
+
+    def label_index(self, label: int | str | None, *, required: bool = True) -> int | None:
+        """The class index for a request's label (a name or an index); 422 unless it fits the model
+        (or, with ``required``, if a class-conditional model gets none)."""
+        n = self.n_classes
+        if n is None:
+            if label is not None:
+                raise BadRequest(f"model '{self.name}' is not class-conditional; remove 'label'")
+            return None
+        names = self.classes
+        choices = f"one of {names} or an index 0..{n - 1}" if names else f"an index 0..{n - 1}"
+        if label is None:
+            if not required:
+                return None
+            raise BadRequest(f"model '{self.name}' is class-conditional; send 'label': {choices}")
+        if isinstance(label, str):
+            if names and label in names:
+                return names.index(label)
+            text = label.strip()
+            if not (text.isascii() and text.isdigit()):  # "³" and "٣" are digits to str.isdigit
+                raise BadRequest(f"label '{label}' is not a class of model '{self.name}'; send {choices}")
+            label = int(text)
+        if not 0 <= label < n:
+            raise BadRequest(f"label {label} is out of range for model '{self.name}'; send {choices}")
+        return label
+
+    def resolve_score_type(self, requested: str | None) -> str:
+        name = requested or self.default_score_type
+        if name not in self.score_types:
+            raise BadRequest(f"unknown score_type '{name}'; model '{self.name}' offers {self.score_types}")
+        return name
+
+
+def background_info(meta: dict[str, Any]) -> dict[str, Any]:
+    """What /models says about a background model: architecture, size, perturbation, weights."""
+    return {
+        "architecture": meta.get("architecture"),
+        "parameters": meta.get("parameters"),
+        "perturb": (meta.get("dataset") or {}).get("perturb"),
+        "sha256": meta["weights"].get("sha256", ""),
+    }
+
+
+def skeleton_model(folder: Path, meta: dict[str, Any]) -> DensityModel:
+    """The model built from its config on the meta device: checks the config, costs no memory."""
+    try:
+        with torch.device("meta"):
+            return build_model(meta["architecture"], meta["config"])
+    except (TypeError, ValueError) as e:
+        raise RegistryError(f"{folder / META}: config does not build a model: {e}") from e
+
+
+def background_metadata(folder: Path, skeleton: DensityModel) -> dict[str, Any] | None:
+    """The metadata of ``folder``'s background model, None if it has none; RegistryError unless the
+    background takes the model's images and is unconditional."""
+    if not has_background(folder):
+        return None
+    bg_folder = folder / BACKGROUND
+    try:
+        meta = read_metadata(bg_folder)
+    except CheckpointError as e:
+        raise RegistryError(str(e)) from e
+    bg = skeleton_model(bg_folder, meta)
+    if bg.shape != skeleton.shape or bg.levels != skeleton.levels or bg.n_classes is not None:
+        raise RegistryError(
+            f"{bg_folder / META}: the background model takes {bg.shape} images with {bg.levels} levels"
+            f"{' and labels' if bg.n_classes is not None else ''}; its model takes {skeleton.shape} with "
+            f"{skeleton.levels}, unconditionally. Retrain it for this model or remove {bg_folder}"
+        )
+    return meta
