@@ -361,6 +361,8 @@ def test_score_tab_shows_a_png_and_a_jpeg_as_the_model_saw_them_behind_a_path_pr
     gives, the percentile drawn on the calibration histogram with its threshold, and the heatmap as
     an overlay that the checkbox hides and shows. Every request the page makes stays under the prefix."""
     files = [("fashion.png", "image/png", fashion_png()), ("hopper.jpg", "image/jpeg", photo_jpeg())]
+    urls: list[str] = []
+    page.on("request", lambda r: urls.append(r.url))
     open_tab(page, proxy.url, "score")
     default = httpx.get(f"{proxy.url}models/pixelcnn").json()["default_score_type"]
     assert page.get_by_label("Score type").input_value() == default
@@ -393,6 +395,41 @@ def test_score_tab_shows_a_png_and_a_jpeg_as_the_model_saw_them_behind_a_path_pr
     asked = [p for p in proxy.paths if p.startswith("/genserve/")]
     assert "/genserve/" in asked and "/genserve/static/js/score.js" in asked and "/genserve/score?resize=true" in asked
     assert set(proxy.paths) == set(asked), sorted(set(proxy.paths) - set(asked))
+    elsewhere = [u for u in urls if not u.startswith((proxy.url, "data:", "blob:"))]
+    assert not elsewhere  # the page asks this server for everything, and under the prefix
+
+
+def test_drop_and_paste_score_files_and_an_explanation_is_shown_whatever_its_keys(page, server):
+    """A file dropped on the zone and one pasted are scored; an ``explanation`` in /score's answer
+    (added here to the API's real answer, as a later API version may give it) is shown key by key."""
+    explanation = {"summary": "likelier than 70% of calibration images", "top_pixels": [[3, 4], [5, 6]]}
+
+    def add_explanation(route: Any) -> None:
+        answer = route.fetch()
+        body = answer.json()
+        for r in body["results"]:
+            r["explanation"] = explanation
+        route.fulfill(response=answer, json=body)
+
+    page.route("**/score?*", add_explanation)
+    open_tab(page, f"{server}/", "score")
+    png = list(gray_png(3))
+    page.evaluate(
+        """([bytes]) => {
+             const drop = new DataTransfer();
+             drop.items.add(new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'}));
+             document.querySelector('#score-drop').dispatchEvent(new DragEvent('drop', {dataTransfer: drop}));
+             const paste = new DataTransfer();
+             paste.items.add(new File([new Uint8Array(bytes)], 'pasted.png', {type: 'image/png'}));
+             document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: paste}));
+           }""",
+        [png],
+    )
+    page.wait_for_function("() => document.querySelectorAll('#score-results li[data-outlier]').length === 2")
+    assert page.locator("#score-results h3").all_inner_texts() == ["dropped.png", "pasted.png"]
+    shown = page.locator("#score-results li").first.locator(".explanation")
+    assert "likelier than 70% of calibration images" in shown.inner_text()
+    assert "[[3,4],[5,6]]" in shown.inner_text()
 
 
 def test_a_text_file_is_refused_with_the_apis_own_message(page, server):
