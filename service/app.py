@@ -34,6 +34,7 @@ from service.openapi import install as install_openapi
 from service.registry import ModelRegistry
 from service.routes import classify, encode, health, models, sample, sample_stream, score
 from service.settings import Settings
+from service.web import router as web
 
 logger = logging.getLogger("genserve.app")
 
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected = [Depends(require_api_key)]
     for router in (models.router, sample.router, sample_stream.router, score.router, classify.router, encode.router):
         app.include_router(router, dependencies=protected)
+    web.install(app)  # the page at / and /static/: open, as the page asks for the key itself
 
     # Added innermost first: the request log wraps metrics, which wrap the limit on requests in flight,
     # the body deadline, the body size limit, and the arrivals count (POST requests on their way to a
