@@ -9,7 +9,6 @@ thread, and is answered by the route from the worker's tensors.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ from service.openapi import install as install_openapi
 from service.registry import ModelRegistry
 from service.routes import admin, classify, drift, encode, health, models, sample, sample_stream, score
 from service.settings import Settings
-from service.watch import Watcher
+from service.watch import watching
 
 logger = logging.getLogger("genserve.app")
 
@@ -94,6 +93,16 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return JSONResponse({"detail": client_errors(exc.errors())}, status_code=422)
 
 
+def include_routers(app: FastAPI, settings: Settings) -> None:
+    app.include_router(health.router)  # /healthz and /readyz are open; /metrics checks keys itself
+    protected = [Depends(require_api_key)]
+    routers = (models.router, drift.router, sample.router, sample_stream.router, score.router, classify.router)
+    for router in (*routers, encode.router):
+        app.include_router(router, dependencies=protected)
+    # Admin keys, not API keys (service/admin_auth.py); documented only where enabled (elsewhere all 403).
+    app.include_router(admin.router, include_in_schema=bool(settings.admin_key_list))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app with its own registry and metrics; nothing loads until the lifespan starts."""
     settings = settings or Settings()
@@ -111,14 +120,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry.discover()  # raises RegistryError (a clear message) for a bad configuration
         registry.start()
-        watching = None
-        if settings.watch_interval_s:  # `genserve serve --watch` (service/watch.py)
-            watching = asyncio.create_task(Watcher(lifecycle).run(settings.watch_interval_s))
         try:
-            yield
+            async with watching(lifecycle, settings.watch_interval_s):  # `genserve serve --watch`
+                yield
         finally:
-            if watching is not None:
-                watching.cancel()
             await lifecycle.close()
             await registry.close()
 
@@ -131,12 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 
-    app.include_router(health.router)  # /healthz and /readyz are open; /metrics checks keys itself
-    protected = [Depends(require_api_key)]
-    routers = (models.router, drift.router, sample.router, sample_stream.router, score.router, classify.router)
-    for router in (*routers, encode.router):
-        app.include_router(router, dependencies=protected)
-    app.include_router(admin.router)  # admin keys, not API keys (service/admin_auth.py)
+    include_routers(app, settings)
 
     # Added innermost first: the request log wraps metrics, which wrap the limit on requests in flight,
     # the body deadline, the body size limit, and the arrivals count (POST requests on their way to a

@@ -74,7 +74,13 @@ class Metrics:
             ["model", "kind", "architecture", "sha256", "devices"],
             registry=r,
         )
-        # Drift of the uploads (service/drift_monitor.py) and model versions (service/lifecycle.py).
+        self._lifecycle_metrics(r)
+        self.device_memory = Gauge(
+            "genserve_device_memory_bytes", "GPU memory held by torch", ["device", "type"], registry=r
+        )
+
+    def _lifecycle_metrics(self, r: CollectorRegistry) -> None:
+        """Drift of the uploads (service/drift_monitor.py) and model versions (service/lifecycle.py)."""
         self.drift_uploads = Gauge(
             "genserve_drift_window_uploads", "/score uploads in the drift window", ["model"], registry=r
         )
@@ -110,9 +116,6 @@ class Metrics:
         )
         self.model_reload_failed = Gauge(
             "genserve_model_reload_failed", "1 while the last reload or load of a model failed", ["model"], registry=r
-        )
-        self.device_memory = Gauge(
-            "genserve_device_memory_bytes", "GPU memory held by torch", ["device", "type"], registry=r
         )
 
     def render(self, devices: list[str]) -> bytes:

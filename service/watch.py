@@ -11,7 +11,9 @@ admin unloads it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from models.checkpoint import META
 from service.errors import ServiceError
@@ -64,3 +66,18 @@ class Watcher:
                 await self.poll()
             except Exception:
                 logger.exception("watch: polling the model folders failed")
+
+
+@contextlib.asynccontextmanager
+async def watching(lifecycle: Lifecycle, interval_s: float) -> AsyncIterator[None]:
+    """Run a :class:`Watcher` in the background while the body runs (not at all for ``interval_s`` 0)."""
+    if not interval_s:
+        yield
+        return
+    task = asyncio.create_task(Watcher(lifecycle).run(interval_s), name="genserve-watch")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
