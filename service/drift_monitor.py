@@ -29,12 +29,14 @@ class DriftMonitors:
         self.clock = clock
         self._windows: dict[str, DriftWindow | None] = {}
         self._score_types: dict[str, str] = {}
+        self._versions: dict[str, int] = {}  # the version each window's calibration is of
 
     def window(self, entry: ModelEntry) -> DriftWindow | None:
-        """The model's window (None if it has no calibrated default score)."""
-        if entry.name not in self._windows:
+        """The model's window (None if it has no calibrated default score); a newer version starts a new one."""
+        if entry.name not in self._windows or entry.version > self._versions[entry.name]:
             self._windows[entry.name] = self._new_window(entry)
             self._score_types[entry.name] = entry.default_score_type
+            self._versions[entry.name] = entry.version
         return self._windows[entry.name]
 
     def _new_window(self, entry: ModelEntry) -> DriftWindow | None:
@@ -57,8 +59,8 @@ class DriftMonitors:
     def observe(self, entry: ModelEntry, score_type: str, scores: Iterable[tuple[float, bool | None]]) -> None:
         """Add one request's (score, is_outlier) pairs, if they are of the model's calibrated default score."""
         window = self.window(entry)
-        if window is None or score_type != self._score_types[entry.name]:
-            return
+        if window is None or score_type != self._score_types[entry.name] or entry.version < self._versions[entry.name]:
+            return  # not the calibrated score, or answered by a version already replaced
         for score, flagged in scores:
             if flagged is not None:
                 window.add(score, flagged)
@@ -76,6 +78,7 @@ class DriftMonitors:
         """Forget a model's window (a new version was loaded, or the model was unloaded)."""
         self._windows.pop(name, None)
         self._score_types.pop(name, None)
+        self._versions.pop(name, None)
         for gauge in self._gauges():
             with contextlib.suppress(KeyError):
                 gauge.remove(name)

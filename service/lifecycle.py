@@ -122,7 +122,8 @@ class Lifecycle:
         try:
             if not (folder / META).is_file():
                 raise RegistryError(f"{folder}: no {META} (a model folder holds {META} and {WEIGHTS})")
-            new = self.registry.build_entry(folder)
+            # Off the event loop: reading metadata and building the skeleton would stall requests.
+            new = await asyncio.to_thread(self.registry.build_entry, folder)
         except RegistryError as e:
             self._refuse(name, action, str(e))
         new.version = version
