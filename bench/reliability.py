@@ -326,8 +326,9 @@ async def sigterm_campaign(args: argparse.Namespace, server: Server, folder: Pat
         async def one(i: int) -> Record:
             start = time.perf_counter()
             try:
-                r = await client.post("/sample", json={"model": MODEL, "n": 8, "seed": i})
-                return Record("sample", start, time.perf_counter() - start, r.status_code)
+                r = await client.post("/sample", json={"model": MODEL, "n": 4, "seed": i})
+                detail = "" if r.status_code == 200 else str(r.json().get("detail"))[:120]
+                return Record("sample", start, time.perf_counter() - start, r.status_code, error=detail)
             except Exception as e:
                 return Record("sample", start, time.perf_counter() - start, 0, error=f"{type(e).__name__}: {e}")
 
@@ -336,6 +337,7 @@ async def sigterm_campaign(args: argparse.Namespace, server: Server, folder: Pat
         while time.monotonic() < deadline and in_flight(server) < args.in_flight:
             await asyncio.sleep(0.05)
         seen = in_flight(server)
+        logger.info("%d requests in flight: SIGTERM", seen)
         signalled = time.perf_counter()
         server.proc.send_signal(signal.SIGTERM)
         records = await asyncio.gather(*tasks)
