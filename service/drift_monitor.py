@@ -48,7 +48,7 @@ class DriftMonitors:
         return DriftWindow(
             size=self.settings.drift_window,
             max_age_s=self.settings.drift_max_age_s,
-            fpr=float(cal.get("target_fpr") or DEFAULT_FPR),
+            fpr=min(0.5, float(cal.get("target_fpr") or DEFAULT_FPR) * self.settings.drift_fpr_margin),
             quantiles=calibration.quantiles,
             reference_n=int(cal["n"]) if cal.get("n") else None,
             alpha=self.settings.drift_alpha,

@@ -16,7 +16,10 @@ class DriftResponse(BaseModel):
     max_age_s: float = Field(description="GENSERVE_DRIFT_MAX_AGE_S: older uploads have left the window")
     flagged: int = Field(description="uploads in the window flagged as outliers")
     flagged_fraction: float | None = Field(description="flagged / uploads")
-    expected_fraction: float = Field(description="the calibrated false-positive rate (calibration.target_fpr)")
+    expected_fraction: float = Field(
+        description="the binomial test's null rate: the calibrated false-positive rate (calibration.target_fpr) "
+        "times GENSERVE_DRIFT_FPR_MARGIN"
+    )
     binomial_p_value: float | None = Field(
         description="P(X >= flagged), X ~ Binomial(uploads, expected_fraction): one-sided exact test; null below "
         "GENSERVE_DRIFT_MIN_UPLOADS"

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     drift_alpha: float = Field(
         default=0.001, gt=0, lt=1, description="drift monitor: a test whose p-value is below this reports drift"
     )
+    drift_fpr_margin: float = Field(
+        default=1.5,
+        ge=1.0,
+        description="drift monitor: the binomial test's null rate is the calibrated false-positive rate times this "
+        "(1 = exactly the calibrated rate; docs/drift.md says why 1.5)",
+    )
     admin_keys: str = Field(
         default="",
         description="comma list of admin keys for /admin (load, reload, unload models; docs/lifecycle.md), separate "

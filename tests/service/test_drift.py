@@ -125,7 +125,7 @@ def calibrated_dir(model_dir: Any, tmp_path: Any) -> Any:
 
 @pytest.mark.anyio
 async def test_drift_endpoint_and_gauges(calibrated_dir: Any, make_settings: Any) -> None:
-    settings = make_settings(model_dir=calibrated_dir, drift_min_uploads=4)
+    settings = make_settings(model_dir=calibrated_dir, drift_min_uploads=4, drift_fpr_margin=1.0)
     async with running(settings) as (app, client):
         r = await client.get("/models/pixelcnn/drift")
         assert r.status_code == 200 and r.json()["uploads"] == 0 and r.json()["calibrated"] is True
