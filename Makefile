@@ -36,6 +36,11 @@ typecheck: setup
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
+# The web page's screenshots, docs/ui/*.png, from the shipped models in Debian's Chromium (apt-get install chromium).
+.PHONY: ui-screenshots
+ui-screenshots: setup
+	GENSERVE_UI_SCREENSHOTS=1 $(PY) -m pytest -q tests/service/test_web.py -k screenshots
+
 # ---- Containers and deployment: docker/, docker-compose*.yml, deploy/ (README: "Deploy") ----
 # check-deploy lints and validates them (needs docker-compose); test-container also builds the CPU image
 # and smoke-tests it (needs root, podman with runc, and debootstrap). .ci/run installs all of these.

@@ -38,6 +38,7 @@ from service.registry import ModelRegistry
 from service.routes import admin, classify, drift, encode, health, models, sample, sample_stream, score
 from service.settings import Settings
 from service.watch import watching
+from service.web import router as web
 
 logger = logging.getLogger("genserve.app")
 
@@ -137,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     include_routers(app, settings)
+    web.install(app)  # the page at / and /static/: open, as the page asks for the key itself
 
     # Added innermost first: the request log wraps metrics, which wrap the limit on requests in flight,
     # the body deadline, the body size limit, and the arrivals count (POST requests on their way to a

@@ -53,7 +53,12 @@ def open_image(data: bytes, index: int, *, max_pixels: int) -> Image.Image:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise PayloadTooLarge(f"image {index} has too many pixels; the limit is {max_pixels} (width x height)") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError as e:  # Pillow's message names its BytesIO object: say what was sent instead
+        raise BadRequest(
+            f"image {index} could not be decoded as an image ({', '.join(ALLOWED_FORMATS)}): its {len(data)} "
+            "bytes are in none of these formats"
+        ) from e
+    except (OSError, ValueError) as e:
         raise BadRequest(f"image {index} could not be decoded as an image ({', '.join(ALLOWED_FORMATS)}): {e}") from e
     w, h = im.size  # from the header; no pixels decoded yet
     if w * h > max_pixels:

@@ -148,6 +148,7 @@ class ImagesForm(ModelForm):
 class ScoreRequest(ImagesRequest):
     score_type: str | None = Field(None, description="one of the model's score_types; default its default_score_type")
     heatmap: bool = Field(False, description="also return a per-pixel NLL map (autoregressive models only)")
+    input_image: bool = Field(False, description="also return each image as the model saw it (after any conversion)")
     label: Label | None = Field(
         None,
         description="class-conditional models only: score p(x|y) for this class (name or index) instead of "
@@ -160,6 +161,7 @@ class ScoreForm(ImagesForm):
 
     score_type: str | None = None
     heatmap: FormBool = False
+    input_image: FormBool = False
     label: str | None = None
 
 
@@ -179,6 +181,11 @@ class ScoreResult(BaseModel):
         "minus the background model's), linear from 0 nats or less (black) to heatmap_scale_nats or more (white)"
     )
     heatmap_scale_nats: float | None = Field(description="NLL drawn as white: C * ln(levels), a uniform guess")
+    input_image: str | None = Field(
+        None,
+        description="with input_image=true: base64 PNG (C x H x W, 8-bit) of the array the model scored, after "
+        "the conversion that resize=true applies (mode, size); what the web page shows",
+    )
 
 
 class ScoreResponse(BaseModel):

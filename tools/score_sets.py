@@ -159,5 +159,3 @@ def calibrate(
     cal["background_sha256"] = scorer.background_sha256
     cal["coder"] = {"name": CODER, "version": coder_version()}
     return cal
-
-

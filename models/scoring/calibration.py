@@ -58,7 +58,6 @@ def calibrate_scores(scores: np.ndarray, *, fpr: float = DEFAULT_FPR, n_quantile
     }
 
 
-
 @dataclass(frozen=True)
 class Calibration:
     """How to judge one score type for one model; None where the checkpoint has no calibration."""

@@ -80,5 +80,3 @@ def coder_version() -> str:
     from PIL import features
 
     return f"libwebp {features.version('webp')}, Pillow {Image.__version__}"
-
-

@@ -288,5 +288,3 @@ def stale_calibration(meta: dict[str, Any], background_meta: dict[str, Any] | No
     if coder and coder != CODER:
         return f"its complexity score used the coder '{coder}', this genserve uses '{CODER}'"
     return None
-
-

@@ -8,6 +8,7 @@ threshold: the calibration is of p(x)).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
@@ -27,14 +28,22 @@ router = APIRouter(tags=["score"])
 FORM_FIELDS = {
     "score_type": {"type": "string"},
     "heatmap": FORM_BOOL_SCHEMA,
+    "input_image": FORM_BOOL_SCHEMA,
     "resize": FORM_BOOL_SCHEMA,
     "label": {"type": "string"},
 }
 
 
 def build_results(
-    entry: ModelEntry, score_type: str, out: dict[str, torch.Tensor], converted: list[bool], *, labelled: bool = False
+    entry: ModelEntry,
+    score_type: str,
+    out: dict[str, torch.Tensor],
+    converted: list[bool],
+    *,
+    labelled: bool = False,
+    inputs: np.ndarray | None = None,
 ) -> list[ScoreResult]:
+    """One result per image; ``inputs`` (B, C, H, W) levels, when given, come back as PNGs (``input_image``)."""
     # A conditional model's calibration is of p(x); scores of p(x|y) for a given label have none.
     calibrated = not (labelled and entry.n_classes is not None)
     calibration = calibration_for(entry.meta, score_type) if calibrated else Calibration()
@@ -59,6 +68,7 @@ def build_results(
                 resized=changed,
                 heatmap=heatmap,
                 heatmap_scale_nats=scale,
+                input_image=None if inputs is None else images.b64(images.encode_png(inputs[i])),
             )
         )
     return results
@@ -101,7 +111,10 @@ async def score(
     work = registry.score(entry, torch.from_numpy(x), y, score_type=score_type, heatmap=parsed.heatmap)
     out = await unless_disconnected(request, work)
     assert all(v.shape[0] == b for v in out.values()), "one output per image"
-    results = await run_in_threadpool(build_results, entry, score_type, out, converted, labelled=label is not None)
+    inputs = images.from_levels(x, entry.levels) if parsed.input_image else None
+    results = await run_in_threadpool(
+        build_results, entry, score_type, out, converted, labelled=label is not None, inputs=inputs
+    )
     metrics.images_scored.labels(model=entry.name, score_type=score_type).inc(b)
     request.app.state.drift.observe(entry, score_type, [(r.score, r.is_outlier) for r in results])  # docs/drift.md
     flagged = sum(1 for r in results if r.is_outlier)

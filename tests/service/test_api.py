@@ -136,6 +136,7 @@ async def test_sample_bad_requests_are_422(client, body, detail):
     r = await client.post("/sample", json=body)
     assert r.status_code == 422
     assert r.json()["detail"].startswith(detail)
+    assert " at 0x" not in r.json()["detail"], "the same bad file gets the same answer (no object address)"
 
 
 @pytest.mark.parametrize(
