@@ -205,3 +205,22 @@ async def test_the_watcher_reloads_a_changed_folder(store: Path, make_settings: 
         assert r.headers["X-Model-SHA256"] == new_sha and r.headers["X-Model-Version"] == "2"
         assert await watcher.poll() == []
         await settle(app)
+
+
+async def test_the_admin_routes_are_documented_only_where_enabled(make_settings: Any) -> None:
+    async with running(make_settings(models="pixelcnn"), wait=False) as (_, client):
+        assert not any(p.startswith("/admin") for p in (await client.get("/openapi.json")).json()["paths"])
+    # (service/openapi.py documents security schemes only where GENSERVE_API_KEYS is set)
+    async with running(make_settings(models="pixelcnn", api_keys="k", admin_keys="root"), wait=False) as (_, client):
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    for action in ("load", "reload", "unload"):
+        op = paths[f"/admin/models/{{name}}/{action}"]["post"]
+        assert "security" in op and {"401", "403", "409"} <= set(op["responses"])
+
+
+def test_serve_watch_flag_sets_the_poll_interval() -> None:
+    from tools.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--watch"]).watch == 5.0
+    assert build_parser().parse_args(["serve", "--watch", "2"]).watch == 2.0
+    assert build_parser().parse_args(["serve"]).watch is None
