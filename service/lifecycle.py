@@ -61,9 +61,9 @@ class Lifecycle:
 
     async def load(self, name: str) -> AdminResult:
         """Serve a model folder that is not served yet (a reload if it is)."""
-        if name in self.registry.entries:
-            return await self.reload(name)
         async with self._lock(name):
+            if name in self.registry.entries:
+                return await self._reload(name, force=False)
             start = time.perf_counter()
             new = await self._prepare(name, version=1, action="load")
             self.registry.entries[name] = new
@@ -73,15 +73,18 @@ class Lifecycle:
     async def reload(self, name: str, *, force: bool = False) -> AdminResult:
         """Swap in the folder's version; ``unchanged`` if its metadata is the serving one's (unless ``force``)."""
         async with self._lock(name):
-            start = time.perf_counter()
-            old = self._serving(name)
-            if not force and self._unchanged(old):
-                return self._result(old, old, action="reload", result="unchanged", start=start)
-            new = await self._prepare(name, version=old.version + 1, action="reload")
-            self.registry.entries[name] = new  # the swap: later requests get the new version
-            self._announce(new, old, action="reload")
-            self._retire(old)
-            return self._result(new, old, action="reload", result="reloaded", start=start)
+            return await self._reload(name, force=force)
+
+    async def _reload(self, name: str, *, force: bool) -> AdminResult:
+        start = time.perf_counter()
+        old = self._serving(name)
+        if not force and self._unchanged(old):
+            return self._result(old, old, action="reload", result="unchanged", start=start)
+        new = await self._prepare(name, version=old.version + 1, action="reload")
+        self.registry.entries[name] = new  # the swap: later requests get the new version
+        self._announce(new, old, action="reload")
+        self._retire(old)
+        return self._result(new, old, action="reload", result="reloaded", start=start)
 
     async def unload(self, name: str, *, wait: bool = True) -> AdminResult:
         """Stop serving ``name``: new requests get 404, requests in flight finish, then its workers close."""
