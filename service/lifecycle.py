@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from models.checkpoint import META, WEIGHTS, CheckpointError, read_metadata
 from service.batching import State
@@ -143,7 +144,7 @@ class Lifecycle:
             self._refuse(name, action, "; ".join(failed))
         return new
 
-    def _refuse(self, name: str, action: str, why: str) -> None:
+    def _refuse(self, name: str, action: str, why: str) -> NoReturn:
         """Record a refused version (on the serving entry, the log and a metric) and raise :class:`Refused`."""
         logger.error("model '%s': %s refused, the serving version stays: %s", name, action, why)
         self.metrics.model_reloads.labels(model=name, action=action, result="refused").inc()
