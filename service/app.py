@@ -26,14 +26,18 @@ from fastapi.responses import JSONResponse
 from service import images
 from service.arrivals import ArrivalsMiddleware
 from service.auth import require_api_key
+from service.drift_monitor import DriftMonitors
 from service.errors import ServiceError
+from service.leases import SHA256_HEADER, VERSION_HEADER, LeaseMiddleware
+from service.lifecycle import Lifecycle
 from service.limits import BodySizeLimitMiddleware, BodyTimeoutMiddleware, ConcurrencyLimitMiddleware
 from service.logs import RequestLogMiddleware, configure_json_logs
 from service.metrics import Metrics, MetricsMiddleware
 from service.openapi import install as install_openapi
 from service.registry import ModelRegistry
-from service.routes import classify, encode, health, models, sample, sample_stream, score
+from service.routes import admin, classify, drift, encode, health, models, sample, sample_stream, score
 from service.settings import Settings
+from service.watch import watching
 from service.web import router as web
 
 logger = logging.getLogger("genserve.app")
@@ -90,11 +94,23 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return JSONResponse({"detail": client_errors(exc.errors())}, status_code=422)
 
 
+def include_routers(app: FastAPI, settings: Settings) -> None:
+    app.include_router(health.router)  # /healthz and /readyz are open; /metrics checks keys itself
+    protected = [Depends(require_api_key)]
+    routers = (models.router, drift.router, sample.router, sample_stream.router, score.router, classify.router)
+    for router in (*routers, encode.router):
+        app.include_router(router, dependencies=protected)
+    # Admin keys, not API keys (service/admin_auth.py); documented only where enabled (elsewhere all 403).
+    app.include_router(admin.router, include_in_schema=bool(settings.admin_key_list))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app with its own registry and metrics; nothing loads until the lifespan starts."""
     settings = settings or Settings()
     metrics = Metrics()
     registry = ModelRegistry(settings, metrics)
+    drift_monitors = DriftMonitors(settings, metrics)
+    lifecycle = Lifecycle(registry, drift_monitors)
     images.configure_pil(settings.max_image_pixels)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -106,26 +122,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry.discover()  # raises RegistryError (a clear message) for a bad configuration
         registry.start()
         try:
-            yield
+            async with watching(lifecycle, settings.watch_interval_s):  # `genserve serve --watch`
+                yield
         finally:
+            await lifecycle.close()
             await registry.close()
 
     app = FastAPI(title="genserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.drift = drift_monitors
+    app.state.lifecycle = lifecycle
     app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 
-    app.include_router(health.router)  # /healthz and /readyz are open; /metrics checks keys itself
-    protected = [Depends(require_api_key)]
-    for router in (models.router, sample.router, sample_stream.router, score.router, classify.router, encode.router):
-        app.include_router(router, dependencies=protected)
+    include_routers(app, settings)
     web.install(app)  # the page at / and /static/: open, as the page asks for the key itself
 
     # Added innermost first: the request log wraps metrics, which wrap the limit on requests in flight,
     # the body deadline, the body size limit, and the arrivals count (POST requests on their way to a
     # worker, for the batcher's wait).
+    app.add_middleware(LeaseMiddleware)  # the model version a request holds, named in X-Model-SHA256
     app.add_middleware(ArrivalsMiddleware, arrivals=registry.arrivals)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
@@ -138,7 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "X-Seed", "Retry-After"],
+            expose_headers=["X-Request-ID", "X-Seed", "Retry-After", SHA256_HEADER, VERSION_HEADER],
             max_age=600,
         )
     install_openapi(app, settings)

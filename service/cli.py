@@ -19,7 +19,9 @@ OVERRIDES = {
     "max_batch_wait_ms": "max_batch_wait_ms",
     "api_keys": "api_keys",
     "torch_threads": "torch_threads",
+    "watch": "watch_interval_s",
 }
+WATCH_DEFAULT_S = 5.0  # `--watch` without a value
 
 
 def add_parser(sub: Any) -> None:
@@ -35,6 +37,15 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--api-keys", help="comma list of API keys (GENSERVE_API_KEYS); prefer the variable")
     s.add_argument("--torch-threads", type=int, help="GENSERVE_TORCH_THREADS")
     s.add_argument("--json-logs", action="store_true", help="log JSON lines (GENSERVE_JSON_LOGS)")
+    s.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=WATCH_DEFAULT_S,
+        metavar="SECONDS",
+        help=f"reload a model whose folder changed, polling every SECONDS (default {WATCH_DEFAULT_S:g}; "
+        "GENSERVE_WATCH_INTERVAL_S)",
+    )
     s.set_defaults(func=serve)
 
 

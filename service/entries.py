@@ -3,7 +3,8 @@ without weights, and its workers; and the startup checks of a model folder."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,14 @@ class ModelEntry:
     skeleton: DensityModel  # built on the "meta" device: properties only, no weights
     workers: list[Worker]
     background_meta: dict[str, Any] | None = None  # the background model in <folder>/background/, if any
+    version: int = 1  # loads of this model in this process (service/lifecycle.py); its sha256 names it
+    loaded_at: float = field(default_factory=time.time)  # Unix time its entry was built
+    last_reload_error: str | None = None  # why the last load or reload of a newer version was refused
+    holders: int = 0  # requests in flight that hold this entry (service/leases.py); drained at 0
+
+    @property
+    def sha256(self) -> str:
+        return str(self.meta["weights"].get("sha256", ""))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -86,7 +95,10 @@ class ModelEntry:
             "classes": self.classes,
             "metrics": self.meta.get("metrics") or {},
             "calibration": self.meta.get("calibration") or None,
-            "sha256": self.meta["weights"].get("sha256", ""),
+            "sha256": self.sha256,
+            "version": self.version,
+            "loaded_at": self.loaded_at,
+            "last_reload_error": self.last_reload_error,
             "devices": [w.device for w in self.workers],
             "exact_likelihood": bool(self.skeleton.exact),
             "conditional": self.n_classes is not None,

@@ -74,8 +74,48 @@ class Metrics:
             ["model", "kind", "architecture", "sha256", "devices"],
             registry=r,
         )
+        self._lifecycle_metrics(r)
         self.device_memory = Gauge(
             "genserve_device_memory_bytes", "GPU memory held by torch", ["device", "type"], registry=r
+        )
+
+    def _lifecycle_metrics(self, r: CollectorRegistry) -> None:
+        """Drift of the uploads (service/drift_monitor.py) and model versions (service/lifecycle.py)."""
+        self.drift_uploads = Gauge(
+            "genserve_drift_window_uploads", "/score uploads in the drift window", ["model"], registry=r
+        )
+        self.drift_flagged_fraction = Gauge(
+            "genserve_drift_flagged_fraction", "fraction of the drift window flagged as outliers", ["model"], registry=r
+        )
+        self.drift_binomial_p = Gauge(
+            "genserve_drift_binomial_p_value",
+            "one-sided binomial p-value of the flagged count against the calibrated false-positive rate",
+            ["model"],
+            registry=r,
+        )
+        self.drift_ks_statistic = Gauge(
+            "genserve_drift_ks_statistic",
+            "KS distance of the window's scores from the calibration scores",
+            ["model"],
+            registry=r,
+        )
+        self.drift_ks_p = Gauge(
+            "genserve_drift_ks_p_value", "KS test p-value of the window's scores", ["model"], registry=r
+        )
+        self.drift = Gauge(
+            "genserve_drift", "1 while a drift test is below GENSERVE_DRIFT_ALPHA", ["model"], registry=r
+        )
+        self.model_reloads = Counter(
+            "genserve_model_reloads",
+            "model loads, reloads and unloads by result",
+            ["model", "action", "result"],
+            registry=r,
+        )
+        self.model_loaded_at = Gauge(
+            "genserve_model_loaded_timestamp_seconds", "when the serving version was loaded", ["model"], registry=r
+        )
+        self.model_reload_failed = Gauge(
+            "genserve_model_reload_failed", "1 while the last reload or load of a model failed", ["model"], registry=r
         )
 
     def render(self, devices: list[str]) -> bytes:

@@ -27,6 +27,7 @@ from service.compute import ComputeThread
 from service.entries import ModelEntry, RegistryError, background_metadata, skeleton_model
 from service.errors import Timeout, Unavailable, UnknownModel
 from service.jobs import EncodeTask, SampleResult, SampleTask, ScoreTask
+from service.leases import lease
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -80,14 +81,22 @@ class ModelRegistry:
             )
         self.entries = {name: self._entry(root / name, models=len(wanted)) for name in wanted}
         for entry in self.entries.values():
-            info = entry.info()
-            self.metrics.model_info.labels(
-                model=entry.name,
-                kind=info["kind"],
-                architecture=info["architecture"],
-                sha256=info["sha256"],
-                devices=",".join(info["devices"]),
-            ).set(1)
+            self.describe(entry)
+
+    def describe(self, entry: ModelEntry, *, value: float = 1.0) -> None:
+        """Set (1) or clear (0, then removed) ``entry``'s genserve_model_info series."""
+        info = entry.info()
+        labels = (entry.name, info["kind"], info["architecture"], info["sha256"], ",".join(info["devices"]))
+        if value:
+            self.metrics.model_info.labels(*labels).set(value)
+        else:
+            with contextlib.suppress(KeyError):
+                self.metrics.model_info.remove(*labels)
+
+    def build_entry(self, folder: Path) -> ModelEntry:
+        """A new entry for ``folder`` (a new version, or a new model), its workers not started;
+        RegistryError if it cannot be served (service/lifecycle.py)."""
+        return self._entry(folder, models=max(1, len(self.entries)))
 
     def _entry(self, folder: Path, *, models: int) -> ModelEntry:
         """The entry of one model folder, its workers not yet started; RegistryError if it cannot be served."""
@@ -196,7 +205,9 @@ class ModelRegistry:
         if name not in self.entries:
             raise UnknownModel(f"unknown model '{name}'; available: {sorted(self.entries)}")
         self.arrivals.assign(name)
-        return self.entries[name]
+        entry = self.entries[name]
+        lease(entry)  # it answers this request, and is not closed before the response ends (service/leases.py)
+        return entry
 
     def pick(self, entry: ModelEntry) -> Worker:
         """The ready worker with the fewest queued images; ties rotate."""

@@ -65,7 +65,12 @@ class ModelInfo(BaseModel):
     )
     metrics: dict[str, Any] = Field(description="test-set metrics recorded in the checkpoint")
     calibration: dict[str, Any] | None = Field(description="outlier calibration recorded by `genserve calibrate`")
-    sha256: str = Field(description="sha256 of the weights file")
+    sha256: str = Field(description="sha256 of the weights file serving now (responses name it in X-Model-SHA256)")
+    version: int = Field(description="how many times this process has loaded the model (1 at startup, +1 per reload)")
+    loaded_at: float = Field(description="Unix time the serving version was loaded")
+    last_reload_error: str | None = Field(
+        description="why the last offered version was refused (the one above kept serving); null if none was"
+    )
     devices: list[str] = Field(description="one worker per entry")
     exact_likelihood: bool = Field(description="false where log p(x) is an estimate (a VAE's IWAE bound)")
     conditional: bool = Field(

@@ -120,6 +120,35 @@ class Settings(BaseSettings):
         description="on CUDA workers, the PixelCNN and PixelRNN samplers replay each pixel step as a CUDA graph "
         "(same images; docs/sampling.md); ignored on CPU",
     )
+    drift_window: int = Field(
+        default=1000, ge=1, description="drift monitor: the last this many /score uploads per model (docs/drift.md)"
+    )
+    drift_max_age_s: float = Field(
+        default=3600.0, gt=0, description="drift monitor: uploads older than this leave the window"
+    )
+    drift_min_uploads: int = Field(
+        default=100, ge=1, description="drift monitor: no test runs on a window holding fewer uploads"
+    )
+    drift_alpha: float = Field(
+        default=0.001, gt=0, lt=1, description="drift monitor: a test whose p-value is below this reports drift"
+    )
+    drift_fpr_margin: float = Field(
+        default=1.5,
+        ge=1.0,
+        description="drift monitor: the binomial test's null rate is the calibrated false-positive rate times this "
+        "(1 = exactly the calibrated rate; docs/drift.md says why 1.5)",
+    )
+    admin_keys: str = Field(
+        default="",
+        description="comma list of admin keys for /admin (load, reload, unload models; docs/lifecycle.md), separate "
+        "from GENSERVE_API_KEYS; empty = the admin API refuses every request",
+    )
+    watch_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="poll the model folders this often and reload a model whose files changed (`genserve serve "
+        "--watch`); 0 = off",
+    )
 
     @field_validator("devices")
     @classmethod
@@ -161,6 +190,10 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return split_list(self.api_keys)
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        return split_list(self.admin_keys)
 
     @property
     def cors_origin_list(self) -> list[str]:

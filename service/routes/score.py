@@ -116,6 +116,7 @@ async def score(
         build_results, entry, score_type, out, converted, labelled=label is not None, inputs=inputs
     )
     metrics.images_scored.labels(model=entry.name, score_type=score_type).inc(b)
+    request.app.state.drift.observe(entry, score_type, [(r.score, r.is_outlier) for r in results])  # docs/drift.md
     flagged = sum(1 for r in results if r.is_outlier)
     if flagged:
         metrics.outliers.labels(model=entry.name, score_type=score_type).inc(flagged)

@@ -200,3 +200,15 @@ def test_smoke_client_png_is_a_28x28_grayscale_image() -> None:
     image.load()
     assert (image.mode, image.size) == ("L", (28, 28))
     assert image.getpixel((0, 0)) == 0 and image.getpixel((27, 27)) == 255
+
+
+def test_prometheus_loads_alert_rules_on_exported_metrics() -> None:
+    prometheus = load_yaml(ROOT / "docker/prometheus/prometheus.yml")
+    compose = load_yaml(ROOT / "docker-compose.yml")["services"]["prometheus"]
+    mounts = {v.split(":")[1] for v in compose["volumes"]}
+    assert set(prometheus["rule_files"]) <= mounts
+    rules = load_yaml(ROOT / "docker/prometheus/alerts.yml")
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = {m for e in exprs for m in METRIC_RE.findall(e)}
+    assert used <= exported_series()
+    assert {"genserve_drift_binomial_p_value", "genserve_drift_ks_p_value", "genserve_model_reload_failed"} <= used
