@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 # Subcommands that live outside models/ (they need the web stack); imported only when used.
-EXTERNAL = {"serve": "service.cli"}
+EXTERNAL = {"serve": "service.cli", "build-upload-suite": "tools.upload_suite"}
 
 
 def _train(args: argparse.Namespace) -> int:

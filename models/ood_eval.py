@@ -55,11 +55,12 @@ def load_eval_set(
         values = torch.linspace(0, levels - 1, n).round().to(_dtype(levels))
         images = values.view(n, 1, 1, 1).expand(n, *shape).contiguous()
         data = ImageDataset(images, None, None, spec)
-    elif kind == "flip":
+    elif kind in ("flip", "hflip"):
         if not rest:
-            raise ValueError("flip needs a data set: flip:SPEC, e.g. flip:fashion-mnist:test")
+            raise ValueError(f"{kind} needs a data set: {kind}:SPEC, e.g. {kind}:fashion-mnist:test")
         base = load_eval_set(rest, shape=shape, levels=levels, seed=seed)
-        data = ImageDataset(base.images.flip(2).contiguous(), base.labels, base.classes, spec)
+        axis = 2 if kind == "flip" else 3  # upside down, or mirrored left to right
+        data = ImageDataset(base.images.flip(axis).contiguous(), base.labels, base.classes, spec)
     else:
         data = load_dataset(f"{spec}:test" if kind in NAMED and not rest else spec)
         data.spec = spec
