@@ -12,7 +12,14 @@ its test split), plus synthetic sets shaped like the model's input, deterministi
 
 - ``noise:uniform[:N]`` (or ``noise``): N images (default 1,000) of i.i.d. uniform levels;
 - ``constant[:N]``: N constant images (default: one per level), values evenly spaced over the levels;
-- ``flip:SPEC``: the images of SPEC flipped upside down (vertically).
+- ``flip:SPEC``: the images of SPEC flipped upside down (vertically); ``hflip:SPEC``: mirrored;
+- ``files:DIR``: every image file in DIR (sorted by name), each decoded and converted exactly as
+  ``/score`` does with ``resize=true`` (:func:`models.image_convert.file_to_levels`);
+- any spec with ``@N`` appended: a seeded random subset of N images (``fashion-mnist:test@2000``).
+
+``--suite DIR`` adds ``files:DIR/KIND`` for every subfolder KIND of DIR (the real-upload suite of
+``genserve build-upload-suite``), and the report gets a table per kind: AUROC and the share flagged at
+the calibrated threshold, beside the false-positive rate observed on the in-distribution test set.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 
 from models.data import NAMED, ImageDataset, load_dataset
+from models.image_convert import file_to_levels
 from models.outliers import NLL, RATIO, Scorer, load_scorer, score_images
 
 logger = logging.getLogger(__name__)
@@ -41,7 +49,12 @@ def load_eval_set(
     spec: str, *, shape: tuple[int, int, int], levels: int, seed: int = 0, limit: int | None = None
 ) -> ImageDataset:
     """A data set for the evaluation: a ``load_dataset`` spec or a synthetic one (module docstring),
-    optionally cut to ``limit`` images (a seeded random subset)."""
+    optionally cut to ``limit`` images (a seeded random subset; ``SPEC@N`` sets it for one set)."""
+    if "@" in spec:
+        whole, _, count = spec.rpartition("@")
+        subset = load_eval_set(whole, shape=shape, levels=levels, seed=seed, limit=int(count))
+        subset.spec = spec
+        return subset
     kind, _, rest = spec.partition(":")
     gen = torch.Generator().manual_seed(seed)
     if kind == "noise":
@@ -55,6 +68,12 @@ def load_eval_set(
         values = torch.linspace(0, levels - 1, n).round().to(_dtype(levels))
         images = values.view(n, 1, 1, 1).expand(n, *shape).contiguous()
         data = ImageDataset(images, None, None, spec)
+    elif kind == "files":
+        paths = suite_files(Path(rest))
+        if not paths:
+            raise ValueError(f"{spec}: no image files in {rest}")
+        arrays = [file_to_levels(p.read_bytes(), shape, levels) for p in paths]
+        data = ImageDataset(torch.from_numpy(np.stack(arrays)), None, None, spec)
     elif kind in ("flip", "hflip"):
         if not rest:
             raise ValueError(f"{kind} needs a data set: {kind}:SPEC, e.g. {kind}:fashion-mnist:test")
@@ -72,6 +91,22 @@ def load_eval_set(
             data.images[idx], None if data.labels is None else data.labels[idx], data.classes, data.spec
         )
     return data
+
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def suite_files(folder: Path) -> list[Path]:
+    """The image files of a suite folder, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+
+
+def suite_specs(suite: str | Path) -> list[str]:
+    """``files:SUITE/KIND`` for every subfolder KIND of the suite that holds image files, sorted."""
+    root = Path(suite)
+    if not root.is_dir():
+        raise ValueError(f"no upload suite at {root}: build it with `genserve build-upload-suite --out {root}`")
+    return [f"files:{d}" for d in sorted(root.iterdir()) if d.is_dir() and suite_files(d)]
 
 
 def _dtype(levels: int) -> torch.dtype:
@@ -130,10 +165,13 @@ def evaluate_ood(
     batch_size: int = 128,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
+    score_types: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The report (a JSON-able dict) and, under ``"_scores"``, the raw scores for plotting."""
+    """The report (a JSON-able dict) and, under ``"_scores"``, the raw scores for plotting.
+    ``score_types``: the score types to evaluate (default: all the model offers)."""
     t0 = time.perf_counter()
-    names = scorer.score_types
+    names = score_types or scorer.score_types
+    scorer.check(names)
     calibration = meta.get("calibration") or {}
     cal_scores = calibration.get("scores") or {}
 
@@ -201,6 +239,8 @@ def run(
     command: str = "",
     show_progress: bool = True,
     examples: int = 4,
+    suite: str | Path | None = None,
+    score_types: list[str] | None = None,
 ) -> dict[str, Any]:
     """Load, evaluate and write ``NAME.json``, ``NAME.md``, ``NAME-roc.png``, ``NAME-hist.png`` and
     for autoregressive models ``NAME-heatmaps.png`` (``examples`` images of each set)."""
@@ -208,10 +248,20 @@ def run(
     meta["_folder"] = str(model)
     shape, levels = scorer.model.shape, scorer.model.levels
     in_data = load_eval_set(in_spec, shape=shape, levels=levels, seed=seed, limit=limit)
+    suite_sets = suite_specs(suite) if suite else []
     outs = [load_eval_set(s, shape=shape, levels=levels, seed=seed, limit=limit) for s in out_specs]
+    outs += [load_eval_set(s, shape=shape, levels=levels, seed=seed) for s in suite_sets]  # whole kinds
     report = evaluate_ood(
-        scorer, meta, in_data, outs, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
+        scorer,
+        meta,
+        in_data,
+        outs,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        show_progress=show_progress,
+        score_types=score_types,
     )
+    report["suite"] = {s: Path(s.partition(":")[2]).name for s in suite_sets}
     report["command"] = command
     raw = report.pop("_scores")
     name = name or Path(model).name
@@ -221,8 +271,10 @@ def run(
 
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / f"{name}.md").write_text(markdown(report, name=name))
-    plot_roc(raw, report, out_dir / f"{name}-roc.png", title=name)
-    plot_hist(raw, report, out_dir / f"{name}-hist.png", title=name)
+    # the suite's kinds are in the markdown table; the plots keep to the synthetic and named sets
+    plotted = {"in": raw["in"], "out": {k: v for k, v in raw["out"].items() if k not in report["suite"]}}
+    plot_roc(plotted, report, out_dir / f"{name}-roc.png", title=name)
+    plot_hist(plotted, report, out_dir / f"{name}-hist.png", title=name)
     # p(x) = sum_y p(x|y) p(y) of a class-conditional model has no per-pixel terms: no heatmaps
     if examples and scorer.per_pixel and scorer.model.n_classes is None:
         plot_heatmaps(scorer, [in_data, *outs], out_dir / f"{name}-heatmaps.png", n=examples, title=name)
@@ -259,6 +311,8 @@ def markdown(report: dict[str, Any], *, name: str) -> str:
             flagged = _pct(m["flagged_at_threshold"]) if "flagged_at_threshold" in m else "-"
             cells = [spec, label[n], f"{m['auroc']:.4f}", f"{m['auprc']:.4f}", _pct(m["fpr_at_95_tpr"]), flagged]
             lines += ["| " + " | ".join(cells) + " |"]
+    if report.get("suite"):
+        lines += ["", *suite_table(report)]
     cal = report.get("calibration")
     lines += [""]
     if cal:
@@ -276,6 +330,32 @@ def markdown(report: dict[str, Any], *, name: str) -> str:
     else:
         lines += ["The model is not calibrated (run `genserve calibrate`): no threshold to check."]
     return "\n".join(lines) + "\n"
+
+
+def suite_table(report: dict[str, Any]) -> list[str]:
+    """Markdown: per kind of uploaded file, per score type, AUROC / share flagged at the threshold."""
+    names, default = report["score_types"], report["default_score"]
+    label = {n: f"**{n}** *" if n == default else n for n in names}
+    fpr = {n: report["in"]["scores"][n].get("observed_fpr_at_threshold") for n in names}
+    head = "| kind (files) | " + " | ".join(label[n] for n in names) + " |"
+    lines = [
+        "Real-upload suite (each file decoded and converted as /score does with resize=true): AUROC / share "
+        "flagged at the calibrated threshold; last row: share of the in-distribution test images flagged.",
+        "",
+        head,
+        "| --- |" + " --- |" * len(names),
+    ]
+    for spec, kind in report["suite"].items():
+        o = report["out"][spec]
+        cells = []
+        for n in names:
+            m = o["scores"][n]
+            flagged = _pct(m["flagged_at_threshold"]) if "flagged_at_threshold" in m else "-"
+            cells.append(f"{m['auroc']:.4f} / {flagged}")
+        lines += [f"| {kind} ({o['n']}) | " + " | ".join(cells) + " |"]
+    test = " | ".join("-" if fpr[n] is None else _pct(fpr[n]) for n in names)
+    lines += [f"| {report['in']['spec']} ({report['in']['n']}), flagged | {test} |"]
+    return lines
 
 
 def _pyplot() -> Any:

@@ -10,10 +10,12 @@ Statistics (``tail``: which side of the in-distribution range is anomalous):
 
 - ``nll`` (both): -log2 p(x) / D, bits/dim. Too high: unlike the training data; too low: simpler
   than any garment (digits, flat images; Nalisnick et al. 2019).
-- ``complexity`` (both): ``nll`` minus the lossless WebP code length per dim (Serrà et al. 2020).
+- ``complexity`` (upper): ``nll`` minus the lossless WebP code length per dim (Serrà et al. 2020);
+  its lower tail is incompressible noise, which ``nll`` already refuses.
 - ``flip`` (upper): ``nll(x) - nll(x upside down)``, bits/dim.
-- ``border`` (upper): mean intensity of the outer two-pixel ring, 0..1 (Fashion-MNIST garments sit
-  on a black background; photos, documents and screenshots fill the frame).
+- ``border`` (both): mean intensity of the outer two-pixel ring, 0..1 (Fashion-MNIST garments sit
+  on a dark background that is rarely exactly black; photos, documents and screenshots fill the
+  frame, drawings on pure black leave it empty).
 - ``background`` (both): fraction of pixels at most 2% of full scale (black); a garment image is
   half black, a photo almost never, a small mark on black almost entirely.
 - ``pixel_top`` (both, autoregressive models): mean of the 5% largest per-pixel NLLs, nats.
@@ -31,7 +33,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 import torch
@@ -62,9 +64,9 @@ STATISTICS: dict[str, Statistic] = {
     s.name: s
     for s in (
         Statistic("nll", BOTH, "-log2 p(x) / D, bits/dim"),
-        Statistic("complexity", BOTH, "nll minus the lossless WebP code length per dim, bits/dim"),
+        Statistic("complexity", UPPER, "nll minus the lossless WebP code length per dim, bits/dim"),
         Statistic("flip", UPPER, "nll(x) - nll(x upside down), bits/dim: positive when x looks upside down"),
-        Statistic("border", UPPER, "mean intensity of the outer two-pixel ring, 0..1"),
+        Statistic("border", BOTH, "mean intensity of the outer two-pixel ring, 0..1"),
         Statistic("background", BOTH, "fraction of pixels at most 2% of full scale (black)"),
         Statistic("pixel_top", BOTH, "mean of the 5% largest per-pixel NLLs, nats (autoregressive models)"),
         Statistic("kl", BOTH, "KL(q(z|x) || N(0, I)) per latent dimension, nats (VAEs)"),
@@ -116,7 +118,9 @@ def raw_outputs(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     if model.n_classes is not None:
         assert scorer.prior is not None
-        lp = posterior_from(class_log_likelihood(model, xx), scorer.prior).log_marginal
+        cll = class_log_likelihood(model, xx)  # (2B, K) nats
+        lp = posterior_from(cll, scorer.prior).log_marginal
+        out["class_log_likelihood"] = cll[:b]
     elif isinstance(model, VAE):
         terms = vae_terms(model, xx, scorer.vae_score_k)
         lp = terms["log_prob"]
@@ -165,8 +169,17 @@ def statistics_from(
     return out
 
 
-def model_statistics(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
-    """Every statistic the scorer's model gives, for images x (B, C, H, W): (B,) float64 each, on CPU."""
+@overload
+def model_statistics(scorer: Scorer, x: Tensor) -> dict[str, Tensor]: ...
+@overload
+def model_statistics(
+    scorer: Scorer, x: Tensor, *, with_raw: Literal[True]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]: ...
+def model_statistics(
+    scorer: Scorer, x: Tensor, *, with_raw: bool = False
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every statistic the scorer's model gives, for images x (B, C, H, W): (B,) float64 each, on CPU;
+    with ``with_raw`` also :func:`raw_outputs` (its ``log_prob`` is what /score reports)."""
     from models.outliers import code_length_bits
 
     raw = raw_outputs(scorer, x)
@@ -174,7 +187,8 @@ def model_statistics(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
     stats = statistics_from(
         raw, code_bits=code_bits, image_stats=image_statistics(x, levels=scorer.model.levels), dims=scorer.model.dims
     )
-    return {n: stats[n] for n in statistic_names(scorer)}
+    stats = {n: stats[n] for n in statistic_names(scorer)}
+    return (stats, raw) if with_raw else stats
 
 
 CHUNK = 256  # images per cache file

@@ -52,13 +52,16 @@ from torch import Tensor
 from models.base import AutoregressiveModel, DensityModel
 from models.checkpoint import META, load_checkpoint
 from models.classify import check_prior, class_log_likelihood, posterior_from, training_prior, uniform_prior
+from models.dose import DoseFit, fit_dose
 from models.likelihood import bits_per_dim
+from models.ood_stats import dataset_statistics, model_statistics, statistic_names
 from models.vae import VAE
 
 logger = logging.getLogger(__name__)
 
 BACKGROUND = "background"  # a model folder's companion background model (Ren et al.)
 NLL, COMPLEXITY, RATIO, GUARDED = "nll", "complexity", "likelihood_ratio", "complexity_guarded"
+DOSE = "dose"  # the combined score of models/dose.py; offered once a calibration has fitted it
 # complexity_guarded adds this many bits/dim per bit/dim of NLL above the calibration images' largest
 GUARD_WEIGHT = 10.0
 DEFAULT_FPR = 0.01
@@ -185,6 +188,12 @@ SCORE_TYPES: dict[str, ScoreType] = {
         "floor for images less likely than any calibration image (before calibration: complexity)",
     ),
     RATIO: ScoreType(RATIO, "NLL minus the background model's NLL, bits/dim (Ren et al. 2019)", needs_background=True),
+    DOSE: ScoreType(
+        DOSE,
+        "max over the model's summary statistics (NLL, complexity, NLL of the image against its upside-down "
+        "copy, border, background, ...) of -log10 of its in-distribution tail probability (DoSE-style; "
+        "Morningstar et al. 2021); offered once calibrated",
+    ),
 }
 
 
@@ -193,9 +202,18 @@ def needs_code(names: Sequence[str]) -> bool:
     return COMPLEXITY in names or GUARDED in names
 
 
-def available_score_types(*, has_background: bool) -> list[str]:
-    """Score types a model offers: all but likelihood_ratio, which needs a background model."""
-    return sorted(n for n, t in SCORE_TYPES.items() if has_background or not t.needs_background)
+def available_score_types(*, has_background: bool, has_dose: bool = False) -> list[str]:
+    """Score types a model offers: likelihood_ratio needs a background model, dose a calibration that
+    fitted its densities."""
+    return sorted(
+        n for n, t in SCORE_TYPES.items() if (has_background or not t.needs_background) and (has_dose or n != DOSE)
+    )
+
+
+def calibrated_dose(meta: dict[str, Any]) -> DoseFit | None:
+    """The dose densities a checkpoint's calibration fitted, if any."""
+    d = (meta.get("calibration") or {}).get("dose")
+    return DoseFit.from_json(d) if d else None
 
 
 def recommended_score(*, has_background: bool) -> str:
@@ -236,6 +254,9 @@ class ScoreBatch:
     scores: dict[str, Tensor]
     heatmaps: dict[str, Tensor]
     class_log_likelihood: Tensor | None = None
+    dose_values: Tensor | None = None  # (B, S) the dose statistics, in DoseFit.statistics' order
+    dose_log10_p: Tensor | None = None  # (B, S) their log10 tail probabilities
+    dose_contributions: Tensor | None = None  # (B, S) each statistic's share of the dose score
 
 
 class Scorer:
@@ -259,6 +280,7 @@ class Scorer:
         background_sha256: str | None = None,
         prior: Tensor | None = None,
         nll_cap: float | None = None,
+        dose: DoseFit | None = None,
     ) -> None:
         if model.n_classes is not None:
             prior = uniform_prior(model.n_classes) if prior is None else prior.float()
@@ -282,6 +304,7 @@ class Scorer:
         self.background_sha256 = background_sha256
         self.prior = prior
         self.nll_cap = nll_cap  # bits/dim: the calibration images' largest NLL (complexity_guarded's floor)
+        self.dose = dose  # the fitted densities of the dose score (from the calibration)
 
     @property
     def fingerprint(self) -> str:
@@ -295,7 +318,7 @@ class Scorer:
 
     @property
     def score_types(self) -> list[str]:
-        return available_score_types(has_background=self.background is not None)
+        return available_score_types(has_background=self.background is not None, has_dose=self.dose is not None)
 
     @property
     def recommended(self) -> str:
@@ -392,19 +415,44 @@ class Scorer:
         each score's per-pixel map (autoregressive models)."""
         names = list(dict.fromkeys(names)) or [self.recommended]
         self.check(names, heatmap=heatmap, labelled=y is not None)
-        o = self.outputs(x, y, background=RATIO in names, pixels=heatmap)
-        code_bits = code_length_bits(x, levels=self.model.levels) if needs_code(names) else None
-        scores = self.scores_from(names, o, code_bits=code_bits)
-        heatmaps = {}
-        if o.pixel_log_prob is not None:
-            for n in names:
-                bg = o.background_pixel_log_prob if n == RATIO else None
-                heatmaps[n] = pixel_anomaly(o.pixel_log_prob, background_pixel_log_prob=bg)
+        others = [n for n in names if n != DOSE]
+        log_prob: dict[str, Tensor] = {}
+        scores: dict[str, Tensor] = {}
+        heatmaps: dict[str, Tensor] = {}
+        class_ll = None
+        values = log10_p = contrib = None
+        if DOSE in names:
+            assert self.dose is not None
+            if y is not None:
+                raise ValueError("the dose score judges p(x); a class-conditional model's p(x|y) has no calibration")
+            stats, raw = model_statistics(self, x, with_raw=True)
+            arrays = {k: v.numpy() for k, v in stats.items()}
+            lp10 = self.dose.log10_p(arrays)  # (B, S)
+            log10_p = torch.from_numpy(lp10)
+            values = torch.stack([stats[n] for n in self.dose.statistics], dim=1)
+            parts = self.dose.contributions(arrays)  # (B, S), rows sum to the score
+            contrib = torch.from_numpy(parts)
+            scores[DOSE] = torch.from_numpy(parts.sum(axis=1))
+            log_prob[DOSE] = raw["log_prob"].cpu()
+            class_ll = raw.get("class_log_likelihood")
+        if others or heatmap:
+            o = self.outputs(x, y, background=RATIO in others, pixels=heatmap)
+            code_bits = code_length_bits(x, levels=self.model.levels) if needs_code(others) else None
+            scores.update(self.scores_from(others, o, code_bits=code_bits))
+            log_prob.update(dict.fromkeys(others, o.log_prob))
+            class_ll = o.class_log_likelihood if class_ll is None else class_ll
+            if o.pixel_log_prob is not None:
+                for n in names:
+                    bg = o.background_pixel_log_prob if n == RATIO else None
+                    heatmaps[n] = pixel_anomaly(o.pixel_log_prob, background_pixel_log_prob=bg)
         return ScoreBatch(
-            log_prob=dict.fromkeys(names, o.log_prob),
+            log_prob=log_prob,
             scores=scores,
             heatmaps=heatmaps,
-            class_log_likelihood=o.class_log_likelihood,
+            class_log_likelihood=class_ll,
+            dose_values=values,
+            dose_log10_p=log10_p,
+            dose_contributions=contrib,
         )
 
 
@@ -436,6 +484,7 @@ def load_scorer(
     scorer = Scorer(
         model,
         background,
+        dose=calibrated_dose(meta),
         vae_score_k=k,
         weights_sha256=meta["weights"]["sha256"],
         background_sha256=bg_meta["weights"]["sha256"] if bg_meta else None,
@@ -540,22 +589,41 @@ def score_images(
     class-conditional model without ``labels`` scores p(x) = sum_y p(x|y) p(y) (K passes per image)."""
     names = list(names) or scorer.score_types
     scorer.check(names)
-    got = model_outputs(
-        scorer,
-        images,
-        labels,
-        background=RATIO in names,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        show_progress=show_progress,
-    )
-    bg = got.get("background_log_prob")
-    outputs = ModelOutputs(
-        log_prob=torch.from_numpy(got["log_prob"]),
-        background_log_prob=None if bg is None else torch.from_numpy(bg),
-    )
-    code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code(names) else None
-    return {n: v.numpy() for n, v in scorer.scores_from(names, outputs, code_bits=code_bits).items()}
+    out: dict[str, np.ndarray] = {}
+    if labels is None:  # one statistics pass gives nll, complexity and dose (cached per chunk)
+        stats = dataset_statistics(
+            scorer, images, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
+        )
+        nll, cx = torch.from_numpy(stats["nll"]), torch.from_numpy(stats["complexity"])
+        for n in names:
+            if n == NLL:
+                out[n] = stats["nll"]
+            elif n == COMPLEXITY:
+                out[n] = stats["complexity"]
+            elif n == GUARDED:
+                out[n] = guarded_score(cx, nll, nll_cap=scorer.nll_cap).numpy()
+            elif n == DOSE:
+                assert scorer.dose is not None
+                out[n] = scorer.dose.score(stats)
+    rest = [n for n in names if n not in out]
+    if rest:
+        got = model_outputs(
+            scorer,
+            images,
+            labels,
+            background=RATIO in rest,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            show_progress=show_progress,
+        )
+        bg = got.get("background_log_prob")
+        outputs = ModelOutputs(
+            log_prob=torch.from_numpy(got["log_prob"]),
+            background_log_prob=None if bg is None else torch.from_numpy(bg),
+        )
+        code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code(rest) else None
+        out.update({n: v.numpy() for n, v in scorer.scores_from(rest, outputs, code_bits=code_bits).items()})
+    return {n: out[n] for n in names}
 
 
 # ---- calibration -----------------------------------------------------------------------------------
@@ -604,9 +672,12 @@ def calibrate(
     batch_size: int = 128,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
+    keep: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on
-    in-distribution held-out images (never the test set). A class-conditional model is calibrated on
+    in-distribution held-out images (never the test set); ``keep``: entries of score types taken over
+    from an earlier calibration of the same weights instead of recomputed (each records its own data).
+    A class-conditional model is calibrated on
     its marginal p(x) = sum_y p(x|y) p(y) (pass no labels): the test /classify and unlabelled /score
     apply."""
     if scorer.model.n_classes is not None and labels is not None:
@@ -614,16 +685,32 @@ def calibrate(
             "calibrate a class-conditional model on p(x) = sum_y p(x|y) p(y), the density its outlier test "
             "uses: pass no labels"
         )
-    default = default or scorer.recommended
-    scorer.check([default])
     t0 = time.perf_counter()
     # complexity_guarded's floor is the largest NLL among these images, so on them it equals complexity
     scorer.nll_cap = None
+    scorer.dose = None  # refitted below
+    keep = keep or {}
+    names = [n for n in scorer.score_types if n not in keep]
     values = score_images(
-        scorer, images, labels, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
+        scorer, images, labels, names, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
     )
     nll_cap = float(values[NLL].max()) if NLL in values else None
     scorer.nll_cap = nll_cap  # the scorer now scores as the service will with this calibration
+    dose_entry = None
+    if labels is None and len(images) >= 4:
+        # the statistics pass score_images made is cached (with cache_dir) or recomputed here
+        stats = dataset_statistics(scorer, images, batch_size=batch_size, cache_dir=cache_dir, show_progress=False)
+        fit, dose_scores, cal_idx = fit_dose(stats, statistic_names(scorer))
+        scorer.dose = fit
+        values[DOSE] = dose_scores
+        dose_entry = {
+            **fit.to_json(),
+            "n_fit": len(images) - len(cal_idx),
+            "n_threshold": len(cal_idx),
+            "split": "densities fitted on a random half of the images (seed 0), threshold from the other half",
+        }
+    default = default or (DOSE if dose_entry else scorer.recommended)
+    scorer.check([default])
     cal: dict[str, Any] = {
         "default_score": default,
         "target_fpr": fpr,
@@ -634,6 +721,9 @@ def calibrate(
         "seconds": round(time.perf_counter() - t0, 1),
         "nll_cap": nll_cap,
     }
+    cal["scores"].update(keep)
+    if dose_entry is not None:
+        cal["dose"] = dose_entry
     if scorer.prior is not None:
         cal["likelihood"] = "p(x) = sum_y p(x|y) p(y), p(y) the training class frequencies"
         cal["prior"] = [round(float(p), 8) for p in scorer.prior]
@@ -646,4 +736,5 @@ def calibrate(
 
 
 def score_units(name: str) -> dict[str, str]:
-    return {"units": "bits/dim, higher = more anomalous", "description": SCORE_TYPES[name].description}
+    units = "-log10 tail probability, higher = more anomalous" if name == DOSE else "bits/dim, higher = more anomalous"
+    return {"units": units, "description": SCORE_TYPES[name].description}

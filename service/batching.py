@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from models.base import DensityModel, SamplePart
-from models.outliers import Scorer, load_scorer
+from models.outliers import DOSE, Scorer, load_scorer
 from models.vae import VAE
 from service import scoring
 from service.arrivals import Arrivals
@@ -245,7 +245,10 @@ class Worker:
         c, h, w = model.shape
         x = torch.zeros(1, c, h, w, dtype=torch.uint8, device=self.device)
         y = torch.zeros(1, dtype=torch.long, device=self.device) if model.n_classes is not None else None
-        scorer.compute(x, y, scorer.score_types)
+        labelled = [n for n in scorer.score_types if n != DOSE]  # dose judges p(x): no labels
+        scorer.compute(x, y, labelled)
+        if DOSE in scorer.score_types:
+            scorer.compute(x, None, [DOSE])
 
     def _next_batch(self) -> list[Job] | None:
         """Block until work arrives; return the jobs for one pass, or None once closed."""

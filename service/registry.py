@@ -89,7 +89,9 @@ class ModelEntry:
 
     @property
     def score_types(self) -> list[str]:
-        return available_score_types(has_background=self.background_meta is not None)
+        return available_score_types(
+            has_background=self.background_meta is not None, has_dose=scoring.has_dose(self.meta)
+        )
 
     @property
     def default_score_type(self) -> str:

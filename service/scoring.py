@@ -25,7 +25,15 @@ from torch import Tensor
 from models.base import DensityModel
 from models.checkpoint import META
 from models.classify import posterior_from
-from models.outliers import BACKGROUND, SCORE_TYPES, Scorer, available_score_types, recommended_score
+from models.dose import explain
+from models.outliers import (
+    BACKGROUND,
+    SCORE_TYPES,
+    Scorer,
+    available_score_types,
+    calibrated_dose,
+    recommended_score,
+)
 
 __all__ = ["SCORE_TYPES", "Calibration", "calibration_for", "compute", "default_score_type", "percentile"]
 
@@ -34,9 +42,24 @@ def has_background(folder: Path) -> bool:
     return (folder / BACKGROUND / META).is_file()
 
 
-def score_types_for(folder: Path) -> list[str]:
-    """The score types a model folder offers (``likelihood_ratio`` needs a background model)."""
-    return available_score_types(has_background=has_background(folder))
+def score_types_for(folder: Path, meta: dict[str, Any] | None = None) -> list[str]:
+    """The score types a model folder offers (``likelihood_ratio`` needs a background model, ``dose``
+    a calibration that fitted it)."""
+    return available_score_types(has_background=has_background(folder), has_dose=has_dose(meta or {}))
+
+
+def has_dose(meta: dict[str, Any]) -> bool:
+    return bool((meta.get("calibration") or {}).get("dose"))
+
+
+def explanation(meta: dict[str, Any], out: dict[str, Tensor], i: int, threshold: float | None) -> dict[str, Any] | None:
+    """The ``explanation`` of image i's dose score (None for other score types)."""
+    if "dose_values" not in out:
+        return None
+    fit = calibrated_dose(meta)
+    assert fit is not None
+    values = dict(zip(fit.statistics, out["dose_values"][i].tolist(), strict=True))
+    return explain(values, out["dose_log10_p"][i].numpy(), out["dose_contributions"][i].numpy(), fit, threshold)
 
 
 def compute(scorer: Scorer, x: Tensor, y: Tensor | None, *, score_type: str, heatmap: bool) -> dict[str, Tensor]:
@@ -50,6 +73,11 @@ def compute(scorer: Scorer, x: Tensor, y: Tensor | None, *, score_type: str, hea
     out = {"log_prob": got.log_prob[score_type], "score": got.scores[score_type]}
     if heatmap:
         out["heatmap"] = got.heatmaps[score_type]
+    if got.dose_values is not None:  # the dose score's statistics, for the explanation
+        assert got.dose_log10_p is not None and got.dose_contributions is not None
+        out["dose_values"] = got.dose_values
+        out["dose_log10_p"] = got.dose_log10_p
+        out["dose_contributions"] = got.dose_contributions
     if got.class_log_likelihood is not None:
         assert scorer.prior is not None
         out["class_log_likelihood"] = got.class_log_likelihood

@@ -102,9 +102,9 @@ def photos(out: Path) -> None:
         if not f.is_file():
             logger.warning("missing %s", f)
             continue
-        im = Image.open(f)
-        im.load()
-        im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
+        src = Image.open(f)
+        src.load()
+        im: Image.Image = src.convert("RGB") if src.mode not in ("L", "RGB") else src
         im.thumbnail((400, 400))
         _save(im, out / f"{f.stem}.jpg", quality=85)
         w, h = im.size
