@@ -59,7 +59,7 @@ async def test_classify_matches_bayes_rule_on_the_model(client, classify_dir: Pa
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["classes"] == ["a", "b", "c"] and body["prior"] == pytest.approx([0.25, 0.5, 0.25])
-    assert body["score_type"] == "complexity_guarded"
+    assert body["score_type"] == "dose"
     model, _ = load_checkpoint(classify_dir / "cond")
     with torch.no_grad():
         post = class_posterior(model, x.long(), torch.tensor([0.25, 0.5, 0.25]))
