@@ -21,7 +21,16 @@ import torch
 
 from models.classify import posterior_from
 from models.ood_eval import load_eval_set
-from models.outliers import ModelOutputs, Scorer, code_length_bits, load_scorer, model_outputs, needs_code
+from models.outliers import (
+    DOSE,
+    ModelOutputs,
+    Scorer,
+    code_length_bits,
+    load_scorer,
+    model_outputs,
+    needs_code,
+    score_images,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +51,14 @@ def classify_set(
     post = posterior_from(torch.from_numpy(got["class_log_likelihood"]).double(), scorer.prior.double())
     # the score from the scorer's own log p(x), exactly what calibrate and /score judge
     outputs = ModelOutputs(log_prob=torch.from_numpy(got["log_prob"]))
-    code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code([score_type]) else None
-    score = scorer.scores_from([score_type], outputs, code_bits=code_bits)[score_type]
+    if score_type == DOSE:  # the statistics pass over each image and its flip (cached per chunk)
+        dose = score_images(
+            scorer, images, names=[DOSE], batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
+        )
+        score = torch.from_numpy(dose[DOSE])
+    else:
+        code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code([score_type]) else None
+        score = scorer.scores_from([score_type], outputs, code_bits=code_bits)[score_type]
     return {
         "predicted": post.predicted.numpy(),
         "log_posterior": post.log_posterior.numpy(),

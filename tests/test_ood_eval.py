@@ -146,7 +146,23 @@ def test_a_conditional_model_calibrates_on_p_x_then_eval_classify(tmp_path: Path
     )
     valid = npz(tmp_path / "v.npz", 40, 0, high=64)
     assert (
-        main(["calibrate", "--model", str(cond), "--data", valid, "--fpr", "0.1", "--no-progress", "--cache", ""]) == 0
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(cond),
+                "--data",
+                valid,
+                "--fpr",
+                "0.1",
+                "--no-progress",
+                "--cache",
+                "",
+                "--default",
+                "complexity_guarded",
+            ]
+        )
+        == 0
     )
     cal = read_metadata(cond)["calibration"]
     assert cal["prior"] == [0.5, 0.25, 0.25] and cal["likelihood"].startswith("p(x) = sum_y")

@@ -37,7 +37,10 @@ def classify_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     meta = read_metadata(root / "cond")
     update_metadata(root / "cond", dataset={**meta["dataset"], "class_counts": COUNTS})
     scorer, _ = load_scorer(root / "cond")
-    cal = calibrate(scorer, images(30, seed=1), data_spec="test", fpr=0.2, show_progress=False)
+    # the single-statistic default keeps these checks exact (dose has its own tests in tests/scoring)
+    cal = calibrate(
+        scorer, images(30, seed=1), data_spec="test", fpr=0.2, default="complexity_guarded", show_progress=False
+    )
     update_metadata(root / "cond", calibration=cal)
     return root
 
@@ -59,7 +62,7 @@ async def test_classify_matches_bayes_rule_on_the_model(client, classify_dir: Pa
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["classes"] == ["a", "b", "c"] and body["prior"] == pytest.approx([0.25, 0.5, 0.25])
-    assert body["score_type"] == "dose"
+    assert body["score_type"] == "complexity_guarded"
     model, _ = load_checkpoint(classify_dir / "cond")
     with torch.no_grad():
         post = class_posterior(model, x.long(), torch.tensor([0.25, 0.5, 0.25]))
