@@ -39,15 +39,17 @@ def forward(scorer: Scorer, x: torch.Tensor) -> None:
             model.log_prob(x)
 
 
-def measure(folder: str, *, batch: int, repeats: int, device: str) -> dict[str, Any]:
+def measure(folder: str, *, batch: int, repeats: int, device: str, scores: list[str] | None = None) -> dict[str, Any]:
     scorer, meta = load_scorer(folder, device)
     default = default_score_type(meta, background=scorer.background is not None)
+    names = [n for n in scorer.score_types if not scores or n in scores or n == default]
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, *scorer.model.shape), generator=gen, dtype=torch.uint8).to(device)
     # Real-looking images matter little for the cost; a fixed random batch keeps the script data-free.
-    runs: dict[str, list[float]] = {"forward": [], **{n: [] for n in scorer.score_types}}
+    runs: dict[str, list[float]] = {"forward": [], **{n: [] for n in names}}
     forward(scorer, x)  # warm-up
-    scorer.compute(x, None, scorer.score_types)
+    for n in names:
+        scorer.compute(x, None, [n])
     for _ in range(repeats):
         for name in runs:
             t0 = time.perf_counter()
@@ -72,7 +74,7 @@ def measure(folder: str, *, batch: int, repeats: int, device: str) -> dict[str, 
         "vae_iwae_samples": scorer.model.config.iwae_samples if isinstance(scorer.model, VAE) else None,
         "forward_images_per_s": batch / med["forward"],
         "seconds": med,
-        "ratio_to_forward": {k: med[k] / med["forward"] for k in scorer.score_types},
+        "ratio_to_forward": {k: med[k] / med["forward"] for k in names},
         "default_ratio": med[default] / med["forward"],
         "log_prob_ratio": med["log_prob"] / med["forward"] if "log_prob" in med else None,
     }
@@ -84,8 +86,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="images per pass (the service's default batch)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--scores", help="comma-separated score types to time (default: all; the default always)")
     args = p.parse_args()
-    results = [measure(m, batch=args.batch, repeats=args.repeats, device=args.device) for m in args.model]
+    scores = args.scores.split(",") if args.scores else None
+    results = [
+        measure(m, batch=args.batch, repeats=args.repeats, device=args.device, scores=scores) for m in args.model
+    ]
     print(f"{'model':32} {'forward img/s':>14} {'score':>18} {'ratio':>7}")  # noqa: T201
     for r in results:
         for name, ratio in r["ratio_to_forward"].items():

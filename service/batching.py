@@ -39,6 +39,7 @@ import torch
 from models.base import DensityModel
 from models.sampling.cached import torch_threads
 from models.scoring.scorer import Scorer, load_scorer
+from models.scoring.scores import DOSE
 from service.arrivals import Arrivals
 from service.compute import ComputeThread
 from service.errors import Unavailable
@@ -252,7 +253,10 @@ class Worker:
         c, h, w = model.shape
         x = torch.zeros(1, c, h, w, dtype=torch.uint8, device=self.device)
         y = torch.zeros(1, dtype=torch.long, device=self.device) if model.n_classes is not None else None
-        scorer.compute(x, y, scorer.score_types)
+        labelled = [n for n in scorer.score_types if n != DOSE]  # dose judges p(x): no labels
+        scorer.compute(x, y, labelled)
+        if DOSE in scorer.score_types:
+            scorer.compute(x, None, [DOSE])
 
     def _next_batch(self) -> list[Job] | None:
         """Block until work arrives; return the jobs for one pass, or None once closed."""

@@ -3,6 +3,7 @@ without weights, and its workers; and the startup checks of a model folder."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,8 @@ from models.base import AutoregressiveModel, DensityModel
 from models.checkpoint import META, CheckpointError, build_model, read_metadata
 from models.scoring.calibration import default_score_type
 from models.scoring.classify import training_prior
-from models.scoring.scorer import BACKGROUND, has_background
+from models.scoring.dose import DoseFit
+from models.scoring.scorer import BACKGROUND, calibrated_dose, has_background, has_dose
 from models.scoring.scores import available_score_types
 from service.batching import Worker
 from service.errors import BadRequest
@@ -77,7 +79,12 @@ class ModelEntry:
 
     @property
     def score_types(self) -> list[str]:
-        return available_score_types(has_background=self.background_meta is not None)
+        return available_score_types(has_background=self.background_meta is not None, has_dose=has_dose(self.meta))
+
+    @functools.cached_property
+    def dose_fit(self) -> DoseFit | None:
+        """The dose score's fitted densities (parsed once), for /score's explanations."""
+        return calibrated_dose(self.meta)
 
     @property
     def default_score_type(self) -> str:
@@ -94,7 +101,7 @@ class ModelEntry:
             "dataset": dataset.get("name") or dataset.get("spec"),
             "classes": self.classes,
             "metrics": self.meta.get("metrics") or {},
-            "calibration": self.meta.get("calibration") or None,
+            "calibration": public_calibration(self.meta.get("calibration")),
             "sha256": self.sha256,
             "version": self.version,
             "loaded_at": self.loaded_at,
@@ -137,6 +144,18 @@ class ModelEntry:
         if name not in self.score_types:
             raise BadRequest(f"unknown score_type '{name}'; model '{self.name}' offers {self.score_types}")
         return name
+
+
+def public_calibration(cal: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What /models shows of a calibration: all of it but the dose score's fitted samples and
+    precision matrix (hundreds of kilobytes), of which it keeps each statistic's name and tail."""
+    if not cal or "dose" not in cal:
+        return cal or None
+    dose = {k: v for k, v in cal["dose"].items() if k not in ("statistics", "mean", "precision")}
+    dose["statistics"] = [
+        {k: v for k, v in s.items() if k not in ("sample", "bandwidth")} for s in cal["dose"]["statistics"]
+    ]
+    return {**cal, "dose": dose}
 
 
 def background_info(meta: dict[str, Any]) -> dict[str, Any]:

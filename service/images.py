@@ -16,11 +16,11 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from models import image_convert
+from models.image_convert import ALLOWED_FORMATS, MODES, convert_mode, to_levels
 from service.errors import BadRequest, PayloadTooLarge
 
-# Formats we decode; anything else is refused rather than handed to a rarely used Pillow plugin.
-ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
-MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
+__all__ = ["ALLOWED_FORMATS", "MODES", "convert_mode", "to_levels"]
 MODE_NAMES = {"L": "grayscale", "RGB": "RGB", "P": "palette", "1": "1-bit", "LA": "grayscale+alpha"}
 
 
@@ -79,45 +79,25 @@ def fit_to_model(
 ) -> tuple[np.ndarray, bool]:
     """The image as uint8 (C, H, W) for a model of ``shape``; returns (array, converted?).
 
-    Without ``resize`` a different size or mode is refused (422). With it, the image is converted
-    to the model's mode and stretched to its H x W (Lanczos; the aspect ratio is not kept).
+    Without ``resize`` a different size or mode is refused (422). With it, the image goes through
+    :func:`models.image_convert.to_model_array` (EXIF orientation applied, alpha over black, converted
+    to the model's mode, stretched to its H x W with Lanczos; the aspect ratio is not kept): the same
+    function the offline evaluation of uploaded files calls.
     """
     c, h, w = shape
     if c not in MODES:
         raise BadRequest(f"model '{model_name}' takes {c}-channel images, which the image API cannot decode")
     mode = MODES[c]
-    if im.size != (w, h) or im.mode != mode:
-        if not resize:
-            raise BadRequest(
-                f"image {index} is {im.height}x{im.width} {describe_mode(im.mode)}; model '{model_name}' "
-                f"takes {c}x{h}x{w} {describe_mode(mode)} (send resize=true to convert)"
-            )
-        im = convert_mode(im, mode)
-        if im.size != (w, h):
-            im = im.resize((w, h), Image.Resampling.LANCZOS)
-        converted = True
-    else:
-        converted = False
-    arr = np.asarray(im, dtype=np.uint8)  # (H, W) or (H, W, C)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    assert arr.shape == shape, (arr.shape, shape)
-    return np.ascontiguousarray(arr), converted
-
-
-def convert_mode(im: Image.Image, mode: str) -> Image.Image:
-    """Pillow's convert, with 16-bit grayscale scaled (not clipped) and palettes expanded first."""
-    if im.mode.startswith("I;16"):
-        im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
-    elif im.mode == "P":
-        im = im.convert("RGBA")  # keeps palette transparency without Pillow's warning
-    return im if im.mode == mode else im.convert(mode)
-
-
-def to_levels(images: np.ndarray, levels: int) -> np.ndarray:
-    """8-bit values 0..255 -> integer levels 0..levels-1 (identity for levels=256)."""
-    if levels == 256:
-        return images
-    return (images.astype(np.int64) * levels // 256).astype(np.uint8 if levels <= 256 else np.int64)
+    if (im.size != (w, h) or im.mode != mode) and not resize:
+        raise BadRequest(
+            f"image {index} is {im.height}x{im.width} {describe_mode(im.mode)}; model '{model_name}' "
+            f"takes {c}x{h}x{w} {describe_mode(mode)} (send resize=true to convert)"
+        )
+    if not resize:
+        arr = np.asarray(im, dtype=np.uint8)  # (H, W) or (H, W, C): taken exactly as stored
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return np.ascontiguousarray(arr), False
+    return image_convert.to_model_array(im, shape)
 
 
 def from_levels(images: np.ndarray, levels: int) -> np.ndarray:

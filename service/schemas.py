@@ -165,6 +165,23 @@ class ScoreForm(ImagesForm):
     label: str | None = None
 
 
+class StatisticExplanation(BaseModel):
+    value: float = Field(description="the statistic's value for this image (units in the calibration's dose entry)")
+    tail: str = Field(description="where an outlier lies: upper, lower or both")
+    p_value: float = Field(description="probability of a value this far out among in-distribution images")
+    contribution: float = Field(description="this statistic's share of the dose score (shares sum to the score)")
+    crossed: bool = Field(description="one of the statistics that decided the refusal (see decided_by)")
+
+
+class ScoreExplanation(BaseModel):
+    statistics: dict[str, StatisticExplanation]
+    decided_by: list[str] = Field(
+        description="when refused: the fewest statistics, largest share first, whose shares alone exceed the "
+        "threshold; empty when the image passed"
+    )
+    most_extreme: str = Field(description="the statistic with the smallest p_value")
+
+
 class ScoreResult(BaseModel):
     index: int = Field(description="position of the image in the request")
     log_likelihood_nats: float = Field(
@@ -185,6 +202,9 @@ class ScoreResult(BaseModel):
         None,
         description="with input_image=true: base64 PNG (C x H x W, 8-bit) of the array the model scored, after "
         "the conversion that resize=true applies (mode, size); what the web page shows",
+    )
+    explanation: ScoreExplanation | None = Field(
+        None, description="score_type 'dose' only: which of the model's statistics made the decision, and how"
     )
 
 

@@ -9,12 +9,23 @@ it and adds Bayes' rule for class-conditional models.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import Tensor
 
 from models.base import DensityModel
 from models.scoring.classify import posterior_from
+from models.scoring.dose import DoseFit, explain
 from models.scoring.scorer import Scorer
+
+
+def explanation(fit: DoseFit, out: dict[str, Tensor], i: int, threshold: float | None) -> dict[str, Any] | None:
+    """The ``explanation`` of image i's dose score from :func:`compute`'s outputs (None for other
+    score types): each statistic's value, tail probability and share of the score."""
+    if "dose_values" not in out:
+        return None
+    values = dict(zip(fit.statistics, out["dose_values"][i].tolist(), strict=True))
+    return explain(values, out["dose_log10_p"][i].numpy(), out["dose_contributions"][i].numpy(), fit, threshold)
 
 
 def compute(scorer: Scorer, x: Tensor, y: Tensor | None, *, score_type: str, heatmap: bool) -> dict[str, Tensor]:
@@ -28,6 +39,16 @@ def compute(scorer: Scorer, x: Tensor, y: Tensor | None, *, score_type: str, hea
     out = {"log_prob": got.log_prob[score_type], "score": got.scores[score_type]}
     if heatmap:
         out["heatmap"] = got.heatmaps[score_type]
+    if got.dose_values is not None:  # the dose score's statistics, for the explanation
+        assert got.dose_log10_p is not None and got.dose_contributions is not None
+        out["dose_values"] = got.dose_values
+        out["dose_log10_p"] = got.dose_log10_p
+        out["dose_contributions"] = got.dose_contributions
+    if got.dose_values is not None:  # the dose score's statistics, for the explanation
+        assert got.dose_log10_p is not None and got.dose_contributions is not None
+        out["dose_values"] = got.dose_values
+        out["dose_log10_p"] = got.dose_log10_p
+        out["dose_contributions"] = got.dose_contributions
     if got.class_log_likelihood is not None:
         assert scorer.prior is not None
         out["class_log_likelihood"] = got.class_log_likelihood

@@ -22,9 +22,9 @@ import torch
 from models.scoring.classify import posterior_from
 from models.scoring.coders import code_length_bits
 from models.scoring.scorer import ModelOutputs, Scorer, load_scorer
-from models.scoring.scores import needs_code
+from models.scoring.scores import DOSE, needs_code
 from tools.ood_eval import load_eval_set
-from tools.score_sets import model_outputs
+from tools.score_sets import model_outputs, score_images
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,14 @@ def classify_set(
     post = posterior_from(torch.from_numpy(got["class_log_likelihood"]).double(), scorer.prior.double())
     # the score from the scorer's own log p(x), exactly what calibrate and /score judge
     outputs = ModelOutputs(log_prob=torch.from_numpy(got["log_prob"]))
-    code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code([score_type]) else None
-    score = scorer.scores_from([score_type], outputs, code_bits=code_bits)[score_type]
+    if score_type == DOSE:  # the statistics pass over each image and its flip (cached per chunk)
+        dose = score_images(
+            scorer, images, names=[DOSE], batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
+        )
+        score = torch.from_numpy(dose[DOSE])
+    else:
+        code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code([score_type]) else None
+        score = scorer.scores_from([score_type], outputs, code_bits=code_bits)[score_type]
     return {
         "predicted": post.predicted.numpy(),
         "log_posterior": post.log_posterior.numpy(),

@@ -84,7 +84,7 @@ def _device(name: str) -> str:
 def _calibrate(args: argparse.Namespace) -> int:
     from models.checkpoint import update_metadata
     from models.scoring.scorer import load_scorer
-    from tools.data import load_dataset
+    from tools.ood_eval import load_eval_set
     from tools.score_sets import calibrate
 
     scorer, meta = load_scorer(args.model, _device(args.device), vae_score_k=args.vae_k)
@@ -93,7 +93,14 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} does not name a named training data set; pass --data (its validation split)")
     if spec.endswith(":test"):
         raise ValueError(f"calibrate on held-out validation data, never the test set ({spec}); e.g. NAME:valid")
-    data = load_dataset(spec)
+    data = load_eval_set(spec, shape=scorer.model.shape, levels=scorer.model.levels, limit=args.limit)
+    previous = (meta.get("calibration") or {}).get("scores") or {}
+    keep = {}
+    for name in args.keep or []:
+        if name not in previous:
+            raise ValueError(f"--keep {name}: the current calibration has no '{name}' entry to keep")
+        old = meta["calibration"]
+        keep[name] = {**previous[name], "kept_from": f"an earlier calibration on {old.get('data')} (n={old.get('n')})"}
     cal = calibrate(
         scorer,
         data.images,
@@ -104,6 +111,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         cache_dir=args.cache or None,
         show_progress=not args.no_progress,
+        keep=keep,
     )
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}
@@ -131,6 +139,8 @@ def _eval_ood(args: argparse.Namespace) -> int:
         command=args.command_line,
         show_progress=not args.no_progress,
         examples=args.examples,
+        suite=args.suite,
+        score_types=args.scores.split(",") if args.scores else None,
     )
     table = {spec: {n: round(m["auroc"], 4) for n, m in o["scores"].items()} for spec, o in report["out"].items()}
     print(json.dumps({"auroc": table, "in": report["in"]["scores"]}, indent=2))  # noqa: T201
@@ -233,6 +243,13 @@ def _add_calibrate(sub: Any) -> None:
     c.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     c.add_argument("--default", help="default score type (default: complexity, the evaluation's choice)")
     c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's scores (default 1)")
+    c.add_argument("--limit", type=int, help="calibrate on a seeded random subset of this many images")
+    c.add_argument(
+        "--keep",
+        action="append",
+        metavar="SCORE",
+        help="keep this score type's entry from the current calibration (same weights) instead of recomputing it",
+    )
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--device", default="auto")
     c.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
@@ -253,8 +270,12 @@ def _add_eval_ood(sub: Any) -> None:
     o.add_argument("--model", required=True, help="checkpoint folder")
     o.add_argument("--in", dest="in_spec", default="fashion-mnist:test", help="in-distribution test data")
     o.add_argument(
-        "--out", dest="out_specs", action="append", required=True, metavar="SPEC", help="an out-of-distribution set"
+        "--out", dest="out_specs", action="append", default=[], metavar="SPEC", help="an out-of-distribution set"
     )
+    o.add_argument(
+        "--suite", help="a real-upload suite folder (one subfolder per kind): every file, as /score reads it"
+    )
+    o.add_argument("--scores", help="comma-separated score types to evaluate (default: all the model offers)")
     o.add_argument("--report-dir", default="docs/ood", help="where NAME.json, NAME.md and the PNG plots go")
     o.add_argument("--name", help="report file name stem (default: the model folder's name)")
     o.add_argument("--limit", type=int, help="at most this many images per set (a seeded random subset)")
@@ -308,6 +329,25 @@ def _add_probe(sub: Any) -> None:
     p.set_defaults(func=_probe)
 
 
+def _build_upload_suite(args: argparse.Namespace) -> int:
+    from tools.upload_suite import build
+
+    build(args.out, args.kind)
+    return 0
+
+
+def _add_build_upload_suite(sub: Any) -> None:
+    from tools.upload_suite import KINDS
+
+    p = sub.add_parser(
+        "build-upload-suite",
+        help="build the real-upload evaluation suite (photos, icons, documents, ...) from installed packages",
+    )
+    p.add_argument("--out", default="data/upload-suite", help="folder to write (one subfolder per kind)")
+    p.add_argument("--kind", action="append", choices=KINDS, help="build only this kind (repeatable)")
+    p.set_defaults(func=_build_upload_suite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genserve", description="Serve and train generative image models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -318,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_ood(sub)
     _add_eval_classify(sub)
     _add_probe(sub)
+    _add_build_upload_suite(sub)
     add_serve_parser(sub)
     return parser
 

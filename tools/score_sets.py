@@ -15,8 +15,10 @@ from torch import Tensor
 
 from models.scoring.calibration import DEFAULT_FPR, calibrate_scores
 from models.scoring.coders import CODER, code_length_bits, coder_version
+from models.scoring.dose import fit_dose
 from models.scoring.scorer import ModelOutputs, Scorer
-from models.scoring.scores import NLL, RATIO, needs_code, score_units
+from models.scoring.scores import COMPLEXITY, DOSE, GUARDED, NLL, RATIO, guarded_score, needs_code, score_units
+from models.scoring.statistics import STATS_VERSION, model_statistics, statistic_names
 from models.vae import VAE
 from tools.progress import progress
 
@@ -91,22 +93,53 @@ def score_images(
     class-conditional model without ``labels`` scores p(x) = sum_y p(x|y) p(y) (K passes per image)."""
     names = list(names) or scorer.score_types
     scorer.check(names)
-    got = model_outputs(
-        scorer,
-        images,
-        labels,
-        background=RATIO in names,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        show_progress=show_progress,
-    )
-    bg = got.get("background_log_prob")
-    outputs = ModelOutputs(
-        log_prob=torch.from_numpy(got["log_prob"]),
-        background_log_prob=None if bg is None else torch.from_numpy(bg),
-    )
-    code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code(names) else None
-    return {n: v.numpy() for n, v in scorer.scores_from(names, outputs, code_bits=code_bits).items()}
+    out: dict[str, np.ndarray] = {}
+    if labels is None:  # one statistics pass gives nll, complexity and dose (cached per chunk)
+        out = _from_statistics(scorer, images, names, batch_size, cache_dir, show_progress)
+    rest = [n for n in names if n not in out]
+    if rest:
+        got = model_outputs(
+            scorer,
+            images,
+            labels,
+            background=RATIO in rest,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            show_progress=show_progress,
+        )
+        bg = got.get("background_log_prob")
+        outputs = ModelOutputs(
+            log_prob=torch.from_numpy(got["log_prob"]),
+            background_log_prob=None if bg is None else torch.from_numpy(bg),
+        )
+        code_bits = code_length_bits(images, levels=scorer.model.levels) if needs_code(rest) else None
+        out.update({n: v.numpy() for n, v in scorer.scores_from(rest, outputs, code_bits=code_bits).items()})
+    return {n: out[n] for n in names}
+
+
+def _from_statistics(
+    scorer: Scorer,
+    images: Tensor,
+    names: Sequence[str],
+    batch_size: int,
+    cache_dir: str | Path | None,
+    show_progress: bool,
+) -> dict[str, np.ndarray]:
+    """The scores in ``names`` that the statistics pass gives (nll, complexity, complexity_guarded, dose)."""
+    stats = dataset_statistics(scorer, images, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress)
+    nll, cx = torch.from_numpy(stats["nll"]), torch.from_numpy(stats["complexity"])
+    out: dict[str, np.ndarray] = {}
+    for n in names:
+        if n == NLL:
+            out[n] = stats["nll"]
+        elif n == COMPLEXITY:
+            out[n] = stats["complexity"]
+        elif n == GUARDED:
+            out[n] = guarded_score(cx, nll, nll_cap=scorer.nll_cap).numpy()
+        elif n == DOSE:
+            assert scorer.dose is not None
+            out[n] = scorer.dose.score(stats)
+    return out
 
 
 def calibrate(
@@ -120,26 +153,35 @@ def calibrate(
     batch_size: int = 128,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
+    keep: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on
-    in-distribution held-out images (never the test set). A class-conditional model is calibrated on
-    its marginal p(x) = sum_y p(x|y) p(y) (pass no labels): the test /classify and unlabelled /score
-    apply."""
+    in-distribution held-out images (never the test set); ``keep``: entries of score types taken over
+    from an earlier calibration of the same weights instead of recomputed (each records its own data).
+    Without labels the dose score is fitted too (:func:`_fit_dose`) and becomes the default. A
+    class-conditional model is calibrated on its marginal p(x) = sum_y p(x|y) p(y) (pass no labels):
+    the test /classify and unlabelled /score apply."""
     if scorer.model.n_classes is not None and labels is not None:
         raise ValueError(
             "calibrate a class-conditional model on p(x) = sum_y p(x|y) p(y), the density its outlier test "
             "uses: pass no labels"
         )
-    default = default or scorer.recommended
-    scorer.check([default])
     t0 = time.perf_counter()
     # complexity_guarded's floor is the largest NLL among these images, so on them it equals complexity
     scorer.nll_cap = None
+    scorer.dose = None  # refitted below
+    keep = keep or {}
+    names = [n for n in scorer.score_types if n not in keep]
     values = score_images(
-        scorer, images, labels, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
+        scorer, images, labels, names, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
     )
     nll_cap = float(values[NLL].max()) if NLL in values else None
     scorer.nll_cap = nll_cap  # the scorer now scores as the service will with this calibration
+    dose_entry = (
+        _fit_dose(scorer, images, values, batch_size, cache_dir) if labels is None and len(images) >= 4 else None
+    )
+    default = default or (DOSE if dose_entry else scorer.recommended)
+    scorer.check([default])
     cal: dict[str, Any] = {
         "default_score": default,
         "target_fpr": fpr,
@@ -150,12 +192,84 @@ def calibrate(
         "seconds": round(time.perf_counter() - t0, 1),
         "nll_cap": nll_cap,
     }
+    cal["scores"].update(keep)
+    if dose_entry is not None:
+        cal["dose"] = dose_entry
+    return {**cal, **_provenance(scorer)}
+
+
+def _provenance(scorer: Scorer) -> dict[str, Any]:
+    """What a calibration depends on besides its images: the class prior, the VAE's k, both models'
+    weights and the coder (the service checks them against what it loads)."""
+    out: dict[str, Any] = {}
     if scorer.prior is not None:
-        cal["likelihood"] = "p(x) = sum_y p(x|y) p(y), p(y) the training class frequencies"
-        cal["prior"] = [round(float(p), 8) for p in scorer.prior]
+        out["likelihood"] = "p(x) = sum_y p(x|y) p(y), p(y) the training class frequencies"
+        out["prior"] = [round(float(p), 8) for p in scorer.prior]
     if isinstance(scorer.model, VAE):
-        cal["vae_score_k"] = scorer.vae_score_k  # the service reads it back: same k as calibrated
-    cal["weights_sha256"] = scorer.weights_sha256
-    cal["background_sha256"] = scorer.background_sha256
-    cal["coder"] = {"name": CODER, "version": coder_version()}
-    return cal
+        out["vae_score_k"] = scorer.vae_score_k  # the service reads it back: same k as calibrated
+    out["weights_sha256"] = scorer.weights_sha256
+    out["background_sha256"] = scorer.background_sha256
+    out["coder"] = {"name": CODER, "version": coder_version()}
+    return out
+
+
+def _fit_dose(
+    scorer: Scorer, images: Tensor, values: dict[str, np.ndarray], batch_size: int, cache_dir: str | Path | None
+) -> dict[str, Any]:
+    """Fit the dose score's densities on a random half of the images and put its scores on the other
+    half into ``values`` (its threshold comes from them); sets ``scorer.dose``. Returns the entry."""
+    # the statistics pass score_images made is cached (with cache_dir) or recomputed here
+    stats = dataset_statistics(scorer, images, batch_size=batch_size, cache_dir=cache_dir, show_progress=False)
+    fit, dose_scores, cal_idx = fit_dose(stats, statistic_names(scorer))
+    scorer.dose = fit
+    values[DOSE] = dose_scores
+    return {
+        **fit.to_json(),
+        "n_fit": len(images) - len(cal_idx),
+        "n_threshold": len(cal_idx),
+        "split": "densities fitted on a random half of the images (seed 0), threshold from the other half",
+    }
+
+
+CHUNK = 256  # images per cache file
+
+
+def dataset_statistics(
+    scorer: Scorer,
+    images: Tensor,
+    *,
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """:func:`model_statistics` of images (N, C, H, W), as float64 arrays (N,) per statistic. With
+    ``cache_dir`` each chunk of 256 images is kept in ``cache_dir/<key>.npz`` (key: the scorer's
+    fingerprint, :data:`STATS_VERSION` and the chunk's bytes), so an interrupted run resumes and a
+    rerun, or ``calibrate`` after ``eval-ood``, costs no model pass."""
+    names = statistic_names(scorer)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    starts = range(0, len(images), CHUNK)
+    for s in progress(starts, total=len(starts), desc="statistics", enabled=show_progress):
+        chunk = images[s : s + CHUNK]
+        path = None
+        got: dict[str, np.ndarray] = {}
+        if cache_dir is not None:
+            h = hashlib.sha256(f"{scorer.fingerprint}/{STATS_VERSION}".encode())
+            h.update(chunk.numpy().tobytes())
+            path = Path(cache_dir) / f"stats-{h.hexdigest()[:24]}.npz"
+            if path.is_file():
+                with np.load(path) as f:
+                    got = {k: f[k] for k in f.files}
+        if not all(n in got for n in names):
+            dev = scorer.model.device
+            steps = range(0, len(chunk), batch_size)
+            pieces = [model_statistics(scorer, chunk[i : i + batch_size].to(dev)) for i in steps]
+            got = {n: torch.cat([p[n] for p in pieces]).numpy() for n in names}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npz")
+                np.savez(tmp, **got)  # type: ignore[arg-type]
+                tmp.replace(path)
+        for n in names:
+            parts[n].append(got[n])
+    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}

@@ -19,8 +19,10 @@ from models.base import AutoregressiveModel, DensityModel
 from models.checkpoint import META, load_checkpoint
 from models.scoring.classify import check_prior, class_log_likelihood, posterior_from, training_prior, uniform_prior
 from models.scoring.coders import CODER, code_length_bits
+from models.scoring.dose import DoseFit
 from models.scoring.scores import (
     COMPLEXITY,
+    DOSE,
     GUARDED,
     NLL,
     RATIO,
@@ -33,12 +35,24 @@ from models.scoring.scores import (
     pixel_anomaly,
     recommended_score,
 )
+from models.scoring.statistics import model_statistics
 from models.vae import VAE
 
 BACKGROUND = "background"  # a model folder's companion background model (Ren et al.)
 # IWAE samples behind a VAE's outlier scores (the served ones and their calibration): log_prob's
 # iwae_samples cost a hundred decoder passes; docs/ood.md compares k.
 DEFAULT_VAE_SCORE_K = 1
+
+
+def calibrated_dose(meta: dict[str, Any]) -> DoseFit | None:
+    """The dose densities a checkpoint's calibration fitted, if any."""
+    d = (meta.get("calibration") or {}).get("dose")
+    return DoseFit.from_json(d) if d else None
+
+
+def has_dose(meta: dict[str, Any]) -> bool:
+    """True if a checkpoint's calibration fitted the dose score (without parsing the fit)."""
+    return bool((meta.get("calibration") or {}).get("dose"))
 
 
 def has_background(folder: str | Path) -> bool:
@@ -72,6 +86,9 @@ class ScoreBatch:
     scores: dict[str, Tensor]
     heatmaps: dict[str, Tensor]
     class_log_likelihood: Tensor | None = None
+    dose_values: Tensor | None = None  # (B, S) the dose statistics, in DoseFit.statistics' order
+    dose_log10_p: Tensor | None = None  # (B, S) their log10 tail probabilities
+    dose_contributions: Tensor | None = None  # (B, S) each statistic's share of the dose score
 
 
 class Scorer:
@@ -95,6 +112,7 @@ class Scorer:
         background_sha256: str | None = None,
         prior: Tensor | None = None,
         nll_cap: float | None = None,
+        dose: DoseFit | None = None,
     ) -> None:
         if model.n_classes is not None:
             prior = uniform_prior(model.n_classes) if prior is None else prior.float()
@@ -118,6 +136,7 @@ class Scorer:
         self.background_sha256 = background_sha256
         self.prior = prior
         self.nll_cap = nll_cap  # bits/dim: the calibration images' largest NLL (complexity_guarded's floor)
+        self.dose = dose  # the fitted densities of the dose score (from the calibration)
 
     @property
     def fingerprint(self) -> str:
@@ -131,7 +150,7 @@ class Scorer:
 
     @property
     def score_types(self) -> list[str]:
-        return available_score_types(has_background=self.background is not None)
+        return available_score_types(has_background=self.background is not None, has_dose=self.dose is not None)
 
     @property
     def recommended(self) -> str:
@@ -228,19 +247,38 @@ class Scorer:
         each score's per-pixel map (autoregressive models)."""
         names = list(dict.fromkeys(names)) or [self.recommended]
         self.check(names, heatmap=heatmap, labelled=y is not None)
-        o = self.outputs(x, y, background=RATIO in names, pixels=heatmap)
-        code_bits = code_length_bits(x, levels=self.model.levels) if needs_code(names) else None
-        scores = self.scores_from(names, o, code_bits=code_bits)
-        heatmaps = {}
-        if o.pixel_log_prob is not None:
-            for n in names:
-                bg = o.background_pixel_log_prob if n == RATIO else None
-                heatmaps[n] = pixel_anomaly(o.pixel_log_prob, background_pixel_log_prob=bg)
+        others = [n for n in names if n != DOSE]
+        batch = self._dose(x, y) if DOSE in names else ScoreBatch(log_prob={}, scores={}, heatmaps={})
+        if others or heatmap:
+            o = self.outputs(x, y, background=RATIO in others, pixels=heatmap)
+            code_bits = code_length_bits(x, levels=self.model.levels) if needs_code(others) else None
+            batch.scores.update(self.scores_from(others, o, code_bits=code_bits))
+            batch.log_prob.update(dict.fromkeys(others, o.log_prob))
+            if batch.class_log_likelihood is None:
+                batch.class_log_likelihood = o.class_log_likelihood
+            if o.pixel_log_prob is not None:
+                for n in names:
+                    bg = o.background_pixel_log_prob if n == RATIO else None
+                    batch.heatmaps[n] = pixel_anomaly(o.pixel_log_prob, background_pixel_log_prob=bg)
+        return batch
+
+    def _dose(self, x: Tensor, y: Tensor | None) -> ScoreBatch:
+        """The dose score of images x (B, C, H, W) from one statistics pass (models/scoring/statistics.py),
+        with each statistic's value, tail probability and share of the score, for the explanation."""
+        assert self.dose is not None
+        if y is not None:
+            raise ValueError("the dose score judges p(x); a class-conditional model's p(x|y) has no calibration")
+        stats, raw = model_statistics(self, x, with_raw=True)
+        arrays = {k: v.numpy() for k, v in stats.items()}
+        parts = self.dose.contributions(arrays)  # (B, S), rows sum to the score
         return ScoreBatch(
-            log_prob=dict.fromkeys(names, o.log_prob),
-            scores=scores,
-            heatmaps=heatmaps,
-            class_log_likelihood=o.class_log_likelihood,
+            log_prob={DOSE: raw["log_prob"].cpu()},
+            scores={DOSE: torch.from_numpy(parts.sum(axis=1))},
+            heatmaps={},
+            class_log_likelihood=raw.get("class_log_likelihood"),
+            dose_values=torch.stack([stats[n] for n in self.dose.statistics], dim=1),
+            dose_log10_p=torch.from_numpy(self.dose.log10_p(arrays)),
+            dose_contributions=torch.from_numpy(parts),
         )
 
 
@@ -261,6 +299,7 @@ def load_scorer(
     scorer = Scorer(
         model,
         background,
+        dose=calibrated_dose(meta),
         vae_score_k=k,
         weights_sha256=meta["weights"]["sha256"],
         background_sha256=bg_meta["weights"]["sha256"] if bg_meta else None,

@@ -35,6 +35,7 @@ from torch import Tensor
 from models.likelihood import bits_per_dim
 
 NLL, COMPLEXITY, RATIO, GUARDED = "nll", "complexity", "likelihood_ratio", "complexity_guarded"
+DOSE = "dose"  # the combined score of models/scoring/dose.py; offered once a calibration has fitted it
 # complexity_guarded adds this many bits/dim per bit/dim of NLL above the calibration images' largest
 GUARD_WEIGHT = 10.0
 
@@ -97,6 +98,12 @@ SCORE_TYPES: dict[str, ScoreType] = {
         "floor for images less likely than any calibration image (before calibration: complexity)",
     ),
     RATIO: ScoreType(RATIO, "NLL minus the background model's NLL, bits/dim (Ren et al. 2019)", needs_background=True),
+    DOSE: ScoreType(
+        DOSE,
+        "squared Mahalanobis distance of the normal scores of the model's summary statistics (NLL, complexity, "
+        "NLL of the image against its upside-down copy, border, background, ...) under their joint "
+        "in-distribution density (DoSE-style; Morningstar et al. 2021); offered once calibrated",
+    ),
 }
 
 
@@ -105,9 +112,12 @@ def needs_code(names: Sequence[str]) -> bool:
     return COMPLEXITY in names or GUARDED in names
 
 
-def available_score_types(*, has_background: bool) -> list[str]:
-    """Score types a model offers: all but likelihood_ratio, which needs a background model."""
-    return sorted(n for n, t in SCORE_TYPES.items() if has_background or not t.needs_background)
+def available_score_types(*, has_background: bool, has_dose: bool = False) -> list[str]:
+    """Score types a model offers: likelihood_ratio needs a background model, dose a calibration that
+    fitted its densities."""
+    return sorted(
+        n for n, t in SCORE_TYPES.items() if (has_background or not t.needs_background) and (has_dose or n != DOSE)
+    )
 
 
 def recommended_score(*, has_background: bool) -> str:
@@ -119,4 +129,9 @@ def recommended_score(*, has_background: bool) -> str:
 
 
 def score_units(name: str) -> dict[str, str]:
-    return {"units": "bits/dim, higher = more anomalous", "description": SCORE_TYPES[name].description}
+    units = (
+        "squared distance of normal scores, higher = more anomalous"
+        if name == DOSE
+        else "bits/dim, higher = more anomalous"
+    )
+    return {"units": units, "description": SCORE_TYPES[name].description}

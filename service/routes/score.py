@@ -15,12 +15,20 @@ from starlette.concurrency import run_in_threadpool
 
 from models.likelihood import bits_per_dim
 from models.scoring.calibration import Calibration, calibration_for
+from models.scoring.scores import DOSE, GUARDED
 from service import images, scoring
 from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
 from service.entries import ModelEntry
 from service.errors import BadRequest
-from service.schemas import FORM_BOOL_SCHEMA, ScoreForm, ScoreRequest, ScoreResponse, ScoreResult
+from service.schemas import (
+    FORM_BOOL_SCHEMA,
+    ScoreExplanation,
+    ScoreForm,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResult,
+)
 from service.uploads import decode, receive, request_body, upload_responses
 
 router = APIRouter(tags=["score"])
@@ -69,9 +77,18 @@ def build_results(
                 heatmap=heatmap,
                 heatmap_scale_nats=scale,
                 input_image=None if inputs is None else images.b64(images.encode_png(inputs[i])),
+                explanation=explanation(entry, out, i, calibration.threshold) if calibrated else None,
             )
         )
     return results
+
+
+def explanation(
+    entry: ModelEntry, out: dict[str, torch.Tensor], i: int, threshold: float | None
+) -> ScoreExplanation | None:
+    fit = entry.dose_fit
+    got = None if fit is None else scoring.explanation(fit, out, i, threshold)
+    return None if got is None else ScoreExplanation.model_validate(got)
 
 
 @router.post(
@@ -94,6 +111,12 @@ async def score(
 ) -> ScoreResponse:
     parsed, data, entry = await receive(request, registry, settings, ScoreRequest, ScoreForm)
     score_type = entry.resolve_score_type(parsed.score_type)
+    if parsed.label is not None and score_type == DOSE:
+        if parsed.score_type is not None:
+            raise BadRequest(
+                "score_type 'dose' judges p(x), calibrated without labels; send no label, or another score_type"
+            )
+        score_type = GUARDED  # p(x|y) of the given label: the single-statistic default, uncalibrated
     if parsed.heatmap and not entry.per_pixel:
         raise BadRequest(
             f"heatmaps need per-pixel likelihoods, which only autoregressive models give; "

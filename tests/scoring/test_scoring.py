@@ -298,8 +298,8 @@ def test_calibration_reaches_the_target_fpr_on_a_known_distribution(fpr: float):
 def test_calibrate_writes_every_score_type_and_the_default():
     scorer = Scorer(tiny_pixelcnn(), tiny_pixelcnn(1))
     cal = calibrate(scorer, images(40), data_spec="npz:x", fpr=0.1, show_progress=False)
-    assert cal["default_score"] == GUARDED and cal["n"] == 40 and cal["target_fpr"] == 0.1
-    assert sorted(cal["scores"]) == [COMPLEXITY, GUARDED, RATIO, NLL]
+    assert cal["default_score"] == "dose" and cal["n"] == 40 and cal["target_fpr"] == 0.1
+    assert sorted(cal["scores"]) == sorted([COMPLEXITY, GUARDED, RATIO, NLL, "dose"])
     for entry in cal["scores"].values():
         assert entry["fpr_on_calibration"] <= 0.1 and len(entry["quantiles"]) == 101
     with pytest.raises(ValueError, match="unknown score type"):

@@ -61,11 +61,11 @@ async def test_models_show_score_types_default_calibration_and_background(client
     _, c = client
     models = {m["name"]: m for m in (await c.get("/models")).json()["models"]}
     pc, vae = models["pc"], models["vae"]
-    assert pc["score_types"] == ["complexity", "complexity_guarded", "likelihood_ratio", "nll"]
-    assert vae["score_types"] == ["complexity", "complexity_guarded", "nll"] and vae["background"] is None
-    assert pc["default_score_type"] == "complexity_guarded" == pc["calibration"]["default_score"]
+    assert pc["score_types"] == ["complexity", "complexity_guarded", "dose", "likelihood_ratio", "nll"]
+    assert vae["score_types"] == ["complexity", "complexity_guarded", "dose", "nll"] and vae["background"] is None
+    assert pc["default_score_type"] == "dose" == pc["calibration"]["default_score"]
     assert pc["background"]["architecture"] == "gated_pixelcnn" and len(pc["background"]["sha256"]) == 64
-    assert set(pc["calibration"]["scores"]) == {"complexity", "complexity_guarded", "likelihood_ratio", "nll"}
+    assert set(pc["calibration"]["scores"]) == {"complexity", "complexity_guarded", "dose", "likelihood_ratio", "nll"}
     assert vae["calibration"]["vae_score_k"] == 1
 
 
@@ -73,7 +73,7 @@ async def test_models_show_score_types_default_calibration_and_background(client
 async def test_every_result_carries_consistent_outlier_fields(client, model: str):
     app, c = client
     imgs = [noise_png(0), noise_png(1), dark_png()]
-    r = await c.post("/score", json={"model": model, "images": imgs})
+    r = await c.post("/score", json={"model": model, "images": imgs, "score_type": "complexity_guarded"})
     assert r.status_code == 200
     body = r.json()
     assert body["score_type"] == "complexity_guarded"
@@ -113,13 +113,13 @@ async def test_unknown_score_type_lists_the_models_own_types(client):
     assert r.status_code == 422
     assert (
         r.json()["detail"] == "unknown score_type 'magic'; model 'pc' offers "
-        "['complexity', 'complexity_guarded', 'likelihood_ratio', 'nll']"
+        "['complexity', 'complexity_guarded', 'dose', 'likelihood_ratio', 'nll']"
     )
     r = await c.post("/score", json={"model": "vae", "images": [dark_png()], "score_type": "likelihood_ratio"})
     assert r.status_code == 422
     assert (
-        r.json()["detail"]
-        == "unknown score_type 'likelihood_ratio'; model 'vae' offers ['complexity', 'complexity_guarded', 'nll']"
+        r.json()["detail"] == "unknown score_type 'likelihood_ratio'; model 'vae' offers "
+        "['complexity', 'complexity_guarded', 'dose', 'nll']"
     )
 
 

@@ -93,8 +93,8 @@ def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, ca
     assert main(["calibrate", "--model", str(tiny_model), "--data", valid, "--fpr", "0.05", "--no-progress"]) == 0
     meta = read_metadata(tiny_model)
     cal = meta["calibration"]
-    assert cal["default_score"] == "complexity_guarded" and cal["target_fpr"] == 0.05 and cal["n"] == 60
-    assert set(cal["scores"]) == {"nll", "complexity", "complexity_guarded", "likelihood_ratio"}
+    assert cal["default_score"] == "dose" and cal["target_fpr"] == 0.05 and cal["n"] == 60
+    assert set(cal["scores"]) == {"nll", "complexity", "complexity_guarded", "likelihood_ratio", "dose"}
     assert cal["command"].startswith("genserve calibrate --model")
     assert sha256_file(tiny_model / "model.safetensors") == weights_sha == meta["weights"]["sha256"]
     printed = json.loads(capsys.readouterr().out)
@@ -109,7 +109,7 @@ def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, ca
     assert main(argv) == 0
     report = json.loads((report_dir / "m.json").read_text())
     assert list(report["out"]) == [other, "noise:uniform:25"]
-    assert report["default_score"] == "complexity_guarded" and report["in"]["n"] == 50
+    assert report["default_score"] == "dose" and report["in"]["n"] == 50
     for o in report["out"].values():
         for m in o["scores"].values():
             assert 0 <= m["auroc"] <= 1 and 0 <= m["auprc"] <= 1 and 0 <= m["fpr_at_95_tpr"] <= 1
@@ -147,7 +147,23 @@ def test_a_conditional_model_calibrates_on_p_x_then_eval_classify(tmp_path: Path
     )
     valid = npz(tmp_path / "v.npz", 40, 0, high=64)
     assert (
-        main(["calibrate", "--model", str(cond), "--data", valid, "--fpr", "0.1", "--no-progress", "--cache", ""]) == 0
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(cond),
+                "--data",
+                valid,
+                "--fpr",
+                "0.1",
+                "--no-progress",
+                "--cache",
+                "",
+                "--default",
+                "complexity_guarded",
+            ]
+        )
+        == 0
     )
     cal = read_metadata(cond)["calibration"]
     assert cal["prior"] == [0.5, 0.25, 0.25] and cal["likelihood"].startswith("p(x) = sum_y")

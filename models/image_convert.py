@@ -1,0 +1,92 @@
+"""Image files -> model input arrays: the one conversion behind ``/score`` with ``resize=true`` and the
+offline evaluation of uploaded files (``genserve eval-ood --suite``). Pure functions of Pillow images,
+no service code, so both the service and the tools call the same lines.
+
+What a file goes through, in order (:func:`to_model_array`):
+
+1. **EXIF orientation** is applied (``ImageOps.exif_transpose``): a phone photo is judged upright, as
+   viewers show it, not as its sensor stored it.
+2. **16-bit grayscale** is scaled to 8 bits (the top byte), not clipped.
+3. **Palettes** are expanded to RGBA first, so palette transparency survives.
+4. **Alpha** is composited over black: a transparent pixel is background, and the background of
+   Fashion-MNIST (white garments on black) is black. (Pillow's plain ``convert`` would drop alpha and
+   keep whatever colour the transparent pixels happen to store.)
+5. **Colour to grayscale** is Pillow's ITU-R 601-2 luma, L = (299 R + 587 G + 114 B) / 1000.
+6. **Size**: stretched to the model's H x W with Lanczos resampling; the aspect ratio is *not* kept
+   (a 600x300 banner becomes a 28x28 square), as ``resize=true`` has always documented.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Formats we decode; anything else is refused rather than handed to a rarely used Pillow plugin.
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
+
+
+def decode_file(data: bytes) -> Image.Image:
+    """Decode image bytes (one of :data:`ALLOWED_FORMATS`); raises Pillow's errors unchanged."""
+    im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    im.load()
+    return im
+
+
+def convert_mode(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` in Pillow mode ``mode`` ("L" or "RGB"): 16-bit scaled, palettes expanded, alpha over black."""
+    if im.mode.startswith("I;16"):
+        im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+    elif im.mode == "P":
+        im = im.convert("RGBA")  # keeps palette transparency without Pillow's warning
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba).convert("RGB")
+    return im if im.mode == mode else im.convert(mode)
+
+
+def to_model_array(im: Image.Image, shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
+    """The image as uint8 (C, H, W) for a model of ``shape`` = (C, H, W), C in {1, 3}, by steps 1-6 of
+    the module docstring; returns (array, whether anything was converted). An image already in the
+    model's mode and size, without an EXIF rotation, is taken as it is."""
+    c, h, w = shape
+    mode = MODES[c]
+    converted = False
+    if _rotated(im):
+        im = ImageOps.exif_transpose(im)
+        converted = True
+    if im.mode != mode or "transparency" in im.info:
+        im = convert_mode(im, mode)
+        converted = True
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.Resampling.LANCZOS)
+        converted = True
+    arr = np.asarray(im, dtype=np.uint8)  # (H, W) or (H, W, C)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    assert arr.shape == shape, (arr.shape, shape)
+    return np.ascontiguousarray(arr), converted
+
+
+def _rotated(im: Image.Image) -> bool:
+    """True if the image carries an EXIF orientation other than 'as stored' (1)."""
+    try:
+        return int(im.getexif().get(0x0112, 1)) not in (0, 1)
+    except Exception:  # a malformed EXIF block: Pillow's transpose ignores it too
+        return False
+
+
+def to_levels(images: np.ndarray, levels: int) -> np.ndarray:
+    """8-bit values 0..255 -> integer levels 0..levels-1 (identity for levels=256)."""
+    if levels == 256:
+        return images
+    return (images.astype(np.int64) * levels // 256).astype(np.uint8 if levels <= 256 else np.int64)
+
+
+def file_to_levels(data: bytes, shape: tuple[int, int, int], levels: int) -> np.ndarray:
+    """One uploaded file's bytes -> model levels (C, H, W): what ``/score`` with ``resize=true`` feeds
+    the model (decoding, :func:`to_model_array`, :func:`to_levels`)."""
+    arr, _ = to_model_array(decode_file(data), shape)
+    return to_levels(arr, levels)

@@ -1,0 +1,224 @@
+"""The combined outlier score ``dose``: several summary statistics of one model pass, judged by their
+joint in-distribution density, in the spirit of DoSE (Morningstar et al. 2021, "Density of States
+Estimation for Out-of-Distribution Detection").
+
+One statistic cannot hold on real uploads: the complexity correction lets textured photos through,
+raw likelihood lets simple images through, neither sees clothes sent upside down. The statistics of
+:mod:`models.scoring.statistics` each catch some of them, and real uploads are often unusual in two or three
+of them at once while extreme in none. So the statistics are combined through their joint density
+(a Gaussian copula), fitted on held-out in-distribution images:
+
+1. Per statistic j, the tail probabilities of a value v among the in-distribution sample: the
+   smaller of the empirical tail ((#{sample >= v} + 1) / (M + 1), exact where the sample is dense)
+   and a Gaussian kernel density's (Silverman's bandwidth; it keeps decreasing beyond the sample,
+   so images far outside it are still ranked).
+2. Its normal score z_j = Phi^-1(P(V_j <= v)) (from the smaller tail, |z| at most 37); for a
+   one-sided statistic (``tail`` ``upper``) the harmless side is set to 0.
+3. dose(x) = (z - mu)^T P (z - mu), the squared Mahalanobis distance of the normal scores, with mu
+   and P = Sigma^-1 their mean and inverse covariance on the in-distribution sample. The
+   correlations matter: a garment with a high NLL also has a high complexity, a photo has both high
+   together with a bright border and no black background.
+
+The score is a sum of per-statistic shares d_j (P d)_j (d = z - mu), so /score can say which
+statistics pushed an image over the threshold (:func:`explain`). The threshold is calibrated on the
+combination, not per statistic, so the false-positive rate is the target however many statistics
+there are: the densities are fitted on one half of the validation images and the threshold is the
+conformal quantile of ``dose`` on the other half (:func:`fit_dose`), so no image judges itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.scoring.statistics import BOTH, LOWER, STATISTICS, UPPER
+
+N_CENTRES = 256  # kernel centres per statistic: its quantiles at (i + 0.5) / N_CENTRES
+LN10 = math.log(10.0)
+
+
+def silverman_bandwidth(values: np.ndarray) -> float:
+    """0.9 min(std, IQR / 1.34) n^(-1/5), with a floor for (nearly) constant statistics."""
+    v = np.asarray(values, dtype=np.float64)
+    std = float(v.std())
+    iqr = float(np.subtract(*np.percentile(v, [75, 25])))
+    spread = min(std, iqr / 1.34) if iqr > 0 else std
+    scale = max(abs(float(np.median(v))), 1.0)
+    return max(0.9 * spread * len(v) ** -0.2, 1e-6 * scale)
+
+
+def log10_tail(values: np.ndarray, *, centres: np.ndarray, bandwidth: float, tail: str) -> np.ndarray:
+    """log10 of the tail probability of each value (N,) under the kernel density of ``centres`` (M,):
+    P(V >= v) for ``upper``, P(V <= v) for ``lower``, 2 min of the two (at most 1) for ``both``.
+    Values in (-inf, 0]."""
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64))[:, None]  # (N, 1)
+    c = torch.as_tensor(np.asarray(centres, dtype=np.float64))[None, :]  # (1, M)
+    log_m = math.log(c.shape[1])
+    up = torch.logsumexp(torch.special.log_ndtr((c - v) / bandwidth), dim=1) - log_m  # ln P(V >= v)
+    lo = torch.logsumexp(torch.special.log_ndtr((v - c) / bandwidth), dim=1) - log_m  # ln P(V <= v)
+    if tail == UPPER:
+        ln_p = up
+    elif tail == LOWER:
+        ln_p = lo
+    elif tail == BOTH:
+        ln_p = torch.clamp(math.log(2.0) + torch.minimum(up, lo), max=0.0)
+    else:
+        raise ValueError(f"unknown tail '{tail}'")
+    return (ln_p / LN10).numpy()
+
+
+def normal_scores(values: np.ndarray, *, centres: np.ndarray, bandwidth: float, tail: str) -> np.ndarray:
+    """Each value's normal score z = Phi^-1(P(V <= v)) (N,), from the tails of :func:`log10_tail`,
+    computed from the smaller tail so that far outliers keep their distance (|z| at most 37); for a
+    one-sided statistic the harmless side is set to 0 (an ``upper`` statistic's z is max(z, 0))."""
+    up = log10_tail(values, centres=centres, bandwidth=bandwidth, tail=UPPER) * LN10
+    lo = log10_tail(values, centres=centres, bandwidth=bandwidth, tail=LOWER) * LN10
+    up_t = torch.as_tensor(np.maximum(up, -700.0))
+    lo_t = torch.as_tensor(np.maximum(lo, -700.0))
+    z = torch.where(up_t < lo_t, -torch.special.ndtri(up_t.exp()), torch.special.ndtri(lo_t.exp())).numpy()
+    if tail == UPPER:
+        z = np.maximum(z, 0.0)
+    elif tail == LOWER:
+        z = np.minimum(z, 0.0)
+    return z
+
+
+@dataclass
+class DoseFit:
+    """The fitted joint density: per statistic its tail, its sorted in-distribution sample (M,) (the
+    empirical tails and kernel centres) and the kernel bandwidth; the mean (S,) and precision (S, S)
+    of the statistics' normal scores (a Gaussian copula)."""
+
+    statistics: list[str]
+    tails: list[str]
+    centres: np.ndarray  # (S, M), each row sorted
+    bandwidths: np.ndarray  # (S,)
+    mean: np.ndarray  # (S,)
+    precision: np.ndarray  # (S, S)
+
+    @classmethod
+    def fit(cls, stats: dict[str, np.ndarray], names: list[str], *, tails: dict[str, str] | None = None) -> DoseFit:
+        """Fit on in-distribution values ``stats[name]`` (N,) for each of ``names``."""
+        tails = tails or {n: STATISTICS[n].tail for n in names}
+        centres, bws = [], []
+        for n in names:
+            v = np.asarray(stats[n], dtype=np.float64)
+            if not np.isfinite(v).all():
+                raise ValueError(f"statistic '{n}' has {int((~np.isfinite(v)).sum())} non-finite values")
+            centres.append(np.sort(v))
+            bws.append(silverman_bandwidth(v))
+        s = len(names)
+        fit = cls(list(names), [tails[n] for n in names], np.stack(centres), np.asarray(bws), np.zeros(s), np.eye(s))
+        z = fit.normal_scores(stats)
+        cov = np.atleast_2d(np.cov(z.T)) + 1e-6 * np.eye(s)  # a ridge for (nearly) constant statistics
+        fit.mean, fit.precision = z.mean(0), np.linalg.inv(cov)
+        return fit
+
+    def log10_p(self, stats: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, S) log10 tail probabilities of each image's statistics (each on its own tail side)."""
+        cols = [
+            log10_tail(np.asarray(stats[n]), centres=self.centres[j], bandwidth=float(self.bandwidths[j]), tail=t)
+            for j, (n, t) in enumerate(zip(self.statistics, self.tails, strict=True))
+        ]
+        return np.stack(cols, axis=1)
+
+    def normal_scores(self, stats: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, S) normal scores of each image's statistics (:func:`normal_scores`)."""
+        cols = [
+            normal_scores(np.asarray(stats[n]), centres=self.centres[j], bandwidth=float(self.bandwidths[j]), tail=t)
+            for j, (n, t) in enumerate(zip(self.statistics, self.tails, strict=True))
+        ]
+        return np.stack(cols, axis=1)
+
+    def contributions(self, stats: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, S) each statistic's share of the score: d_j (P d)_j with d = z - mean; rows sum to the score."""
+        d = self.normal_scores(stats) - self.mean
+        return d * (d @ self.precision)
+
+    def score(self, stats: dict[str, np.ndarray]) -> np.ndarray:
+        """dose = (z - mean)^T P (z - mean), the squared Mahalanobis distance of the normal scores, (N,)."""
+        return self.contributions(stats).sum(axis=1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "statistics": [
+                {
+                    "name": n,
+                    "tail": t,
+                    "bandwidth": float(self.bandwidths[j]),
+                    "sample": [float(f"{c:.7g}") for c in self.centres[j]],
+                    "description": STATISTICS[n].description if n in STATISTICS else "",
+                }
+                for j, (n, t) in enumerate(zip(self.statistics, self.tails, strict=True))
+            ],
+            "mean": [float(m) for m in self.mean],
+            "precision": [[float(p) for p in row] for row in self.precision],
+            "combination": "squared Mahalanobis distance of the statistics' normal scores (Gaussian copula)",
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DoseFit:
+        st = d["statistics"]
+        return cls(
+            [s["name"] for s in st],
+            [s["tail"] for s in st],
+            np.asarray([s["sample"] for s in st], dtype=np.float64),
+            np.asarray([s["bandwidth"] for s in st], dtype=np.float64),
+            np.asarray(d["mean"], dtype=np.float64),
+            np.asarray(d["precision"], dtype=np.float64),
+        )
+
+
+def split_halves(n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of two random halves of n items: (fit, calibrate)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+
+
+def fit_dose(
+    stats: dict[str, np.ndarray], names: list[str], *, seed: int = 0, tails: dict[str, str] | None = None
+) -> tuple[DoseFit, np.ndarray, np.ndarray]:
+    """Fit the densities on one half of the in-distribution ``stats`` and score the other half with
+    them: returns (fit, dose scores of the calibration half, the calibration half's indices). The
+    threshold is then the calibration half's conformal quantile
+    (:func:`models.scoring.calibration.calibrate_scores`)."""
+    n = len(next(iter(stats.values())))
+    if n < 4:
+        raise ValueError(f"dose needs at least 4 calibration images, got {n}")
+    fit_idx, cal_idx = split_halves(n, seed=seed)
+    fit = DoseFit.fit({k: np.asarray(v)[fit_idx] for k, v in stats.items()}, names, tails=tails)
+    scores = fit.score({k: np.asarray(v)[cal_idx] for k, v in stats.items()})
+    return fit, scores, cal_idx
+
+
+def explain(
+    values: dict[str, float], log10_p: np.ndarray, contributions: np.ndarray, fit: DoseFit, threshold: float | None
+) -> dict[str, Any]:
+    """The ``explanation`` of one image's dose score: per statistic its value, its tail probability
+    under the in-distribution data and its contribution to the score (contributions sum to the
+    score); ``decided_by``: when the image is refused, the fewest statistics, largest contribution
+    first, whose contributions alone exceed the threshold (their ``crossed`` is true);
+    ``most_extreme``: the statistic with the smallest tail probability."""
+    order = np.argsort(-contributions)
+    decided: list[str] = []
+    if threshold is not None and float(contributions.sum()) > threshold:
+        total = 0.0
+        for j in order:
+            decided.append(fit.statistics[j])
+            total += float(contributions[j])
+            if total > threshold:
+                break
+    per = {}
+    for j, n in enumerate(fit.statistics):
+        per[n] = {
+            "value": float(values[n]),
+            "tail": fit.tails[j],
+            "p_value": float(10.0 ** float(log10_p[j])),
+            "contribution": float(contributions[j]),
+            "crossed": n in decided,
+        }
+    return {"statistics": per, "decided_by": decided, "most_extreme": fit.statistics[int(np.argmin(log10_p))]}

@@ -1,0 +1,198 @@
+"""Summary statistics of one model pass, for the combined outlier score (:mod:`models.scoring.dose`).
+
+Every statistic comes from one forward pass of the main model over a batch of 2B images: the B
+images and their vertical flips (``x.flip(2)``, upside down). The flip is what lets a density model
+see orientation: an upright garment is more likely than the same garment upside down, so
+``flip = NLL(x) - NLL(upside-down x)`` is negative for upright clothes and positive for clothes sent
+upside down, whatever the garment's own complexity (which cancels in the difference).
+
+Statistics (``tail``: which side of the in-distribution range is anomalous):
+
+- ``nll`` (both): -log2 p(x) / D, bits/dim. Too high: unlike the training data; too low: simpler
+  than any garment (digits, flat images; Nalisnick et al. 2019).
+- ``complexity`` (upper): ``nll`` minus the lossless WebP code length per dim (Serrà et al. 2020);
+  its lower tail is incompressible noise, which ``nll`` already refuses.
+- ``flip`` (upper): ``nll(x) - nll(x upside down)``, bits/dim.
+- ``border`` (both): mean intensity of the outer two-pixel ring, 0..1 (Fashion-MNIST garments sit
+  on a dark background that is rarely exactly black; photos, documents and screenshots fill the
+  frame, drawings on pure black leave it empty).
+- ``background`` (both): fraction of pixels at most 2% of full scale (black); a garment image is
+  half black, a photo almost never, a small mark on black almost entirely.
+- ``pixel_top`` (both, autoregressive models): mean of the 5% largest per-pixel NLLs, nats.
+- ``kl`` (both, VAEs): KL(q(z|x) || N(0, I)) per dim, nats; ``latent`` (both, VAEs): ||E[z|x]||^2 /
+  latent_dim, the typicality of the code under the prior.
+
+:func:`model_statistics` computes them for a batch; they are pure functions of the model outputs
+(:func:`raw_outputs`) and the image, so datasets can be scored once and cached
+(tools/score_sets.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol, overload
+
+import torch
+from torch import Tensor
+
+from models.base import AutoregressiveModel, DensityModel
+from models.likelihood import to_unit_range
+from models.scoring.classify import class_log_likelihood, posterior_from
+from models.scoring.coders import code_length_bits
+from models.vae import VAE
+
+
+class Scorer(Protocol):
+    """What the statistics read of a :class:`models.scoring.scorer.Scorer` (which imports this module)."""
+
+    @property
+    def model(self) -> DensityModel: ...
+
+    @property
+    def prior(self) -> Tensor | None: ...
+
+    @property
+    def vae_score_k(self) -> int: ...
+
+
+STATS_VERSION = "stats-v1"  # part of every cache key of statistics
+UPPER, LOWER, BOTH = "upper", "lower", "both"
+PIXEL_TOP_FRACTION = 0.05
+DARK_FRACTION = 0.02  # "background": pixels at most this fraction of full scale
+
+
+@dataclass(frozen=True)
+class Statistic:
+    name: str
+    tail: str  # UPPER, LOWER or BOTH: where an outlier lies
+    description: str
+
+
+STATISTICS: dict[str, Statistic] = {
+    s.name: s
+    for s in (
+        Statistic("nll", BOTH, "-log2 p(x) / D, bits/dim"),
+        Statistic("complexity", UPPER, "nll minus the lossless WebP code length per dim, bits/dim"),
+        Statistic("flip", UPPER, "nll(x) - nll(x upside down), bits/dim: positive when x looks upside down"),
+        Statistic("border", BOTH, "mean intensity of the outer two-pixel ring, 0..1"),
+        Statistic("background", BOTH, "fraction of pixels at most 2% of full scale (black)"),
+        Statistic("pixel_top", BOTH, "mean of the 5% largest per-pixel NLLs, nats (autoregressive models)"),
+        Statistic("kl", BOTH, "KL(q(z|x) || N(0, I)) per latent dimension, nats (VAEs)"),
+        Statistic("latent", BOTH, "||E[z|x]||^2 / latent_dim: typicality of the code under the prior (VAEs)"),
+    )
+}
+
+
+def statistic_names(scorer: Scorer) -> list[str]:
+    """The statistics a scorer's model gives."""
+    names = ["nll", "complexity", "flip", "border", "background"]
+    model = scorer.model
+    if isinstance(model, AutoregressiveModel) and model.n_classes is None:
+        names.append("pixel_top")
+    if isinstance(model, VAE):
+        names += ["kl", "latent"]
+    return names
+
+
+def vae_terms(model: VAE, x: Tensor, k: int) -> dict[str, Tensor]:
+    """log w (IWAE estimate with k samples, equal to ``model.iwae(x, k)``), KL(q || p) and ||mu||^2,
+    each (B,), from one encoder pass (and for k=1 one decoder pass)."""
+    cfg = model.config
+    x_unit = to_unit_range(x, cfg.levels)
+    mean, logvar = model.encoder(x_unit)  # (B, D) each
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    if k == 1:  # the first of log_weights' fixed noise draws, without a second encoder pass
+        gen = torch.Generator(device="cpu").manual_seed(cfg.iwae_seed)
+        eps = torch.randn(1, cfg.latent_dim, generator=gen).to(x.device)
+        z = mean + torch.exp(0.5 * logvar) * eps
+        log_q = (-0.5 * eps.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1) - logvar.sum(1) / 2
+        log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
+        ctx = model.decoder.context(x_unit) if cfg.decoder_context else None
+        lw = model.decoder_log_prob(x, z, ctx) + log_pz - log_q
+    else:
+        lw = model.iwae(x, k)
+    return {"log_prob": lw, "kl": kl, "latent": mean.pow(2).sum(1)}
+
+
+@torch.inference_mode()
+def raw_outputs(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
+    """One pass of the main model over x (B, C, H, W) and its vertical flip (a batch of 2B): float32
+    tensors ``log_prob`` and ``flip_log_prob`` (B,) nats (a VAE's: IWAE with the scorer's k; a
+    class-conditional model's: p(x) = sum_y p(x|y) p(y)), ``pixel_top`` (B,) nats for unconditional
+    autoregressive models, ``kl`` and ``latent`` (B,) for VAEs."""
+    b = x.shape[0]
+    xx = torch.cat([x, x.flip(2)])  # (2B, C, H, W): the images, then upside down
+    model = scorer.model
+    out: dict[str, Tensor] = {}
+    if model.n_classes is not None:
+        assert scorer.prior is not None
+        cll = class_log_likelihood(model, xx)  # (2B, K) nats
+        lp = posterior_from(cll, scorer.prior).log_marginal
+        out["class_log_likelihood"] = cll[:b]
+    elif isinstance(model, VAE):
+        terms = vae_terms(model, xx, scorer.vae_score_k)
+        lp = terms["log_prob"]
+        d = model.config.latent_dim
+        out["kl"] = terms["kl"][:b] / d
+        out["latent"] = terms["latent"][:b] / d
+    else:
+        assert isinstance(model, AutoregressiveModel)
+        nll_pix = -model.pixel_log_prob(xx[:b]).sum(1).flatten(1)  # (B, H*W) nats
+        flip_lp = model.log_prob(xx[b:])
+        lp = torch.cat([-nll_pix.sum(1), flip_lp])
+        k = max(1, round(PIXEL_TOP_FRACTION * nll_pix.shape[1]))
+        out["pixel_top"] = nll_pix.topk(k, dim=1).values.mean(1)
+    out["log_prob"] = lp[:b]
+    out["flip_log_prob"] = lp[b:]
+    return {k: v.float() for k, v in out.items()}
+
+
+def image_statistics(x: Tensor, *, levels: int) -> dict[str, Tensor]:
+    """``border`` and ``background`` of images x (B, C, H, W) integer levels, (B,) float64 each."""
+    v = x.double() / (levels - 1)
+    ring = torch.ones(x.shape[2:], dtype=torch.bool, device=x.device)
+    ring[2:-2, 2:-2] = False  # the outer two-pixel ring
+    border = v[:, :, ring].flatten(1).mean(1)
+    background = (v <= DARK_FRACTION).flatten(1).double().mean(1)
+    return {"border": border, "background": background}
+
+
+def statistics_from(
+    raw: dict[str, Tensor], *, code_bits: Tensor, image_stats: dict[str, Tensor], dims: int
+) -> dict[str, Tensor]:
+    """Every statistic (B,) float64 from :func:`raw_outputs`, the code lengths (B,) bits and
+    :func:`image_statistics`."""
+    ln2 = math.log(2.0)
+    nll = -raw["log_prob"].double().cpu() / (dims * ln2)
+    flip_nll = -raw["flip_log_prob"].double().cpu() / (dims * ln2)
+    out = {
+        "nll": nll,
+        "complexity": nll - code_bits.double().cpu() / dims,
+        "flip": nll - flip_nll,
+        **{k: v.cpu() for k, v in image_stats.items()},
+    }
+    for k in ("pixel_top", "kl", "latent"):
+        if k in raw:
+            out[k] = raw[k].double().cpu()
+    return out
+
+
+@overload
+def model_statistics(scorer: Scorer, x: Tensor) -> dict[str, Tensor]: ...
+@overload
+def model_statistics(
+    scorer: Scorer, x: Tensor, *, with_raw: Literal[True]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]: ...
+def model_statistics(
+    scorer: Scorer, x: Tensor, *, with_raw: bool = False
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every statistic the scorer's model gives, for images x (B, C, H, W): (B,) float64 each, on CPU;
+    with ``with_raw`` also :func:`raw_outputs` (its ``log_prob`` is what /score reports)."""
+    raw = raw_outputs(scorer, x)
+    code_bits = code_length_bits(x, levels=scorer.model.levels)
+    stats = statistics_from(
+        raw, code_bits=code_bits, image_stats=image_statistics(x, levels=scorer.model.levels), dims=scorer.model.dims
+    )
+    stats = {n: stats[n] for n in statistic_names(scorer)}
+    return (stats, raw) if with_raw else stats

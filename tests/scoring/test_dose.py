@@ -1,0 +1,116 @@
+"""The dose score (models/dose.py, models/ood_stats.py): calibration on a known distribution, both
+tails, the explanation, and the statistics of a model pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.scoring.calibration import calibrate_scores
+from models.scoring.dose import DoseFit, explain, fit_dose, log10_tail, normal_scores
+from models.scoring.scorer import Scorer
+from models.scoring.scores import DOSE, NLL
+from models.scoring.statistics import BOTH, UPPER, model_statistics, vae_terms
+from models.vae import VAE, VAEConfig
+from tests.helpers import TINY_PIXELCNN, TINY_VAE
+from tools.score_sets import calibrate, score_images
+
+
+def gaussian_stats(n: int, seed: int, shift: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Three correlated statistics: a known in-distribution law (shift moves one statistic's mean)."""
+    rng = np.random.default_rng(seed)
+    cov = np.array([[1.0, 0.6, 0.0], [0.6, 1.0, 0.3], [0.0, 0.3, 1.0]])
+    x = rng.multivariate_normal([0.0, 5.0, -2.0], cov, size=n)
+    out = {"a": x[:, 0], "b": x[:, 1], "c": x[:, 2]}
+    for k, v in (shift or {}).items():
+        out[k] = out[k] + v
+    return out
+
+
+TAILS = {"a": BOTH, "b": BOTH, "c": UPPER}
+
+
+def test_the_combination_reaches_its_target_fpr_on_a_known_distribution():
+    val = gaussian_stats(2000, seed=0)
+    # fit_dose fits on one half and returns the scores of the other, which calibrate the threshold
+    fit, scores, cal_idx = fit_dose(val, ["a", "b", "c"], tails=TAILS)
+    assert len(scores) == len(cal_idx) == 1000
+    threshold = calibrate_scores(scores, fpr=0.05)["threshold"]
+    fresh = fit.score(gaussian_stats(10000, seed=1))
+    assert abs((fresh > threshold).mean() - 0.05) < 0.015  # the threshold's own sampling error: ~0.7 pp
+
+
+def test_two_sided_statistics_flag_both_tails_and_one_sided_only_one():
+    sample = np.sort(np.random.default_rng(0).normal(size=2000))
+    bw = 0.2
+    hi, lo, mid = np.array([6.0]), np.array([-6.0]), np.array([0.0])
+    both = [log10_tail(v, centres=sample, bandwidth=bw, tail=BOTH)[0] for v in (hi, lo, mid)]
+    assert both[0] < -5 and both[1] < -5 and both[2] > -0.5  # far out on either side: tiny p
+    up = [log10_tail(v, centres=sample, bandwidth=bw, tail=UPPER)[0] for v in (hi, lo)]
+    assert up[0] < -5 and up[1] > -1e-3  # an upper-tail statistic does not mind small values
+    z = normal_scores(np.array([-6.0, 6.0]), centres=sample, bandwidth=bw, tail=UPPER)
+    assert z[0] == 0.0 and z[1] > 5
+    val = gaussian_stats(1000, seed=0)
+    fit = DoseFit.fit(val, ["a", "b", "c"], tails=TAILS)
+    base = fit.score(gaussian_stats(1, seed=3))[0]
+    assert fit.score(gaussian_stats(1, seed=3, shift={"a": 8.0}))[0] > base + 20
+    assert fit.score(gaussian_stats(1, seed=3, shift={"a": -8.0}))[0] > base + 20
+    assert fit.score(gaussian_stats(1, seed=3, shift={"c": -8.0}))[0] < base + 5  # c is upper-tail only
+
+
+def test_the_explanation_names_the_statistic_that_crossed():
+    val = gaussian_stats(1000, seed=0)
+    fit = DoseFit.fit(val, ["a", "b", "c"], tails=TAILS)
+    threshold = 20.0
+    odd = gaussian_stats(1, seed=5, shift={"c": 9.0})
+    lp, parts = fit.log10_p(odd)[0], fit.contributions(odd)[0]
+    assert parts.sum() == pytest.approx(fit.score(odd)[0])
+    e = explain({k: float(v[0]) for k, v in odd.items()}, lp, parts, fit, threshold)
+    assert e["decided_by"] == ["c"] and e["statistics"]["c"]["crossed"] and e["most_extreme"] == "c"
+    assert not e["statistics"]["a"]["crossed"] and e["statistics"]["c"]["p_value"] < 1e-6
+    typical = gaussian_stats(1, seed=6)
+    e = explain(
+        {k: float(v[0]) for k, v in typical.items()},
+        fit.log10_p(typical)[0],
+        fit.contributions(typical)[0],
+        fit,
+        threshold,
+    )
+    assert e["decided_by"] == [] and not any(s["crossed"] for s in e["statistics"].values())
+
+
+def test_a_fit_survives_json():
+    val = gaussian_stats(500, seed=0)
+    fit = DoseFit.fit(val, ["a", "b", "c"], tails=TAILS)
+    again = DoseFit.from_json(fit.to_json())
+    probe = gaussian_stats(50, seed=2)
+    np.testing.assert_allclose(again.score(probe), fit.score(probe), rtol=1e-5)
+
+
+def test_vae_terms_give_the_scored_iwae_estimate():
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(**TINY_VAE)).eval()
+    x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(vae_terms(vae, x, 1)["log_prob"], vae.iwae(x, 1))
+        torch.testing.assert_close(vae_terms(vae, x, 3)["log_prob"], vae.iwae(x, 3))
+
+
+def test_dose_through_the_scorer_is_the_calibrated_function():
+    torch.manual_seed(0)
+    scorer = Scorer(PixelCNN(PixelCNNConfig(**TINY_PIXELCNN)).eval(), weights_sha256="0" * 64)
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 40, size=(24, 1, 8, 8), dtype=np.uint8))
+    cal = calibrate(scorer, x, data_spec="test", fpr=0.1, show_progress=False)
+    assert cal["default_score"] == DOSE and cal["dose"]["n_fit"] == 12 and DOSE in scorer.score_types
+    got = scorer.compute(x[:4], None, [DOSE, NLL])
+    offline = score_images(scorer, x[:4], names=[DOSE, NLL], show_progress=False)
+    np.testing.assert_allclose(got.scores[DOSE].numpy(), offline[DOSE], rtol=1e-6)
+    np.testing.assert_allclose(got.scores[NLL].numpy(), offline[NLL], rtol=1e-5)
+    assert got.dose_contributions is not None and got.dose_contributions.shape == (4, 6)
+    stats = model_statistics(scorer, x[:4])
+    assert set(stats) == {"nll", "complexity", "flip", "border", "background", "pixel_top"}
+    # the flip statistic is antisymmetric: an image against its flip and the flip against the image
+    flipped = model_statistics(scorer, x[:4].flip(2))
+    torch.testing.assert_close(flipped["flip"], -stats["flip"], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,69 @@
+"""A few files of every kind of the real-upload suite through /score end to end (multipart,
+resize=true), against tiny models calibrated with the dose score: every answer carries an
+explanation that agrees with its flag."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import update_metadata
+from models.scoring.scorer import load_scorer
+from models.scoring.scores import DOSE
+from tools.score_sets import calibrate
+from tools.upload_suite import KINDS
+
+pytestmark = pytest.mark.anyio
+
+SUITE = Path(__file__).resolve().parents[2] / "data" / "upload-suite"
+
+
+@pytest.fixture(scope="module")
+def dose_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dose")
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 40, size=(40, 1, 8, 8), dtype=np.uint8))
+    for name in ("pixelcnn", "vae"):
+        shutil.copytree(model_dir / name, root / name)
+        scorer, _ = load_scorer(root / name)
+        update_metadata(
+            root / name, calibration=calibrate(scorer, images, data_spec="test", fpr=0.1, show_progress=False)
+        )
+    return root
+
+
+@pytest.mark.parametrize("model", ["pixelcnn", "vae"])
+async def test_suite_files_of_every_kind_through_score(make_settings, dose_dir: Path, model: str):
+    from tests.service.helpers import running
+
+    files = [p for kind in KINDS for p in sorted((SUITE / kind).iterdir())[:2]]
+    async with running(make_settings(model_dir=dose_dir)) as (_, c):
+        info = {m["name"]: m for m in (await c.get("/models")).json()["models"]}[model]
+        assert info["default_score_type"] == DOSE and DOSE in info["score_types"]
+        for f in files:
+            r = await c.post(
+                "/score",
+                data={"model": model, "resize": "true"},
+                files=[("files", (f.name, f.read_bytes(), "application/octet-stream"))],
+            )
+            assert r.status_code == 200, (f, r.text)
+            body = r.json()
+            assert body["score_type"] == DOSE
+            res = body["results"][0]
+            e = res["explanation"]
+            assert res["resized"] and e is not None and res["threshold"] is not None
+            shares = sum(s["contribution"] for s in e["statistics"].values())
+            assert shares == pytest.approx(res["score"], rel=1e-6, abs=1e-6)
+            assert bool(e["decided_by"]) == res["is_outlier"]
+            assert all(e["statistics"][n]["crossed"] for n in e["decided_by"])
+        # another score type: no explanation
+        r = await c.post(
+            "/score",
+            data={"model": model, "resize": "true", "score_type": "nll"},
+            files=[("files", (files[0].name, files[0].read_bytes(), "application/octet-stream"))],
+        )
+        assert r.status_code == 200 and r.json()["results"][0]["explanation"] is None

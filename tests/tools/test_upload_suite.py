@@ -1,0 +1,67 @@
+"""The real-upload suite: its files go through the service's conversion, byte for byte."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.image_convert import file_to_levels
+from service.uploads import decode_all
+from tools.ood_eval import load_eval_set, suite_specs
+from tools.upload_suite import KINDS
+
+SUITE = Path(__file__).resolve().parents[2] / "data" / "upload-suite"
+
+
+def kind_files(n: int) -> list[Path]:
+    return [p for kind in KINDS for p in sorted((SUITE / kind).iterdir())[:n]]
+
+
+def test_the_suite_has_every_kind_with_its_sources():
+    assert [s.rpartition("/")[2] for s in suite_specs(SUITE)] == sorted(KINDS)
+    sources = (SUITE / "SOURCES.md").read_text()
+    assert all(f"**{k}**" in sources for k in KINDS)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 8, 8)])
+def test_the_suite_conversion_is_the_services(shape):
+    entry = SimpleNamespace(shape=shape, name="m", levels=256)
+    files = kind_files(2)
+    served, converted = decode_all([p.read_bytes() for p in files], entry, resize=True, max_pixels=10**8)  # type: ignore[arg-type]
+    offline = np.stack([file_to_levels(p.read_bytes(), shape, 256) for p in files])
+    np.testing.assert_array_equal(served, offline)
+    assert all(converted)
+
+
+def test_eval_sets_of_files_decode_each_file_as_the_service():
+    folder = SUITE / "emoji"
+    data = load_eval_set(f"files:{folder}", shape=(1, 28, 28), levels=256)
+    first = sorted(folder.iterdir())[0]
+    assert data.images.shape[1:] == (1, 28, 28) and data.images.dtype == torch.uint8
+    np.testing.assert_array_equal(data.images[0].numpy(), file_to_levels(first.read_bytes(), (1, 28, 28), 256))
+
+
+def png(im: Image.Image, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **kwargs)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def test_alpha_is_background_and_exif_rotation_is_applied():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255  # white, but fully transparent except the top row
+    rgba[0, :, 3] = 255
+    got = file_to_levels(png(Image.fromarray(rgba)), (1, 8, 8), 256)[0]
+    assert (got[0] == 255).all() and (got[1:] == 0).all()
+    tall = np.zeros((8, 8), np.uint8)
+    tall[0] = 200  # a bright top row, stored upside down with EXIF orientation 3 (rotate 180)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    rotated = file_to_levels(png(Image.fromarray(tall[::-1].copy()), exif=exif), (1, 8, 8), 256)[0]
+    assert (rotated[0] == 200).all() and (rotated[-1] == 0).all()
