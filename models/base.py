@@ -162,8 +162,14 @@ class DensityModel(nn.Module):
         y: Tensor | None = None,
         on_row: RowCallback | None = None,
     ) -> SampleOutput:
-        """Draw n images (n, C, H, W) uint8; ``on_row`` reports progress (see RowCallback)."""
-        raise NotImplementedError
+        """Draw n images (n, C, H, W) uint8; ``on_row`` reports progress (see RowCallback).
+
+        This default runs one part through :meth:`sample_parts`, a model's fastest sampler; a model
+        implements one of the two (a VAE :meth:`sample`, an autoregressive model its samplers).
+        """
+        out = self.sample_parts([SamplePart(n, generator, temperature, y, on_row=on_row)])[0]
+        assert out is not None  # a part without ``cancelled`` is never dropped
+        return out
 
     def sample_parts(
         self, parts: list[SamplePart], *, between_steps: StepCallback | None = None
@@ -240,28 +246,12 @@ class AutoregressiveModel(DensityModel):
         nll = -self.log_prob(x, y)
         return TrainStep(loss=nll.mean() / self.dims, nll=nll.detach())
 
-    def sample(
-        self,
-        n: int,
-        *,
-        generator: torch.Generator | None = None,
-        temperature: float = 1.0,
-        y: Tensor | None = None,
-        on_row: RowCallback | None = None,
-    ) -> SampleOutput:
-        """Draw n images through :meth:`sample_parts` (one part): a model's fastest sampler.
-
-        Every sampler draws what :meth:`sample_naive`, the reference, draws for the same generator.
-        """
-        out = self.sample_parts([SamplePart(n, generator, temperature, y, on_row=on_row)])[0]
-        assert out is not None  # a part without ``cancelled`` is never dropped
-        return out
-
     def sample_parts(
         self, parts: list[SamplePart], *, between_steps: StepCallback | None = None
     ) -> list[SampleOutput | None]:
         """All parts as one batch through the model's cached sampler; without one, each part with the
-        reference sampler."""
+        reference sampler. Every sampler draws what :meth:`sample_naive`, the reference, draws for
+        the same generator."""
         sampler = type(self).cached_sampler
         if sampler is None:
             return self._parts_one_by_one(parts, self.sample_naive, between_steps)

@@ -4,18 +4,23 @@ multipart/form-data with one or more ``files``, decoded and checked against the 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from fastapi import Request
+from fastapi import Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import images
+from service.deps import AppMetrics, AppSettings, Registry
+from service.disconnect import unless_disconnected
 from service.entries import ModelEntry
 from service.errors import BadRequest, UnsupportedMediaType
+from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.schemas import MODEL_ERRORS, ErrorResponse
 from service.settings import Settings
@@ -143,3 +148,43 @@ async def decode(
 ) -> tuple[np.ndarray, list[bool]]:
     """:func:`decode_all` in the thread pool: (B, C, H, W) levels and whether each image was converted."""
     return await run_in_threadpool(decode_all, data, entry, resize=resize, max_pixels=settings.max_image_pixels)
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class UploadCall:
+    """What an upload route (/score, /classify, /encode) works with: its request, the app's registry,
+    settings and metrics, and the ``resize`` query parameter; :meth:`receive`, :meth:`decode` and
+    :meth:`wait` are its steps."""
+
+    request: Request
+    registry: ModelRegistry
+    settings: Settings
+    metrics: Metrics
+    resize: bool | None
+
+    async def receive(self, json_model: type[J], form_model: type[F]) -> tuple[J | F, list[bytes | str], ModelEntry]:
+        return await receive(self.request, self.registry, self.settings, json_model, form_model)
+
+    async def decode(self, data: list[bytes | str], entry: ModelEntry, parsed: Any) -> tuple[np.ndarray, list[bool]]:
+        """The images as levels (B, C, H, W), converted where ``resize`` is set in the query or the body."""
+        return await decode(data, entry, self.settings, resize=bool(self.resize or parsed.resize))
+
+    async def wait(self, work: Awaitable[R]) -> R:
+        """The model's answer, unless the client goes away first (service/disconnect.py)."""
+        return await unless_disconnected(self.request, work)
+
+
+async def upload_call(
+    request: Request,
+    registry: Registry,
+    settings: AppSettings,
+    metrics: AppMetrics,
+    resize: bool | None = Query(None, description="convert mode and size instead of refusing"),
+) -> UploadCall:
+    return UploadCall(request=request, registry=registry, settings=settings, metrics=metrics, resize=resize)
+
+
+Upload = Annotated[UploadCall, Depends(upload_call)]

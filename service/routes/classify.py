@@ -11,17 +11,16 @@ from __future__ import annotations
 import math
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from models.likelihood import bits_per_dim
 from models.scoring.calibration import calibration_for
-from service.deps import AppMetrics, AppSettings, Registry
-from service.disconnect import unless_disconnected
+from service.deps import Registry
 from service.entries import ModelEntry
 from service.errors import BadRequest
 from service.schemas import FORM_BOOL_SCHEMA, ClassifyRequest, ClassifyResponse, ClassifyResult, ImagesForm
-from service.uploads import decode, receive, request_body, upload_responses
+from service.uploads import Upload, request_body, upload_responses
 
 router = APIRouter(tags=["classify"])
 
@@ -83,20 +82,15 @@ def build_results(
     openapi_extra=request_body(ClassifyRequest, {"resize": FORM_BOOL_SCHEMA}),
     responses=upload_responses("not a conditional model, bad image, wrong size, too many"),
 )
-async def classify(
-    request: Request,
-    registry: Registry,
-    settings: AppSettings,
-    metrics: AppMetrics,
-    resize: bool | None = Query(None, description="convert mode and size instead of refusing"),
-) -> ClassifyResponse:
-    parsed, data, entry = await receive(request, registry, settings, ClassifyRequest, ImagesForm)
+async def classify(upload: Upload) -> ClassifyResponse:
+    registry, metrics = upload.registry, upload.metrics
+    parsed, data, entry = await upload.receive(ClassifyRequest, ImagesForm)
     require_conditional(registry, entry)
     score_type = entry.default_score_type
-    x, converted = await decode(data, entry, settings, resize=bool(resize or parsed.resize))
+    x, converted = await upload.decode(data, entry, parsed)
     b = x.shape[0]
     work = registry.score(entry, torch.from_numpy(x), None, score_type=score_type, heatmap=False)
-    out = await unless_disconnected(request, work)
+    out = await upload.wait(work)
     assert all(v.shape[0] == b for v in out.values()), "one output per image"
     results = await run_in_threadpool(build_results, entry, score_type, out, converted)
     metrics.images_classified.labels(model=entry.name).inc(b)

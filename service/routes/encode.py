@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter
 
-from service.deps import AppMetrics, AppSettings, Registry
-from service.disconnect import unless_disconnected
 from service.errors import BadRequest
 from service.schemas import FORM_BOOL_SCHEMA, EncodeRequest, EncodeResponse, EncodeResult, ImagesForm
-from service.uploads import decode, receive, request_body, upload_responses
+from service.uploads import Upload, request_body, upload_responses
 
 router = APIRouter(tags=["encode"])
 
@@ -26,23 +24,18 @@ router = APIRouter(tags=["encode"])
     openapi_extra=request_body(EncodeRequest, {"resize": FORM_BOOL_SCHEMA}),
     responses=upload_responses("not a VAE, bad image, wrong size, too many images"),
 )
-async def encode(
-    request: Request,
-    registry: Registry,
-    settings: AppSettings,
-    metrics: AppMetrics,
-    resize: bool | None = Query(None, description="convert mode and size instead of refusing"),
-) -> EncodeResponse:
-    parsed, data, entry = await receive(request, registry, settings, EncodeRequest, ImagesForm)
+async def encode(upload: Upload) -> EncodeResponse:
+    registry, metrics = upload.registry, upload.metrics
+    parsed, data, entry = await upload.receive(EncodeRequest, ImagesForm)
     if entry.skeleton.kind != "vae":
         vaes = sorted(e.name for e in registry.entries.values() if e.skeleton.kind == "vae")
         raise BadRequest(
             f"model '{entry.name}' is {entry.skeleton.kind}, with no encoder; /encode needs a VAE "
             f"(`kind: vae` in GET /models: {vaes or 'none served'})"
         )
-    x, converted = await decode(data, entry, settings, resize=bool(resize or parsed.resize))
+    x, converted = await upload.decode(data, entry, parsed)
     b = x.shape[0]
-    out = await unless_disconnected(request, registry.encode(entry, torch.from_numpy(x)))
+    out = await upload.wait(registry.encode(entry, torch.from_numpy(x)))
     assert out["mean"].shape[0] == b and out["std"].shape[0] == b, "one code per image"
     metrics.images_encoded.labels(model=entry.name).inc(b)
     results = [

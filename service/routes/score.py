@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from models.likelihood import bits_per_dim
 from models.scoring.calibration import Calibration, calibration_for
 from models.scoring.scores import DOSE, GUARDED
 from service import images, scoring
-from service.deps import AppMetrics, AppSettings, Registry
-from service.disconnect import unless_disconnected
 from service.entries import ModelEntry
 from service.errors import BadRequest
 from service.schemas import (
@@ -29,7 +27,7 @@ from service.schemas import (
     ScoreResponse,
     ScoreResult,
 )
-from service.uploads import decode, receive, request_body, upload_responses
+from service.uploads import Upload, request_body, upload_responses
 
 router = APIRouter(tags=["score"])
 
@@ -102,14 +100,9 @@ def explanation(
     openapi_extra=request_body(ScoreRequest, FORM_FIELDS),
     responses=upload_responses("bad image, wrong size, too many images, bad option"),
 )
-async def score(
-    request: Request,
-    registry: Registry,
-    settings: AppSettings,
-    metrics: AppMetrics,
-    resize: bool | None = Query(None, description="convert mode and size instead of refusing"),
-) -> ScoreResponse:
-    parsed, data, entry = await receive(request, registry, settings, ScoreRequest, ScoreForm)
+async def score(upload: Upload) -> ScoreResponse:
+    request, registry, metrics = upload.request, upload.registry, upload.metrics
+    parsed, data, entry = await upload.receive(ScoreRequest, ScoreForm)
     score_type = entry.resolve_score_type(parsed.score_type)
     if parsed.label is not None and score_type == DOSE:
         if parsed.score_type is not None:
@@ -128,11 +121,11 @@ async def score(
             f"model '{entry.name}' is class-conditional: without a label it scores p(x) = sum_y p(x|y) p(y), "
             "which has no per-pixel terms; send 'label' for a heatmap of p(x|y)"
         )
-    x, converted = await decode(data, entry, settings, resize=bool(resize or parsed.resize))
+    x, converted = await upload.decode(data, entry, parsed)
     b = x.shape[0]
     y = None if label is None else torch.full((b,), label, dtype=torch.long)
     work = registry.score(entry, torch.from_numpy(x), y, score_type=score_type, heatmap=parsed.heatmap)
-    out = await unless_disconnected(request, work)
+    out = await upload.wait(work)
     assert all(v.shape[0] == b for v in out.values()), "one output per image"
     inputs = images.from_levels(x, entry.levels) if parsed.input_image else None
     results = await run_in_threadpool(
