@@ -17,7 +17,7 @@ from models.scoring.calibration import default_score_type
 from models.scoring.classify import training_prior
 from models.scoring.dose import DoseFit
 from models.scoring.scorer import BACKGROUND, calibrated_dose, has_background, has_dose
-from models.scoring.scores import available_score_types
+from models.scoring.scores import DOSE, GUARDED, available_score_types
 from service.batching import Worker
 from service.errors import BadRequest
 
@@ -139,10 +139,19 @@ class ModelEntry:
             raise BadRequest(f"label {label} is out of range for model '{self.name}'; send {choices}")
         return label
 
-    def resolve_score_type(self, requested: str | None) -> str:
+    def resolve_score_type(self, requested: str | None, *, labelled: bool = False) -> str:
+        """The score type a request gets: the one it names, else the default. ``dose`` judges p(x) and is
+        calibrated without labels, so a labelled request (p(x|y)) that names none gets
+        ``complexity_guarded`` (uncalibrated for p(x|y)), and one that names ``dose`` is refused."""
         name = requested or self.default_score_type
         if name not in self.score_types:
             raise BadRequest(f"unknown score_type '{name}'; model '{self.name}' offers {self.score_types}")
+        if labelled and name == DOSE:
+            if requested is not None:
+                raise BadRequest(
+                    "score_type 'dose' judges p(x), calibrated without labels; send no label, or another score_type"
+                )
+            return GUARDED
         return name
 
 

@@ -258,6 +258,16 @@ def _add_calibrate(sub: Any) -> None:
     c.set_defaults(func=_calibrate)
 
 
+def _add_set_options(p: Any, *, batch_size: int) -> None:
+    """The options eval-ood and eval-classify share: subsets, seed, batch, device, cache, progress."""
+    p.add_argument("--limit", type=int, help="at most this many images per set (a seeded random subset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sets and subsets")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_eval_ood(sub: Any) -> None:
     """``genserve eval-ood``: outlier detection against out-of-distribution sets."""
     o = sub.add_parser(
@@ -278,13 +288,8 @@ def _add_eval_ood(sub: Any) -> None:
     o.add_argument("--scores", help="comma-separated score types to evaluate (default: all the model offers)")
     o.add_argument("--report-dir", default="docs/ood", help="where NAME.json, NAME.md and the PNG plots go")
     o.add_argument("--name", help="report file name stem (default: the model folder's name)")
-    o.add_argument("--limit", type=int, help="at most this many images per set (a seeded random subset)")
-    o.add_argument("--seed", type=int, default=0, help="seed of the synthetic sets and subsets")
     o.add_argument("--examples", type=int, default=4, help="images per set in the heatmap figure (0: none)")
-    o.add_argument("--batch-size", type=int, default=128)
-    o.add_argument("--device", default="auto")
-    o.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
-    o.add_argument("--no-progress", action="store_true")
+    _add_set_options(o, batch_size=128)
     o.set_defaults(func=_eval_ood)
 
 
@@ -301,12 +306,7 @@ def _add_eval_classify(sub: Any) -> None:
     k.add_argument("--in", dest="in_spec", default="fashion-mnist:test", help="labelled in-distribution test data")
     k.add_argument("--out", dest="out_specs", action="append", metavar="SPEC", help="an out-of-distribution set")
     k.add_argument("--report", help="write the JSON report here and a markdown table beside it (.md)")
-    k.add_argument("--limit", type=int, help="at most this many images per set (a seeded random subset)")
-    k.add_argument("--seed", type=int, default=0, help="seed of the subsets and synthetic sets")
-    k.add_argument("--batch-size", type=int, default=64)
-    k.add_argument("--device", default="auto")
-    k.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
-    k.add_argument("--no-progress", action="store_true")
+    _add_set_options(k, batch_size=64)
     k.set_defaults(func=_eval_classify)
 
 

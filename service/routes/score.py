@@ -15,7 +15,6 @@ from starlette.concurrency import run_in_threadpool
 
 from models.likelihood import bits_per_dim
 from models.scoring.calibration import Calibration, calibration_for
-from models.scoring.scores import DOSE, GUARDED
 from service import images, scoring
 from service.entries import ModelEntry
 from service.errors import BadRequest
@@ -103,13 +102,7 @@ def explanation(
 async def score(upload: Upload) -> ScoreResponse:
     request, registry, metrics = upload.request, upload.registry, upload.metrics
     parsed, data, entry = await upload.receive(ScoreRequest, ScoreForm)
-    score_type = entry.resolve_score_type(parsed.score_type)
-    if parsed.label is not None and score_type == DOSE:
-        if parsed.score_type is not None:
-            raise BadRequest(
-                "score_type 'dose' judges p(x), calibrated without labels; send no label, or another score_type"
-            )
-        score_type = GUARDED  # p(x|y) of the given label: the single-statistic default, uncalibrated
+    score_type = entry.resolve_score_type(parsed.score_type, labelled=parsed.label is not None)
     if parsed.heatmap and not entry.per_pixel:
         raise BadRequest(
             f"heatmaps need per-pixel likelihoods, which only autoregressive models give; "

@@ -67,3 +67,23 @@ async def test_suite_files_of_every_kind_through_score(make_settings, dose_dir: 
             files=[("files", (files[0].name, files[0].read_bytes(), "application/octet-stream"))],
         )
         assert r.status_code == 200 and r.json()["results"][0]["explanation"] is None
+
+
+def test_a_labelled_request_never_gets_the_dose_score() -> None:
+    """dose is calibrated on p(x): a labelled request (p(x|y)) falls back to complexity_guarded, or
+    is refused if it names dose."""
+    from models.checkpoint import build_model
+    from models.scoring.scores import GUARDED
+    from service.entries import ModelEntry
+    from service.errors import BadRequest
+    from tests.helpers import TINY_PIXELCNN
+
+    with torch.device("meta"):
+        skeleton = build_model("gated_pixelcnn", {**TINY_PIXELCNN, "n_classes": 3})
+    meta = {"weights": {"sha256": ""}, "calibration": {"default_score": DOSE, "dose": {"statistics": []}}}
+    entry = ModelEntry(name="m", folder=Path("m"), meta=meta, skeleton=skeleton, workers=[])
+    assert entry.resolve_score_type(None) == DOSE
+    assert entry.resolve_score_type(None, labelled=True) == GUARDED
+    assert entry.resolve_score_type("nll", labelled=True) == "nll"
+    with pytest.raises(BadRequest, match="judges p\\(x\\)"):
+        entry.resolve_score_type(DOSE, labelled=True)
