@@ -81,7 +81,7 @@ test-container: check-deploy
 GPU_WHEELS ?= fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 pydantic==2.14.4 pydantic-core==2.50.5 \
 	pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
 	uvicorn==0.54.0 httptools==0.9.0 python-multipart==0.0.34 typing-extensions==4.16.0 \
-	litserve==0.2.19 pyzmq==27.3.0
+	litserve==0.2.19 pyzmq==27.3.0 opentelemetry-api==1.45.2
 GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
 
 .PHONY: gpu-wheels

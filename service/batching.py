@@ -86,7 +86,7 @@ class BatchLimits:
     max_concurrent_samples: int
     max_sample_batch: int = 64
     warmup: bool = True
-    cuda_graphs: bool = False  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
+    cuda_graphs: bool = True  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
     torch_threads: int | None = None  # CPU threads of each thread that runs the model (None: torch's default)
 
 
