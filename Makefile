@@ -88,3 +88,5 @@ GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylin
 gpu-wheels: setup
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	# hey (Debian's, a static Go binary) lets the HTTP benches load a GPU server; the device image has none.
+	if command -v hey >/dev/null; then mkdir -p .whl/bin && cp "$$(command -v hey)" .whl/bin/; fi

@@ -7,7 +7,12 @@
 # Results land in $OUT, six files (the device tool brings back at most eight).
 #
 #   here:     make gpu-wheels                      # the web stack the device image lacks, into .whl/
+#                                                  # (and Debian's hey, a static load generator, into .whl/bin/)
 #   device:   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#
+# GPU_CHECK_STEPS (default: all) names the steps to run, e.g. "pytest peer serve-compile".
+# With hey carried the HTTP benches use it: one Python httpx process cannot load a GPU server
+# (docs/gpu.md, first run: both servers sat at 2 to 4% of the card, client-bound).
 #
 # Steps run in order of importance, each under its own cap and all under one deadline
 # (GPU_CHECK_BUDGET_S, default 560 s), so a slow step cuts the last ones short, never the whole run.
@@ -25,10 +30,16 @@ if [ "${GPU_CHECK_SKIP_INSTALL:-0}" != 1 ]; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 PY=${GPU_CHECK_PYTHON:-python3}
+STEPS=${GPU_CHECK_STEPS:-all}
+CLIENT=httpx
+if [ -x .whl/bin/hey ]; then export PATH=$PWD/.whl/bin:$PATH; fi
+if command -v hey >/dev/null; then CLIENT=hey; fi
 
-# step CAP_S FILE CMD...: run CMD under min(CAP_S, what is left of the budget), output appended to FILE.
+# step NAME CAP_S FILE CMD...: unless GPU_CHECK_STEPS leaves NAME out, run CMD under min(CAP_S, what
+# is left of the budget), output appended to FILE.
 step() {
-  local cap=$1 file=$2; shift 2
+  local name=$1 cap=$2 file=$3; shift 3
+  case " $STEPS " in *" all "*|*" $name "*) ;; *) return ;; esac
   local left=$((BUDGET - ($(date +%s) - START)))
   local t=$((cap < left ? cap : left))
   if [ "$t" -lt 10 ]; then echo "skipped (budget spent): $*" | tee -a "$OUT/$file"; return; fi
@@ -39,20 +50,24 @@ step() {
 
 { nvidia-smi -L; $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"; } 2>&1 \
   | tee "$OUT/pytest.log"
-step 150 pytest.log $PY -m pytest -q -p no:cacheprovider -rs tests/service/test_gpu.py tests/models/test_sampling.py \
+step pytest 150 pytest.log $PY -m pytest -q -p no:cacheprovider -rs tests/service/test_gpu.py tests/models/test_sampling.py \
   tests/models/test_pixelrnn.py tests/service/test_sampling.py
-step 90 sampling.json $PY bench/sampling.py --device "${DEV%%:*}" --n 1 16 64 --naive-rows 2 --cuda-graphs --json
+step sampling 90 sampling.json $PY bench/sampling.py --device "${DEV%%:*}" --n 1 16 64 --naive-rows 2 --cuda-graphs --json
 # genserve against LitServe on the card, two models (the lent time does not fit all five).
-step 150 peer.txt $PY bench/peer_bench.py --device "$DEV" --client httpx --seconds 4 --rounds 1 \
+step peer 150 peer.txt $PY bench/peer_bench.py --device "$DEV" --client "$CLIENT" --seconds 4 --rounds 1 \
   --models pixelcnn-fmnist vae-fmnist
 for model in pixelcnn-fmnist vae-fmnist; do
-  step 50 throughput.txt $PY bench/throughput.py --model "$model" --device "$DEV" --seconds 4 --client httpx
+  step throughput 50 throughput.txt $PY bench/throughput.py --model "$model" --device "$DEV" --seconds 4 --client "$CLIENT"
 done
-step 100 compile.txt $PY bench/compile_check.py --device "$DEV" --batch 1 256 --seconds 3
-step 60 sampling.json $PY bench/sampling.py --device "${DEV%%:*}" --model checkpoints/pixelrnn-fmnist --n 1 16 64 \
+# The server with GENSERVE_COMPILE=1 (the PixelCNN's likelihood through torch.compile; startup compiles
+# every padded batch size), against the rows above.
+step serve-compile 150 throughput.txt env GENSERVE_COMPILE=1 $PY bench/throughput.py --model pixelcnn-fmnist \
+  --device "$DEV" --seconds 4 --client "$CLIENT"
+step compile 100 compile.txt $PY bench/compile_check.py --device "$DEV" --batch 1 256 --seconds 3
+step sampling 60 sampling.json $PY bench/sampling.py --device "${DEV%%:*}" --model checkpoints/pixelrnn-fmnist --n 1 16 64 \
   --naive-rows 2 --cuda-graphs --json
 # The fast forward is a CPU path (models/fast.py): masked vs fast on the host's cores; then whether an
 # idle OpenMP pool slows other threads on a many-core host (service/compute.py).
-step 50 host-cpu.txt $PY bench/fast_forward.py --batch 1 32 --seconds 8 --sample 16 --sample-rounds 1
-step 30 host-cpu.txt $PY bench/omp_pools.py --others 4
+step host-cpu 50 host-cpu.txt $PY bench/fast_forward.py --batch 1 32 --seconds 8 --sample 16 --sample-rounds 1
+step host-cpu 30 host-cpu.txt $PY bench/omp_pools.py --others 4
 echo "gpu_check done in $(($(date +%s) - START))s"

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from models.compiled import CompiledLogProb, padded_sizes
 from models.likelihood import categorical_log_prob
 
 # Sampling temperatures outside this range are refused. For the shipped autoregressive models every
@@ -110,13 +111,20 @@ class DensityModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def prepare_for_inference(self, *, cuda_graphs: bool = False) -> None:
+    def prepare_for_inference(self, *, cuda_graphs: bool = False, compile: bool = False) -> None:
         """Change only how the model runs, where that is faster on its current device: memory layout,
-        and with ``cuda_graphs`` on a CUDA device, sampling steps replayed as CUDA graphs (models
-        that have them; elsewhere it is ignored).
+        with ``cuda_graphs`` on a CUDA device, sampling steps replayed as CUDA graphs, and with
+        ``compile``, the exact likelihood through ``torch.compile`` (models that have them; elsewhere
+        both are ignored).
 
         Values stay equal up to float rounding. Call after moving the model; this default does nothing.
         """
+
+    def warmup_batch_sizes(self, max_batch: int) -> list[int]:
+        """The batch sizes a server should run once before it answers, so that no request pays for a
+        lazy initialisation: one image, unless :meth:`prepare_for_inference` compiled one graph per
+        batch size (then each size a batch of at most ``max_batch`` images is padded to)."""
+        return [1]
 
     def check_input(self, x: Tensor, y: Tensor | None = None) -> None:
         """Raise ValueError unless x is (B, C, H, W) integers in range and y fits the model."""
@@ -224,11 +232,20 @@ class AutoregressiveModel(DensityModel):
     # in O(1) layer evaluations per sub-pixel. None: the reference sampler, part by part.
     cached_sampler: ClassVar[CachedSampler | None] = None
     sample_cuda_graphs: bool = False  # set by prepare_for_inference
+    compiled_log_prob: CompiledLogProb | None = None  # set by prepare_for_inference(compile=True)
 
-    def prepare_for_inference(self, *, cuda_graphs: bool = False) -> None:
+    def prepare_for_inference(self, *, cuda_graphs: bool = False, compile: bool = False) -> None:
         """With ``cuda_graphs`` on a CUDA device, the cached sampler replays its pixel step as a CUDA
-        graph (models/sampling/cached.py): the same images, one launch per step."""
+        graph (models/sampling/cached.py): the same images, one launch per step. With ``compile``,
+        :meth:`pixel_log_prob` of eval-mode passes without gradients runs through ``torch.compile``
+        (:class:`CompiledLogProb`: batches padded to a power of two, one graph each)."""
         self.sample_cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.cached_sampler is not None
+        self.compiled_log_prob = CompiledLogProb(self._pixel_log_prob) if compile else None
+
+    def warmup_batch_sizes(self, max_batch: int) -> list[int]:
+        if self.compiled_log_prob is None:
+            return [1]
+        return padded_sizes(max_batch)
 
     def logits(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Unnormalised logits (B, C, levels, H, W); position i may depend only on x_<i."""
@@ -237,6 +254,12 @@ class AutoregressiveModel(DensityModel):
     def pixel_log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x_i | x_<i) for every sub-pixel, in nats, shape (B, C, H, W)."""
         self.check_input(x, y)
+        compiled = self.compiled_log_prob
+        if compiled is not None and not self.training and not torch.is_grad_enabled():
+            return compiled(x, y)
+        return self._pixel_log_prob(x, y)
+
+    def _pixel_log_prob(self, x: Tensor, y: Tensor | None) -> Tensor:
         return categorical_log_prob(self.logits(x, y), x)
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -58,12 +58,13 @@ class PixelCNN(AutoregressiveModel):
         self.out2 = Conv1x1(config.out_hidden, c * config.levels, c)
         self.fast: FastPixelCNN | None = None  # set by prepare_for_inference
 
-    def prepare_for_inference(self, *, cuda_graphs: bool = False) -> None:
-        """Also, on CPU: the weights as matrices for :class:`models.fast.FastPixelCNN`, which computes
-        the logits of eval-mode passes without gradients as a few large matrix products (the same
-        values up to float rounding). Call again after changing the weights."""
-        super().prepare_for_inference(cuda_graphs=cuda_graphs)
-        self.fast = FastPixelCNN(self) if self.device.type == "cpu" else None
+    def prepare_for_inference(self, *, cuda_graphs: bool = False, compile: bool = False) -> None:
+        """Also, on CPU and unless ``compile`` is asked for: the weights as matrices for
+        :class:`models.fast.FastPixelCNN`, which computes the logits of eval-mode passes without
+        gradients as a few large matrix products (the same values up to float rounding). Call again
+        after changing the weights."""
+        super().prepare_for_inference(cuda_graphs=cuda_graphs, compile=compile)
+        self.fast = FastPixelCNN(self) if self.device.type == "cpu" and not compile else None
 
     def _fast(self) -> FastPixelCNN | None:
         return self.fast if self.fast is not None and not self.training and not torch.is_grad_enabled() else None

@@ -186,10 +186,11 @@ class VAE(DensityModel):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
-    def prepare_for_inference(self, *, cuda_graphs: bool = False) -> None:
+    def prepare_for_inference(self, *, cuda_graphs: bool = False, compile: bool = False) -> None:
         """Channels-last on CPU, where the encoder's and decoder's convolutions run faster in it
         (docs/serving.md); IWAE and ELBO stay equal up to float rounding. A VAE samples in one
-        decoder pass (or a context decoder's loop), so ``cuda_graphs`` changes nothing here."""
+        decoder pass (or a context decoder's loop), so ``cuda_graphs`` changes nothing here, and its
+        likelihood is not compiled (not measured yet), so neither does ``compile``."""
         if self.device.type == "cpu":
             self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (untyped overload)
 

@@ -87,6 +87,7 @@ class BatchLimits:
     max_sample_batch: int = 64
     warmup: bool = True
     cuda_graphs: bool = True  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
+    compile: bool = False  # the exact likelihood through torch.compile on a CUDA worker (same)
     torch_threads: int | None = None  # CPU threads of each thread that runs the model (None: torch's default)
 
 
@@ -236,7 +237,8 @@ class Worker:
             torch.set_num_threads(self.limits.torch_threads)
         self._threads = torch.get_num_threads()  # what other work runs on between a generation's pixels
         scorer, _ = load_scorer(self.folder, self.device)
-        scorer.model.prepare_for_inference(cuda_graphs=self.limits.cuda_graphs)
+        on_cuda = torch.device(self.device).type == "cuda"
+        scorer.model.prepare_for_inference(cuda_graphs=self.limits.cuda_graphs, compile=self.limits.compile and on_cuda)
         if self.limits.warmup:
             self._warmup(scorer)
         return scorer
@@ -251,12 +253,13 @@ class Worker:
         for lazy initialisation."""
         model = scorer.model
         c, h, w = model.shape
-        x = torch.zeros(1, c, h, w, dtype=torch.uint8, device=self.device)
-        y = torch.zeros(1, dtype=torch.long, device=self.device) if model.n_classes is not None else None
         labelled = [n for n in scorer.score_types if n != DOSE]  # dose judges p(x): no labels
-        scorer.compute(x, y, labelled)
-        if DOSE in scorer.score_types:
-            scorer.compute(x, None, [DOSE])
+        for n in model.warmup_batch_sizes(self.limits.max_batch_size):  # each compiled graph, if any
+            x = torch.zeros(n, c, h, w, dtype=torch.uint8, device=self.device)
+            y = torch.zeros(n, dtype=torch.long, device=self.device) if model.n_classes is not None else None
+            scorer.compute(x, y, labelled)
+            if DOSE in scorer.score_types:
+                scorer.compute(x, None, [DOSE])
 
     def _next_batch(self) -> list[Job] | None:
         """Block until work arrives; return the jobs for one pass, or None once closed."""

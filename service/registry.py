@@ -57,6 +57,7 @@ class ModelRegistry:
             max_sample_batch=settings.max_sample_batch,
             warmup=settings.warmup,
             cuda_graphs=settings.cuda_graphs,
+            compile=settings.compile,
             torch_threads=settings.torch_threads,
         )
 

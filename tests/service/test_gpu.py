@@ -59,3 +59,20 @@ async def test_cuda_graph_sampling_serves_the_same_images(make_settings):
         plain = (await client.post("/sample", json=body)).json()
     assert graphs["images"] == plain["images"]
     assert graphs["bits_per_dim"] == pytest.approx(plain["bits_per_dim"], abs=1e-5)
+
+
+async def test_compiled_likelihood_serves_the_same_scores(make_settings):
+    images = [b64(gray_png(i)) for i in range(5)]  # a batch of 5: padded to 8
+    body = {"model": "pixelcnn", "images": images, "score_type": "nll"}
+    async with running(make_settings(models="pixelcnn", devices="cuda:0", compile=True, max_batch_size=8)) as (
+        app,
+        client,
+    ):
+        compiled = worker_of(app, "pixelcnn").model.compiled_log_prob
+        assert compiled is not None and {1, 2, 4, 8} <= compiled.sizes_run  # all compiled at warm-up
+        fast = (await client.post("/score", json=body)).json()
+    async with running(make_settings(models="pixelcnn", devices="cuda:0")) as (app, client):
+        assert worker_of(app, "pixelcnn").model.compiled_log_prob is None
+        plain = (await client.post("/score", json=body)).json()
+    for f, p in zip(fast["results"], plain["results"], strict=True):
+        assert f["log_likelihood_nats"] == pytest.approx(p["log_likelihood_nats"], rel=1e-5)

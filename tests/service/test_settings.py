@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from service.entries import RegistryError
 from service.settings import Settings
-from tests.service.helpers import running
+from tests.service.helpers import running, worker_of
 from tools.cli import main as genserve
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -111,3 +111,11 @@ def test_cli_serve_refuses_bad_settings_with_exit_code_2(tmp_path: Path, model_d
     assert "GENSERVE_MODELS names ['nope']" in caplog.text
     assert genserve(["serve", "--model-dir", str(model_dir), "--devices", "gpu"]) == 2
     assert "unknown device 'gpu'" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_compile_and_cuda_graphs_change_nothing_on_a_cpu_worker(make_settings):
+    async with running(make_settings(models="pixelcnn", devices="cpu", compile=True, cuda_graphs=True)) as (app, _):
+        model = worker_of(app, "pixelcnn").model
+        assert model.compiled_log_prob is None and model.sample_cuda_graphs is False
+        assert model.fast is not None  # the CPU fast forward stays
