@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, help="npz of the scoring pass: reused when present")
     p.add_argument("--window", type=int, default=1000, help="drift window (GENSERVE_DRIFT_WINDOW)")
     p.add_argument("--alpha", type=float, default=0.001, help="GENSERVE_DRIFT_ALPHA")
-    p.add_argument("--margin", type=float, default=1.5, help="GENSERVE_DRIFT_FPR_MARGIN")
+    p.add_argument("--margin", type=float, help="GENSERVE_DRIFT_FPR_MARGIN (default: unset, the confidence bound)")
     p.add_argument("--streams", type=int, default=40, help="random streams per MNIST rate")
     p.add_argument("--after", type=int, default=3000, help="uploads per stream after the switch")
     p.add_argument("--step", type=int, default=10, help="read the tests every this many uploads")
@@ -126,10 +126,16 @@ def load_sets(args: argparse.Namespace) -> dict[str, np.ndarray]:
     }
 
 
-def reference(cal: dict[str, Any], score_type: str, margin: float) -> dict[str, Any]:
-    return {"fpr": min(0.5, float(cal.get("target_fpr") or 0.01) * margin),
+def reference(args: argparse.Namespace, cal: dict[str, Any], score_type: str) -> dict[str, Any]:
+    """The window's arguments as the service builds them (service/drift_monitor.py null_rate)."""
+    from models.scoring.calibration import threshold_sample_size
+    from service.drift_monitor import null_rate
+    from service.settings import Settings
+
+    settings = Settings(drift_alpha=args.alpha, drift_fpr_margin=args.margin)
+    return {"fpr": null_rate({"calibration": cal}, score_type, settings),
             "quantiles": cal["scores"][score_type]["quantiles"],
-            "reference_n": int(cal["n"]) if cal.get("n") else None}  # fmt: skip
+            "reference_n": threshold_sample_size({"calibration": cal}, score_type)}  # fmt: skip
 
 
 def first_fire(args: argparse.Namespace, ref: dict[str, Any], data: dict[str, Any], rate: float, rng: Any) -> dict:
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = scored(args)
-    ref = reference(data["calibration"], data["score_type"], args.margin)
+    ref = reference(args, data["calibration"], data["score_type"])
     result = {
         "model": str(args.model), "score_type": data["score_type"], "window": args.window, "alpha": args.alpha,
         "null_rate": ref["fpr"], "margin": args.margin,

@@ -104,6 +104,14 @@ def make_store(args: argparse.Namespace, root: Path) -> Path:
     return folder
 
 
+def image_shape(folder: Path) -> tuple[int, int]:
+    """(H, W) of the model's one-channel images, from its model.json."""
+    shape = json.loads((folder / "model.json").read_text())["dataset"]["shape"]
+    if shape[0] != 1:
+        raise SystemExit(f"{folder}: the load sends one-channel images; this model takes {shape}")
+    return int(shape[1]), int(shape[2])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,11 +125,13 @@ class Server:
     log: Path
 
 
-def start_server(args: argparse.Namespace, store: Path, log: Path) -> Server:
+def start_server(args: argparse.Namespace, store: Path, log: Path, launcher: list[str] | None = None) -> Server:
+    """``genserve serve`` on a free port (``launcher``: the command instead of ``python -m tools.cli``)."""
     port = free_port()
     env = {**os.environ, "GENSERVE_ADMIN_KEYS": ADMIN_KEY, "GENSERVE_TORCH_THREADS": str(args.threads),
            "GENSERVE_JSON_LOGS": "true", "GENSERVE_SHUTDOWN_TIMEOUT_S": "30"}  # fmt: skip
-    cmd = [sys.executable, "-m", "tools.cli", "serve", "--port", str(port), "--model-dir", str(store)]
+    launcher = launcher or [sys.executable, "-m", "tools.cli"]
+    cmd = [*launcher, "serve", "--port", str(port), "--model-dir", str(store)]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
@@ -261,7 +271,7 @@ async def offer(url: str, folder: Path, i: int, broken: bool, seed: int) -> dict
 
 
 async def reload_campaign(args: argparse.Namespace, server: Server, folder: Path) -> dict[str, Any]:
-    load = Load(server.url, (8, 8))
+    load = Load(server.url, image_shape(folder))
     loops = [asyncio.create_task(load.loop(args.seed + i)) for i in range(args.clients)]
     await asyncio.sleep(args.baseline_s)
     switch = time.perf_counter()
@@ -293,7 +303,7 @@ def proc_sample(pid: int) -> dict[str, int]:
 
 
 async def soak_campaign(args: argparse.Namespace, server: Server, folder: Path) -> dict[str, Any]:
-    load = Load(server.url, (8, 8))
+    load = Load(server.url, image_shape(folder))
     loops = [asyncio.create_task(load.loop(args.seed + i)) for i in range(args.clients)]
     samples = []
     start = time.perf_counter()

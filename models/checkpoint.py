@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.base import DensityModel
+from models.files import atomic_write, atomic_write_bytes
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.pixelrnn import PixelRNN, PixelRNNConfig
 from models.vae import VAE, VAEConfig
@@ -57,9 +57,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Replace ``path`` atomically (models/files.py): on a full disk the old file stays whole."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 def save_checkpoint(
@@ -77,9 +76,7 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / WEIGHTS)
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     meta_path = folder / META
     old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     digest = sha256_file(folder / WEIGHTS)
@@ -120,11 +117,13 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def update_metadata(folder: str | Path, **fields: Any) -> dict[str, Any]:
-    """Merge top-level fields (e.g. metrics, calibration) into model.json; weights are untouched."""
+def update_metadata(folder: str | Path, *, merge: bool = True, **fields: Any) -> dict[str, Any]:
+    """Set top-level fields (e.g. metrics, calibration) of model.json in one atomic write; a dict
+    merges into the old one unless ``merge=False``. Weights are untouched. On a full disk
+    (:class:`DiskFullError`) model.json is left as it was."""
     meta = read_metadata(folder)
     for k, v in fields.items():
-        if isinstance(v, dict) and isinstance(meta.get(k), dict):
+        if merge and isinstance(v, dict) and isinstance(meta.get(k), dict):
             meta[k] = {**meta[k], **v}
         else:
             meta[k] = v

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.scoring.calibration import conformal_rank
+
 KOLMOGOROV_TERMS = 100
 
 
@@ -60,6 +62,40 @@ def binomial_sf(k: int, n: int, p: float) -> float:
             break
     top = max(logs)
     return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in logs))
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), 0 < p < 1, summed in log space over j = 0..k."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    logs = [log_binomial_pmf(j, n, p) for j in range(k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in logs))
+
+
+def fpr_upper_bound(n: int, fpr: float, *, confidence: float) -> float:
+    """An upper ``confidence`` bound on the rate at which a threshold calibrated on ``n`` scores
+    flags fresh in-distribution images, from ``n`` and the target ``fpr`` alone.
+
+    The threshold is the k-th smallest of the n calibration scores, k = ceil((n + 1)(1 - fpr))
+    (models/scoring/calibration.py), so a = n - k of them lie above it. For exchangeable continuous
+    scores the threshold's true flag rate is Beta(a + 1, k) distributed (the order statistic's
+    coverage), whose ``confidence`` quantile u solves P(Binomial(n, u) <= a) = 1 - confidence: the
+    Clopper-Pearson upper bound for a of n. Found by bisection to a relative 1e-9.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    above = n - conformal_rank(n, fpr)
+    lo, hi = above / n, 1.0
+    while hi - lo > 1e-9 * hi:
+        mid = 0.5 * (lo + hi)
+        if binomial_cdf(above, n, mid) > 1.0 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def kolmogorov_sf(x: float) -> float:

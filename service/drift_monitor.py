@@ -13,11 +13,23 @@ import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from models.scoring.calibration import DEFAULT_FPR, calibration_for
-from service.drift import DriftStats, DriftWindow
+from models.scoring.calibration import DEFAULT_FPR, calibration_for, threshold_sample_size
+from service.drift import DriftStats, DriftWindow, fpr_upper_bound
 from service.entries import ModelEntry
 from service.metrics import Metrics
 from service.settings import Settings
+
+
+def null_rate(meta: dict[str, Any], score_type: str, settings: Settings) -> float:
+    """The binomial test's null flag rate: the calibrated rate times ``drift_fpr_margin`` where that
+    is set; else the upper 1 - ``drift_alpha`` confidence bound on the rate of a threshold picked
+    from the calibration's scores (:func:`fpr_upper_bound`), which depends on the calibration alone;
+    the calibrated rate itself where the number of scores is unknown."""
+    fpr = float((meta.get("calibration") or {}).get("target_fpr") or DEFAULT_FPR)
+    if settings.drift_fpr_margin is not None:
+        return min(0.5, fpr * settings.drift_fpr_margin)
+    n = threshold_sample_size(meta, score_type)
+    return fpr if n is None else min(0.5, fpr_upper_bound(n, fpr, confidence=1.0 - settings.drift_alpha))
 
 
 class DriftMonitors:
@@ -40,7 +52,6 @@ class DriftMonitors:
         return self._windows[entry.name]
 
     def _new_window(self, entry: ModelEntry) -> DriftWindow | None:
-        cal = entry.meta.get("calibration") or {}
         calibration = calibration_for(entry.meta, entry.default_score_type)
         if calibration.threshold is None or calibration.quantiles is None:
             return None
@@ -48,9 +59,9 @@ class DriftMonitors:
         return DriftWindow(
             size=self.settings.drift_window,
             max_age_s=self.settings.drift_max_age_s,
-            fpr=min(0.5, float(cal.get("target_fpr") or DEFAULT_FPR) * self.settings.drift_fpr_margin),
+            fpr=null_rate(entry.meta, entry.default_score_type, self.settings),
             quantiles=calibration.quantiles,
-            reference_n=int(cal["n"]) if cal.get("n") else None,
+            reference_n=threshold_sample_size(entry.meta, entry.default_score_type),  # the scores behind the quantiles
             alpha=self.settings.drift_alpha,
             min_uploads=self.settings.drift_min_uploads,
             **kwargs,

@@ -138,11 +138,12 @@ class Settings(BaseSettings):
     drift_alpha: float = Field(
         default=0.001, gt=0, lt=1, description="drift monitor: a test whose p-value is below this reports drift"
     )
-    drift_fpr_margin: float = Field(
-        default=1.5,
+    drift_fpr_margin: float | None = Field(
+        default=None,
         ge=1.0,
-        description="drift monitor: the binomial test's null rate is the calibrated false-positive rate times this "
-        "(1 = exactly the calibrated rate; docs/drift.md says why 1.5)",
+        description="drift monitor: an override of the binomial test's null rate, as the calibrated false-positive "
+        "rate times this (1 = exactly the calibrated rate); unset: the upper 1 - GENSERVE_DRIFT_ALPHA confidence "
+        "bound on the threshold's rate given the calibration scores it was picked from (docs/drift.md)",
     )
     admin_keys: str = Field(
         default="",

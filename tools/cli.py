@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from models.files import DiskFullError
 from service.cli import add_parser as add_serve_parser
 
 
@@ -116,9 +117,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}
     print(json.dumps({**cal, "scores": summary}, indent=2))  # noqa: T201 - the command's output
-    if not args.dry_run:
-        update_metadata(args.model, calibration=None)  # replace, not merge, an older calibration
-        update_metadata(args.model, calibration=cal)
+    if not args.dry_run:  # one atomic write replacing (not merging into) the old calibration
+        update_metadata(args.model, merge=False, calibration=cal)
     return 0
 
 
@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         logging.getLogger("genserve").error("%s", e)
         return 2
+    except DiskFullError as e:  # the files it would have replaced are unchanged (models/files.py)
+        logging.getLogger("genserve").error("%s: free some space and run it again", e.strerror)
+        return 3
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.base import DensityModel
+from models.files import atomic_write
 from models.likelihood import bits_per_dim
 from models.vae import VAE
 from tools.data import ImageDataset
@@ -57,9 +58,8 @@ class Partial:
     def save(self, values: Tensor, *, force: bool = False) -> None:
         if force or time.monotonic() - self.last >= self.every_s:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            save_file({"values": values.detach().float().cpu().contiguous()}, tmp)
-            tmp.replace(self.path)
+            flat = {"values": values.detach().float().cpu().contiguous()}
+            atomic_write(self.path, lambda tmp: save_file(flat, str(tmp)))
             self.last = time.monotonic()
 
 

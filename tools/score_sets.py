@@ -4,6 +4,7 @@ batch by batch with a progress bar, cached on disk, then the same score function
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.files import atomic_write
 from models.scoring.calibration import DEFAULT_FPR, calibrate_scores
 from models.scoring.coders import CODER, code_length_bits, coder_version
 from models.scoring.dose import fit_dose
@@ -21,6 +23,23 @@ from models.scoring.scores import COMPLEXITY, DOSE, GUARDED, NLL, RATIO, guarded
 from models.scoring.statistics import STATS_VERSION, model_statistics, statistic_names
 from models.vae import VAE
 from tools.progress import progress
+
+logger = logging.getLogger(__name__)
+
+
+def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Keep ``arrays`` in the npz cache file ``path``, atomically. A cache is only a shortcut: a full
+    disk (or any write error) is logged and the run goes on without it."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types the kwargs as its bool flag
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, write)
+    except OSError as e:
+        logger.warning("not caching %s: %s", path, e)
 
 
 def model_outputs(
@@ -71,10 +90,7 @@ def model_outputs(
                 parts[k].append(value.cpu())
         cached.update({k: torch.cat(v).numpy() for k, v in parts.items()})
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **cached)  # type: ignore[arg-type]  # numpy's stub types the kwargs as its bool flag
-            tmp.replace(path)
+            save_cache(path, cached)
     return {k: cached[k] for k in need}
 
 
@@ -266,10 +282,7 @@ def dataset_statistics(
             pieces = [model_statistics(scorer, chunk[i : i + batch_size].to(dev)) for i in steps]
             got = {n: torch.cat([p[n] for p in pieces]).numpy() for n in names}
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, **got)  # type: ignore[arg-type]
-                tmp.replace(path)
+                save_cache(path, got)
         for n in names:
             parts[n].append(got[n])
     return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from models.base import DensityModel
 from models.checkpoint import ARCHITECTURES, build_model, save_checkpoint, update_metadata
+from models.files import atomic_write, atomic_write_bytes
 from models.likelihood import bits_per_dim
 from tools.data import ImageDataset
 from tools.evaluate import evaluate
@@ -353,12 +354,10 @@ class Trainer:
                 tensors[f"opt.{n}.exp_avg"] = s["exp_avg"]
                 tensors[f"opt.{n}.exp_avg_sq"] = s["exp_avg_sq"]
                 steps[n] = float(s["step"])
-        tmp = self.out / (STATE + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.out / STATE)
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(self.out / STATE, lambda tmp: save_file(flat, str(tmp)))
         meta = {"state": st, "adam_steps": steps, "config": dataclasses.asdict(self.cfg)}
-        (self.out / (STATE_META + ".tmp")).write_text(json.dumps(meta))
-        os.replace(self.out / (STATE_META + ".tmp"), self.out / STATE_META)
+        atomic_write_bytes(self.out / STATE_META, json.dumps(meta).encode())
 
     def load_state(self, model: DensityModel, opt: torch.optim.Optimizer, ema: EMA | None) -> dict[str, Any]:
         meta = json.loads((self.out / STATE_META).read_text())

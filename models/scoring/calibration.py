@@ -51,6 +51,7 @@ def calibrate_scores(scores: np.ndarray, *, fpr: float = DEFAULT_FPR, n_quantile
     threshold = float(s[k - 1])
     return {
         "threshold": threshold,
+        "n": n,  # the scores the threshold is an order statistic of (service/drift.py bounds its rate by it)
         "quantiles": [float(q) for q in np.quantile(s, np.linspace(0.0, 1.0, n_quantiles + 1))],
         "fpr_on_calibration": float((s > threshold).mean()),
         "mean": float(s.mean()),
@@ -88,6 +89,21 @@ def calibration_for(meta: dict[str, Any], score_type: str) -> Calibration:
         threshold=None if threshold is None else float(threshold),
         quantiles=None if not quantiles else tuple(sorted(float(q) for q in quantiles)),
     )
+
+
+def threshold_sample_size(meta: dict[str, Any], score_type: str) -> int | None:
+    """How many calibration scores ``score_type``'s threshold was picked from: the entry's ``n``
+    (written since calibrations record it), else the dose fit's threshold half, else the images
+    calibrated on; None if unknown."""
+    cal = meta.get("calibration") or {}
+    entry = (cal.get("scores") or {}).get(score_type) or {}
+    if entry.get("n"):
+        return int(entry["n"])
+    if "kept_from" in entry:
+        return None  # taken over from an earlier calibration whose size it does not record
+    if score_type == "dose" and (cal.get("dose") or {}).get("n_threshold"):
+        return int(cal["dose"]["n_threshold"])
+    return int(cal["n"]) if cal.get("n") else None
 
 
 def percentile(score: float, quantiles: tuple[float, ...]) -> float:
