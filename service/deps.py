@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the app's settings, registry and metrics, as ``Annotated`` aliases for routes."""
+"""FastAPI dependencies: the app's settings, registry and metrics, as ``Annotated`` aliases for routes.
+
+All ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per
+dependency per request (service/offload.py).
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,17 @@ from service.registry import ModelRegistry
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     registry: ModelRegistry = request.app.state.registry
     return registry
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 

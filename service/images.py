@@ -48,7 +48,8 @@ def decode_base64(text: str, index: int) -> bytes:
 
 
 def open_image(data: bytes, index: int, *, max_pixels: int) -> Image.Image:
-    """Decode image bytes, refusing undecodable data and images over ``max_pixels`` before decoding pixels."""
+    """Open image bytes, refusing undecodable data and images over ``max_pixels``; the pixels are
+    decoded later, by :func:`fit_to_model`, once the header says the image is worth decoding."""
     try:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -63,11 +64,15 @@ def open_image(data: bytes, index: int, *, max_pixels: int) -> Image.Image:
     w, h = im.size  # from the header; no pixels decoded yet
     if w * h > max_pixels:
         raise PayloadTooLarge(f"image {index} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    return im
+
+
+def load_pixels(im: Image.Image, index: int) -> None:
+    """Decode an opened image's pixels, refusing truncated or corrupt data (400)."""
     try:
         im.load()
     except (OSError, ValueError, SyntaxError) as e:
         raise BadRequest(f"image {index} is truncated or corrupt: {e}") from e
-    return im
 
 
 def describe_mode(mode: str) -> str:
@@ -88,11 +93,12 @@ def fit_to_model(
     if c not in MODES:
         raise BadRequest(f"model '{model_name}' takes {c}-channel images, which the image API cannot decode")
     mode = MODES[c]
-    if (im.size != (w, h) or im.mode != mode) and not resize:
+    if (im.size != (w, h) or im.mode != mode) and not resize:  # size and mode from the header alone
         raise BadRequest(
             f"image {index} is {im.height}x{im.width} {describe_mode(im.mode)}; model '{model_name}' "
             f"takes {c}x{h}x{w} {describe_mode(mode)} (send resize=true to convert)"
         )
+    load_pixels(im, index)
     if not resize:
         arr = np.asarray(im, dtype=np.uint8)  # (H, W) or (H, W, C): taken exactly as stored
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

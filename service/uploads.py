@@ -12,15 +12,14 @@ import numpy as np
 from fastapi import Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import images
-from service.deps import AppMetrics, AppSettings, Registry
 from service.disconnect import unless_disconnected
 from service.entries import ModelEntry
 from service.errors import BadRequest, UnsupportedMediaType
 from service.metrics import Metrics
+from service.offload import INLINE_DECODE_BYTES, run_off_loop
 from service.registry import ModelRegistry
 from service.schemas import MODEL_ERRORS, ErrorResponse
 from service.settings import Settings
@@ -146,8 +145,12 @@ async def receive(
 async def decode(
     data: list[bytes | str], entry: ModelEntry, settings: Settings, *, resize: bool
 ) -> tuple[np.ndarray, list[bool]]:
-    """:func:`decode_all` in the thread pool: (B, C, H, W) levels and whether each image was converted."""
-    return await run_in_threadpool(decode_all, data, entry, resize=resize, max_pixels=settings.max_image_pixels)
+    """:func:`decode_all`, in the thread pool unless the upload is small and needs no conversion:
+    (B, C, H, W) levels and whether each image was converted. (A few KiB of PNG can hold millions of
+    flat pixels: converting them is work for the pool; without ``resize`` an image of the wrong size
+    is refused from its header, before its pixels are decoded.)"""
+    small = not resize and sum(len(d) for d in data) <= INLINE_DECODE_BYTES
+    return await run_off_loop(small, decode_all, data, entry, resize=resize, max_pixels=settings.max_image_pixels)
 
 
 R = TypeVar("R")
@@ -179,12 +182,14 @@ class UploadCall:
 
 async def upload_call(
     request: Request,
-    registry: Registry,
-    settings: AppSettings,
-    metrics: AppMetrics,
     resize: bool | None = Query(None, description="convert mode and size instead of refusing"),
 ) -> UploadCall:
-    return UploadCall(request=request, registry=registry, settings=settings, metrics=metrics, resize=resize)
+    # The app's parts straight from its state, not as three more dependencies: FastAPI's solving of
+    # each costs the event loop more than the rest of a small request (bench/request_overhead.py).
+    state = request.app.state
+    return UploadCall(
+        request=request, registry=state.registry, settings=state.settings, metrics=state.metrics, resize=resize
+    )
 
 
 Upload = Annotated[UploadCall, Depends(upload_call)]

@@ -21,7 +21,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_lifecycle(request: Request) -> Lifecycle:
+async def get_lifecycle(request: Request) -> Lifecycle:
     lifecycle: Lifecycle = request.app.state.lifecycle
     return lifecycle
 

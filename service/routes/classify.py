@@ -12,13 +12,13 @@ import math
 
 import torch
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
 from models.likelihood import bits_per_dim
 from models.scoring.calibration import calibration_for
 from service.deps import Registry
 from service.entries import ModelEntry
 from service.errors import BadRequest
+from service.offload import INLINE_RESULTS, run_off_loop
 from service.schemas import FORM_BOOL_SCHEMA, ClassifyRequest, ClassifyResponse, ClassifyResult, ImagesForm
 from service.uploads import Upload, request_body, upload_responses
 
@@ -92,7 +92,7 @@ async def classify(upload: Upload) -> ClassifyResponse:
     work = registry.score(entry, torch.from_numpy(x), None, score_type=score_type, heatmap=False)
     out = await upload.wait(work)
     assert all(v.shape[0] == b for v in out.values()), "one output per image"
-    results = await run_in_threadpool(build_results, entry, score_type, out, converted)
+    results = await run_off_loop(len(converted) <= INLINE_RESULTS, build_results, entry, score_type, out, converted)
     metrics.images_classified.labels(model=entry.name).inc(b)
     refused = sum(1 for r in results if r.rejected)
     if refused:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
 from models.likelihood import bits_per_dim
 from models.scoring.calibration import Calibration, calibration_for
 from service import images, scoring
 from service.entries import ModelEntry
 from service.errors import BadRequest
+from service.offload import INLINE_RESULTS, run_off_loop
 from service.schemas import (
     FORM_BOOL_SCHEMA,
     ScoreExplanation,
@@ -53,19 +53,20 @@ def build_results(
     calibrated = not (labelled and entry.n_classes is not None)
     calibration = calibration_for(entry.meta, score_type) if calibrated else Calibration()
     scale = scoring.heatmap_scale_nats(entry.skeleton) if "heatmap" in out else None
-    log_prob = out["log_prob"].double()
-    bpd = torch.as_tensor(bits_per_dim(log_prob, entry.dims))
+    # Python floats, once: a torch op per value costs more than the rest of a small answer.
+    log_prob: list[float] = out["log_prob"].tolist()  # float32 to Python floats: exact
+    scores: list[float] = out["score"].tolist()
     results = []
     for i, changed in enumerate(converted):
-        score = float(out["score"][i])
+        score = float(scores[i])
         heatmap = None
         if scale is not None:
             heatmap = images.b64(images.heatmap_png(out["heatmap"][i].numpy(), scale_nats=scale))
         results.append(
             ScoreResult(
                 index=i,
-                log_likelihood_nats=float(log_prob[i]),
-                bits_per_dim=float(bpd[i]),
+                log_likelihood_nats=log_prob[i],
+                bits_per_dim=float(bits_per_dim(log_prob[i], entry.dims)),
                 score=score,
                 threshold=calibration.threshold,
                 is_outlier=calibration.is_outlier(score),
@@ -121,8 +122,9 @@ async def score(upload: Upload) -> ScoreResponse:
     out = await upload.wait(work)
     assert all(v.shape[0] == b for v in out.values()), "one output per image"
     inputs = images.from_levels(x, entry.levels) if parsed.input_image else None
-    results = await run_in_threadpool(
-        build_results, entry, score_type, out, converted, labelled=label is not None, inputs=inputs
+    small = b <= INLINE_RESULTS and inputs is None and not parsed.heatmap
+    results = await run_off_loop(
+        small, build_results, entry, score_type, out, converted, labelled=label is not None, inputs=inputs
     )
     metrics.images_scored.labels(model=entry.name, score_type=score_type).inc(b)
     request.app.state.drift.observe(entry, score_type, [(r.score, r.is_outlier) for r in results])  # docs/drift.md

@@ -30,6 +30,19 @@ def test_open_image_refuses_oversized_images_before_decoding(monkeypatch):
         images.open_image(big, 0, max_pixels=1000)
 
 
+def test_a_wrong_size_is_refused_from_the_header_and_a_truncated_image_when_decoded(monkeypatch):
+    flat = images.open_image(png_bytes(np.zeros((1500, 1500), np.uint8)), 0, max_pixels=10**7)
+    decoded: list[int] = []
+    load_pixels = images.load_pixels
+    monkeypatch.setattr(images, "load_pixels", lambda im, i: (decoded.append(i), load_pixels(im, i)))
+    with pytest.raises(BadRequest, match=r"image 0 is 1500x1500 grayscale.*send resize=true"):
+        images.fit_to_model(flat, 0, shape=(1, 28, 28), model_name="m", resize=False)
+    assert decoded == []  # the 2.25 million pixels were never decoded
+    truncated = images.open_image(png_bytes(np.arange(64, dtype=np.uint8).reshape(8, 8))[:-30], 1, max_pixels=100)
+    with pytest.raises(BadRequest, match="image 1 is truncated or corrupt"):
+        images.fit_to_model(truncated, 1, shape=(1, 8, 8), model_name="m", resize=False)
+
+
 def test_fit_to_model_converts_modes_and_sizes():
     rgba = Image.fromarray(np.full((16, 12, 4), 255, np.uint8))
     arr, converted = images.fit_to_model(rgba, 0, shape=(1, 8, 8), model_name="m", resize=True)

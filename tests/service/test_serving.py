@@ -459,8 +459,11 @@ async def test_a_batch_waits_for_a_request_still_on_its_way(make_settings, monke
         gate = Gate(worker.model)
         submitted = count_submissions(worker)
         with anyio.fail_after(10):
+            # Large enough to be decoded in the thread pool (service/offload.py); smaller ones decode
+            # on the event loop, with nothing to wait for.
+            big = b64(gray_png(1, size=(300, 300)))
             on_its_way = asyncio.create_task(
-                client.post("/score", json={"model": "pixelcnn", "images": [b64(gray_png(1))] * 2})
+                client.post("/score", json={"model": "pixelcnn", "images": [big] * 2, "resize": True})
             )
             await wait_thread_event(decoding)
             assert app.state.registry.arrivals.expected("pixelcnn") == 1
