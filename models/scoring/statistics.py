@@ -55,8 +55,17 @@ from models.scoring.coders import code_length_bits
 from models.vae import VAE
 
 
+class Combination(Protocol):
+    """What the statistics read of a fitted dose combination (:class:`models.scoring.dose.DoseFit`)."""
+
+    statistics: list[str]
+
+
 class Scorer(Protocol):
     """What the statistics read of a :class:`models.scoring.scorer.Scorer` (which imports this module)."""
+
+    @property
+    def dose(self) -> Combination | None: ...
 
     @property
     def model(self) -> DensityModel: ...
@@ -99,12 +108,13 @@ STATISTICS: dict[str, Statistic] = {
 
 
 def statistic_names(scorer: Scorer) -> list[str]:
-    """The statistics a scorer's model gives."""
+    """The statistics a scorer's model gives. ``transpose`` costs a third image per image in the pass,
+    so it is left out once the scorer's calibrated dose combination does without it."""
     names = ["nll", "complexity", "flip", "border", "background"]
     model = scorer.model
     if isinstance(model, AutoregressiveModel) and model.n_classes is None:
         names += ["pixel_top", "dark_nll"]
-        if transposes(model):
+        if transposes(model) and (scorer.dose is None or "transpose" in scorer.dose.statistics):
             names.append("transpose")
     if isinstance(model, VAE):
         names += ["kl", "latent"]
@@ -161,7 +171,7 @@ def raw_outputs(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
     b = x.shape[0]
     model = scorer.model
     parts = [x, x.flip(2)]  # the images, then upside down
-    if transposes(model):
+    if "transpose" in statistic_names(scorer):
         parts.append(x.transpose(2, 3))  # then turned on their side
     xx = torch.cat(parts)  # (2B or 3B, C, H, W)
     out: dict[str, Tensor] = {}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,3 +95,20 @@ def test_transpose_is_negative_for_an_upright_object_and_zero_for_one_that_has_n
     # and an image sent on its side is the mirror case: the same difference, positive
     side = model_statistics(scorer, image("bar").transpose(2, 3).contiguous())["transpose"].item()
     assert side == pytest.approx(-bar, rel=1e-5)
+
+
+def test_the_transpose_pass_is_left_out_once_the_calibrated_combination_does_without_it(scorer, monkeypatch):
+    seen: list[int] = []
+    log_prob = scorer.model.log_prob
+
+    def counting(x: Tensor, y: Tensor | None = None) -> Tensor:
+        seen.append(x.shape[0])
+        return log_prob(x, y)
+
+    monkeypatch.setattr(scorer.model, "log_prob", counting)
+    x = torch.cat([image("bar"), image("ring")])
+    assert "transpose" in model_statistics(scorer, x) and seen == [4]  # upside down and on their side
+    scorer.dose = SimpleNamespace(statistics=["nll", "dark_nll"])  # a combination without transpose
+    seen.clear()
+    stats = model_statistics(scorer, x)
+    assert "transpose" not in stats and "dark_nll" in stats and seen == [2]  # upside down only
