@@ -113,6 +113,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         cache_dir=args.cache or None,
         show_progress=not args.no_progress,
         keep=keep,
+        statistics=args.statistics.split(",") if args.statistics else None,
     )
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}
@@ -250,6 +251,7 @@ def _add_calibrate(sub: Any) -> None:
         metavar="SCORE",
         help="keep this score type's entry from the current calibration (same weights) instead of recomputing it",
     )
+    c.add_argument("--statistics", help="comma list of the statistics dose combines (default: all the model gives)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--device", default="auto")
     c.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")

@@ -170,11 +170,13 @@ def calibrate(
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
     keep: dict[str, dict[str, Any]] | None = None,
+    statistics: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on
     in-distribution held-out images (never the test set); ``keep``: entries of score types taken over
     from an earlier calibration of the same weights instead of recomputed (each records its own data).
-    Without labels the dose score is fitted too (:func:`_fit_dose`) and becomes the default. A
+    Without labels the dose score is fitted too (:func:`_fit_dose`; ``statistics``: the ones it
+    combines, default every one the model gives) and becomes the default. A
     class-conditional model is calibrated on its marginal p(x) = sum_y p(x|y) p(y) (pass no labels):
     the test /classify and unlabelled /score apply."""
     if scorer.model.n_classes is not None and labels is not None:
@@ -194,7 +196,9 @@ def calibrate(
     nll_cap = float(values[NLL].max()) if NLL in values else None
     scorer.nll_cap = nll_cap  # the scorer now scores as the service will with this calibration
     dose_entry = (
-        _fit_dose(scorer, images, values, batch_size, cache_dir) if labels is None and len(images) >= 4 else None
+        _fit_dose(scorer, images, values, batch_size, cache_dir, statistics)
+        if labels is None and len(images) >= 4
+        else None
     )
     default = default or (DOSE if dose_entry else scorer.recommended)
     scorer.check([default])
@@ -230,13 +234,22 @@ def _provenance(scorer: Scorer) -> dict[str, Any]:
 
 
 def _fit_dose(
-    scorer: Scorer, images: Tensor, values: dict[str, np.ndarray], batch_size: int, cache_dir: str | Path | None
+    scorer: Scorer,
+    images: Tensor,
+    values: dict[str, np.ndarray],
+    batch_size: int,
+    cache_dir: str | Path | None,
+    statistics: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Fit the dose score's densities on a random half of the images and put its scores on the other
     half into ``values`` (its threshold comes from them); sets ``scorer.dose``. Returns the entry."""
     # the statistics pass score_images made is cached (with cache_dir) or recomputed here
+    names = statistic_names(scorer)
+    unknown = [n for n in statistics or () if n not in names]
+    if unknown:
+        raise ValueError(f"unknown statistic(s) {unknown}; this model gives {names}")
     stats = dataset_statistics(scorer, images, batch_size=batch_size, cache_dir=cache_dir, show_progress=False)
-    fit, dose_scores, cal_idx = fit_dose(stats, statistic_names(scorer))
+    fit, dose_scores, cal_idx = fit_dose(stats, list(statistics or names))
     scorer.dose = fit
     values[DOSE] = dose_scores
     return {

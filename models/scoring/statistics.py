@@ -1,7 +1,8 @@
 """Summary statistics of one model pass, for the combined outlier score (:mod:`models.scoring.dose`).
 
 Every statistic comes from one forward pass of the main model over a batch of 2B images: the B
-images and their vertical flips (``x.flip(2)``, upside down). The flip is what lets a density model
+images and their vertical flips (``x.flip(2)``, upside down), and for unconditional autoregressive
+models also their transposes (a batch of 3B). The flip is what lets a density model
 see orientation: an upright garment is more likely than the same garment upside down, so
 ``flip = NLL(x) - NLL(upside-down x)`` is negative for upright clothes and positive for clothes sent
 upside down, whatever the garment's own complexity (which cancels in the difference).
@@ -19,6 +20,17 @@ Statistics (``tail``: which side of the in-distribution range is anomalous):
 - ``background`` (both): fraction of pixels at most 2% of full scale (black); a garment image is
   half black, a photo almost never, a small mark on black almost entirely.
 - ``pixel_top`` (both, autoregressive models): mean of the 5% largest per-pixel NLLs, nats.
+- ``dark_nll`` (both, autoregressive models): mean per-pixel NLL of the dark pixels (those counted by
+  ``background``), nats. A garment is one solid piece on black, so the model predicts black well
+  wherever it puts black; a drawing has holes, gaps and separate parts (the inside of a ring, the
+  dots of an arrow, the space between two triangles), black where the model expected the garment
+  to go on. Low values (digits on exact black) are anomalous too.
+- ``transpose`` (upper, unconditional autoregressive models on square images):
+  ``nll(x) - nll(x transposed)``, bits/dim. Garments have an up and a down, so an upright garment
+  turned on its side (its transpose) is far less likely (the statistic is clearly negative); a
+  circle, an emoji, an arrow or a logo is about as likely either way (near 0 or positive). Like
+  ``flip``, the image's own complexity cancels in the difference. Costs a third image per image
+  in the one pass.
 - ``kl`` (both, VAEs): KL(q(z|x) || N(0, I)) per dim, nats; ``latent`` (both, VAEs): ||E[z|x]||^2 /
   latent_dim, the typicality of the code under the prior.
 
@@ -43,8 +55,17 @@ from models.scoring.coders import code_length_bits
 from models.vae import VAE
 
 
+class Combination(Protocol):
+    """What the statistics read of a fitted dose combination (:class:`models.scoring.dose.DoseFit`)."""
+
+    statistics: list[str]
+
+
 class Scorer(Protocol):
     """What the statistics read of a :class:`models.scoring.scorer.Scorer` (which imports this module)."""
+
+    @property
+    def dose(self) -> Combination | None: ...
 
     @property
     def model(self) -> DensityModel: ...
@@ -56,7 +77,7 @@ class Scorer(Protocol):
     def vae_score_k(self) -> int: ...
 
 
-STATS_VERSION = "stats-v1"  # part of every cache key of statistics
+STATS_VERSION = "stats-v2"  # part of every cache key of statistics
 UPPER, LOWER, BOTH = "upper", "lower", "both"
 PIXEL_TOP_FRACTION = 0.05
 DARK_FRACTION = 0.02  # "background": pixels at most this fraction of full scale
@@ -78,6 +99,8 @@ STATISTICS: dict[str, Statistic] = {
         Statistic("border", BOTH, "mean intensity of the outer two-pixel ring, 0..1"),
         Statistic("background", BOTH, "fraction of pixels at most 2% of full scale (black)"),
         Statistic("pixel_top", BOTH, "mean of the 5% largest per-pixel NLLs, nats (autoregressive models)"),
+        Statistic("dark_nll", BOTH, "mean per-pixel NLL of the dark pixels, nats: black where a garment would go on"),
+        Statistic("transpose", UPPER, "nll(x) - nll(x transposed), bits/dim: near 0 or more when x has no up and down"),
         Statistic("kl", BOTH, "KL(q(z|x) || N(0, I)) per latent dimension, nats (VAEs)"),
         Statistic("latent", BOTH, "||E[z|x]||^2 / latent_dim: typicality of the code under the prior (VAEs)"),
     )
@@ -85,14 +108,37 @@ STATISTICS: dict[str, Statistic] = {
 
 
 def statistic_names(scorer: Scorer) -> list[str]:
-    """The statistics a scorer's model gives."""
+    """The statistics a scorer's model gives. ``transpose`` costs a third image per image in the pass,
+    so it is left out once the scorer's calibrated dose combination does without it."""
     names = ["nll", "complexity", "flip", "border", "background"]
     model = scorer.model
     if isinstance(model, AutoregressiveModel) and model.n_classes is None:
-        names.append("pixel_top")
+        names += ["pixel_top", "dark_nll"]
+        if transposes(model) and (scorer.dose is None or "transpose" in scorer.dose.statistics):
+            names.append("transpose")
     if isinstance(model, VAE):
         names += ["kl", "latent"]
     return names
+
+
+def transposes(model: DensityModel) -> bool:
+    """Whether the statistics pass scores the images' transposes too (unconditional autoregressive
+    models of square images: the ``transpose`` statistic)."""
+    _, h, w = model.shape
+    return isinstance(model, AutoregressiveModel) and model.n_classes is None and h == w
+
+
+def dark_mask(x: Tensor, levels: int) -> Tensor:
+    """The dark pixels of images x (B, C, H, W) integer levels: at most DARK_FRACTION of full scale."""
+    return x.double() / (levels - 1) <= DARK_FRACTION
+
+
+def dark_nll(nll_pix: Tensor, x: Tensor, levels: int) -> Tensor:
+    """Mean per-pixel NLL (nats) of the dark pixels (:func:`dark_mask`) of images x (B, C, H, W),
+    given their per-pixel NLLs nll_pix (B, C, H, W); 0 for an image without dark pixels. (B,)"""
+    dark = dark_mask(x, levels).flatten(1)  # (B, C*H*W)
+    total = (nll_pix.flatten(1).double() * dark).sum(1)
+    return total / dark.sum(1).clamp(min=1)
 
 
 def vae_terms(model: VAE, x: Tensor, k: int) -> dict[str, Tensor]:
@@ -117,13 +163,17 @@ def vae_terms(model: VAE, x: Tensor, k: int) -> dict[str, Tensor]:
 
 @torch.inference_mode()
 def raw_outputs(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
-    """One pass of the main model over x (B, C, H, W) and its vertical flip (a batch of 2B): float32
-    tensors ``log_prob`` and ``flip_log_prob`` (B,) nats (a VAE's: IWAE with the scorer's k; a
-    class-conditional model's: p(x) = sum_y p(x|y) p(y)), ``pixel_top`` (B,) nats for unconditional
-    autoregressive models, ``kl`` and ``latent`` (B,) for VAEs."""
+    """One pass of the main model over x (B, C, H, W) and its vertical flip (a batch of 2B; 3B with the
+    transposes, :func:`transposes`): float32 tensors ``log_prob`` and ``flip_log_prob`` (B,) nats (a
+    VAE's: IWAE with the scorer's k; a class-conditional model's: p(x) = sum_y p(x|y) p(y)),
+    ``pixel_top``, ``dark_nll`` and ``transpose_log_prob`` (B,) nats for unconditional autoregressive
+    models, ``kl`` and ``latent`` (B,) for VAEs."""
     b = x.shape[0]
-    xx = torch.cat([x, x.flip(2)])  # (2B, C, H, W): the images, then upside down
     model = scorer.model
+    parts = [x, x.flip(2)]  # the images, then upside down
+    if "transpose" in statistic_names(scorer):
+        parts.append(x.transpose(2, 3))  # then turned on their side
+    xx = torch.cat(parts)  # (2B or 3B, C, H, W)
     out: dict[str, Tensor] = {}
     if model.n_classes is not None:
         assert scorer.prior is not None
@@ -138,13 +188,17 @@ def raw_outputs(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
         out["latent"] = terms["latent"][:b] / d
     else:
         assert isinstance(model, AutoregressiveModel)
-        nll_pix = -model.pixel_log_prob(xx[:b]).sum(1).flatten(1)  # (B, H*W) nats
-        flip_lp = model.log_prob(xx[b:])
-        lp = torch.cat([-nll_pix.sum(1), flip_lp])
+        pixel_nll = -model.pixel_log_prob(xx[:b])  # (B, C, H, W) nats
+        nll_pix = pixel_nll.sum(1).flatten(1)  # (B, H*W)
+        other_lp = model.log_prob(xx[b:])  # (B or 2B,)
+        lp = torch.cat([-nll_pix.sum(1), other_lp])
         k = max(1, round(PIXEL_TOP_FRACTION * nll_pix.shape[1]))
         out["pixel_top"] = nll_pix.topk(k, dim=1).values.mean(1)
+        out["dark_nll"] = dark_nll(pixel_nll, x, model.levels)
+        if len(parts) == 3:
+            out["transpose_log_prob"] = lp[2 * b :]
     out["log_prob"] = lp[:b]
-    out["flip_log_prob"] = lp[b:]
+    out["flip_log_prob"] = lp[b : 2 * b]
     return {k: v.float() for k, v in out.items()}
 
 
@@ -154,7 +208,7 @@ def image_statistics(x: Tensor, *, levels: int) -> dict[str, Tensor]:
     ring = torch.ones(x.shape[2:], dtype=torch.bool, device=x.device)
     ring[2:-2, 2:-2] = False  # the outer two-pixel ring
     border = v[:, :, ring].flatten(1).mean(1)
-    background = (v <= DARK_FRACTION).flatten(1).double().mean(1)
+    background = dark_mask(x, levels).flatten(1).double().mean(1)
     return {"border": border, "background": background}
 
 
@@ -172,7 +226,9 @@ def statistics_from(
         "flip": nll - flip_nll,
         **{k: v.cpu() for k, v in image_stats.items()},
     }
-    for k in ("pixel_top", "kl", "latent"):
+    if "transpose_log_prob" in raw:
+        out["transpose"] = nll + raw["transpose_log_prob"].double().cpu() / (dims * ln2)
+    for k in ("pixel_top", "dark_nll", "kl", "latent"):
         if k in raw:
             out[k] = raw[k].double().cpu()
     return out

@@ -108,9 +108,9 @@ def test_dose_through_the_scorer_is_the_calibrated_function():
     offline = score_images(scorer, x[:4], names=[DOSE, NLL], show_progress=False)
     np.testing.assert_allclose(got.scores[DOSE].numpy(), offline[DOSE], rtol=1e-6)
     np.testing.assert_allclose(got.scores[NLL].numpy(), offline[NLL], rtol=1e-5)
-    assert got.dose_contributions is not None and got.dose_contributions.shape == (4, 6)
+    assert got.dose_contributions is not None and got.dose_contributions.shape == (4, 8)
     stats = model_statistics(scorer, x[:4])
-    assert set(stats) == {"nll", "complexity", "flip", "border", "background", "pixel_top"}
+    assert set(stats) == {"nll", "complexity", "flip", "border", "background", "pixel_top", "dark_nll", "transpose"}
     # the flip statistic is antisymmetric: an image against its flip and the flip against the image
     flipped = model_statistics(scorer, x[:4].flip(2))
     torch.testing.assert_close(flipped["flip"], -stats["flip"], rtol=1e-4, atol=1e-4)
