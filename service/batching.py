@@ -43,6 +43,7 @@ from models.scoring.scores import DOSE
 from service.arrivals import Arrivals
 from service.compute import ComputeThread
 from service.errors import Unavailable
+from service.gather import regather, take
 from service.jobs import Runtime, Task
 from service.metrics import Metrics
 
@@ -88,6 +89,7 @@ class BatchLimits:
     warmup: bool = True
     cuda_graphs: bool = True  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
     compile: bool = False  # the exact likelihood through torch.compile on a CUDA worker (same)
+    regather: float = 0.0  # a batch waits up to this fraction of the last pass for its clients to return
     torch_threads: int | None = None  # CPU threads of each thread that runs the model (None: torch's default)
 
 
@@ -126,6 +128,7 @@ class Worker:
         self.loaded = asyncio.Event()  # set once the thread has loaded (or failed to load) the model
         self._queue: deque[Job] = deque()
         self._pending = 0  # images queued or running
+        self._last_pass = (0, 0.0)  # images and seconds of the last score pass, for the regather wait
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name=f"genserve-{name}-{device}-{index}", daemon=True)
@@ -275,11 +278,7 @@ class Worker:
             key, cap = first.task.batch_key(), first.task.batch_cap(self.runtime)
             deadline = first.enqueued + limits.max_batch_wait_s
             while size < cap:
-                for job in list(self._queue):  # oldest first; other keys wait for a later pass
-                    if job.task.batch_key() == key and size + job.size <= cap:
-                        self._queue.remove(job)
-                        batch.append(job)
-                        size += job.size
+                size = take(self._queue, batch, size, key, cap)
                 remaining = deadline - time.perf_counter()
                 # Wait only for requests already inside the app (service/arrivals.py): a lone
                 # request never waits for company that is not coming.
@@ -288,6 +287,10 @@ class Worker:
                 self._cond.wait(min(remaining, ARRIVAL_POLL_S))  # woken by a new job, or look again
                 if self.state is not State.READY:
                     break
+            if first.task.isolate_failures and self.limits.regather:  # score-like jobs only
+                ready = lambda: self.state is State.READY  # noqa: E731
+                regather(self._cond, self._queue, batch, size, key, cap, last=self._last_pass,
+                         fraction=self.limits.regather, ready=ready)  # fmt: skip
             return batch
 
     def _execute(self, batch: list[Job]) -> None:
@@ -308,6 +311,9 @@ class Worker:
             self.metrics.queue_wait.labels(**self._labels).observe(start - job.enqueued)
         try:
             results = self._run_pass(live)
+            if live[0].task.isolate_failures:  # score-like passes: what service.gather.regather compares with
+                with self._cond:
+                    self._last_pass = (sum(j.size for j in live), time.perf_counter() - start)
         except Exception as e:
             self._recover(e)
             if len(live) == 1 or not live[0].task.isolate_failures:

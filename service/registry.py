@@ -52,6 +52,7 @@ class ModelRegistry:
         self.limits = BatchLimits(
             max_batch_size=settings.max_batch_size,
             max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
+            regather=settings.batch_regather,
             max_queue=settings.max_queue,
             max_concurrent_samples=settings.max_concurrent_samples,
             max_sample_batch=settings.max_sample_batch,

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         default="cpu", description='"cpu", "auto", or a comma list such as "cuda:0,cuda:1" or "cpu,cpu"'
     )
     max_batch_size: int = Field(default=32, ge=1, description="images per forward pass")
+    batch_regather: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="a score batch smaller than the last one waits up to this fraction of the last pass's time for "
+        "the clients that pass answered to send their next requests (0: never; docs/serving.md)",
+    )
     max_batch_wait_ms: float = Field(
         default=0.0,
         ge=0,

@@ -667,3 +667,28 @@ async def test_without_cors_origins_no_cors_headers_are_sent(make_settings):
         assert r.status_code == 200 and not any(h.startswith("access-control-") for h in r.headers)
         pre = await client.options("/score", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
         assert pre.status_code == 405 and "access-control-allow-origin" not in pre.headers
+
+
+@pytest.mark.parametrize("regather", [0.0, 1.0])
+async def test_a_batch_regathers_the_clients_the_last_pass_answered(make_settings, regather):
+    async with running(make_settings(models="pixelcnn", batch_regather=regather)) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        gate = Gate(worker.model)
+        worker._last_pass = (3, 20.0)  # the last pass answered 3 images in 20 s: wait up to 20 s * regather
+        with anyio.fail_after(15):
+            first = asyncio.create_task(client.post("/score", json=ONE))
+            await asyncio.sleep(0.3)  # the two others return a moment later
+            rest = [asyncio.create_task(client.post("/score", json=ONE)) for _ in range(2)]
+            responses = [await first, *[await r for r in rest]]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert gate.calls == ([3] if regather else [1, 2])
+        assert worker._last_pass[0] == (3 if regather else 2)
+
+
+async def test_a_lone_client_never_waits_to_regather(make_settings):
+    async with running(make_settings(models="pixelcnn", batch_regather=1.0)) as (app, client):
+        worker = worker_of(app, "pixelcnn")
+        worker._last_pass = (1, 60.0)  # a wait of up to 60 s, were it to wait
+        with anyio.fail_after(10):
+            for _ in range(3):
+                assert (await client.post("/score", json=ONE)).status_code == 200
