@@ -39,13 +39,13 @@ import torch
 from models.base import DensityModel
 from models.sampling.cached import torch_threads
 from models.scoring.scorer import Scorer, load_scorer
-from models.scoring.scores import DOSE
 from service.arrivals import Arrivals
 from service.compute import ComputeThread
 from service.errors import Unavailable
 from service.gather import regather, take
 from service.jobs import Runtime, Task
 from service.metrics import Metrics
+from service.warmup import measure_pass_size, warm_up
 
 logger = logging.getLogger("genserve.worker")
 
@@ -89,6 +89,7 @@ class BatchLimits:
     warmup: bool = True
     cuda_graphs: bool = True  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
     compile: bool = False  # the exact likelihood through torch.compile on a CUDA worker (same)
+    batch_sweep: bool = True  # cap score passes at the best size timed at warm-up (service/warmup.py)
     regather: float = 0.0  # a batch waits up to this fraction of the last pass for its clients to return
     torch_threads: int | None = None  # CPU threads of each thread that runs the model (None: torch's default)
 
@@ -125,6 +126,7 @@ class Worker:
         self.error: str | None = None
         self.sample_slots = asyncio.Semaphore(limits.max_concurrent_samples)
         self._threads = torch.get_num_threads()  # the compute thread's own count, read again at load
+        self.pass_size = limits.max_batch_size  # images per score pass: the warm-up sweep's choice
         self.loaded = asyncio.Event()  # set once the thread has loaded (or failed to load) the model
         self._queue: deque[Job] = deque()
         self._pending = 0  # images queued or running
@@ -217,7 +219,7 @@ class Worker:
         self.runtime = Runtime(
             scorer=scorer,
             device=self.device,
-            max_batch_size=self.limits.max_batch_size,
+            max_batch_size=self.pass_size,
             max_sample_batch=self.limits.max_sample_batch,
             between_steps=None if self.compute is None else self._let_others_run,
         )
@@ -243,26 +245,18 @@ class Worker:
         on_cuda = torch.device(self.device).type == "cuda"
         scorer.model.prepare_for_inference(cuda_graphs=self.limits.cuda_graphs, compile=self.limits.compile and on_cuda)
         if self.limits.warmup:
-            self._warmup(scorer)
+            warm_up(scorer, self.device, self.limits.max_batch_size)
+            if self.limits.batch_sweep and self.limits.max_batch_size > 1:
+                self.pass_size, seconds = measure_pass_size(scorer, self.device, self.limits.max_batch_size)
+                per_image = ", ".join(f"{n}: {1000 * s / n:.2f}" for n, s in seconds.items())
+                logger.info("model '%s' on %s: passes of up to %d images (ms per image by pass size: %s)",
+                            self.name, self.device, self.pass_size, per_image)  # fmt: skip
         return scorer
 
     def _notify_loaded(self) -> None:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown during loading)
             self._loop.call_soon_threadsafe(self.loaded.set)
-
-    def _warmup(self, scorer: Scorer) -> None:
-        """One forward pass of every model (every score type), so the first request does not pay
-        for lazy initialisation."""
-        model = scorer.model
-        c, h, w = model.shape
-        labelled = [n for n in scorer.score_types if n != DOSE]  # dose judges p(x): no labels
-        for n in model.warmup_batch_sizes(self.limits.max_batch_size):  # each compiled graph, if any
-            x = torch.zeros(n, c, h, w, dtype=torch.uint8, device=self.device)
-            y = torch.zeros(n, dtype=torch.long, device=self.device) if model.n_classes is not None else None
-            scorer.compute(x, y, labelled)
-            if DOSE in scorer.score_types:
-                scorer.compute(x, None, [DOSE])
 
     def _next_batch(self) -> list[Job] | None:
         """Block until work arrives; return the jobs for one pass, or None once closed."""

@@ -16,7 +16,7 @@ from models.checkpoint import META, CheckpointError, build_model, read_metadata
 from models.scoring.calibration import default_score_type
 from models.scoring.classify import training_prior
 from models.scoring.dose import DoseFit
-from models.scoring.scorer import BACKGROUND, calibrated_dose, has_background, has_dose
+from models.scoring.scorer import BACKGROUND, COMPANION, calibrated_dose, has_background, has_companion, has_dose
 from models.scoring.scores import DOSE, GUARDED, available_score_types
 from service.batching import Worker
 from service.errors import BadRequest
@@ -36,6 +36,7 @@ class ModelEntry:
     skeleton: DensityModel  # built on the "meta" device: properties only, no weights
     workers: list[Worker]
     background_meta: dict[str, Any] | None = None  # the background model in <folder>/background/, if any
+    companion_meta: dict[str, Any] | None = None  # the companion model in <folder>/companion/, if any
     version: int = 1  # loads of this model in this process (service/lifecycle.py); its sha256 names it
     loaded_at: float = field(default_factory=time.time)  # Unix time its entry was built
     last_reload_error: str | None = None  # why the last load or reload of a newer version was refused
@@ -107,11 +108,13 @@ class ModelEntry:
             "loaded_at": self.loaded_at,
             "last_reload_error": self.last_reload_error,
             "devices": [w.device for w in self.workers],
+            "pass_sizes": [w.pass_size for w in self.workers],
             "exact_likelihood": bool(self.skeleton.exact),
             "conditional": self.n_classes is not None,
             "score_types": self.score_types,
             "default_score_type": self.default_score_type,
             "background": None if self.background_meta is None else background_info(self.background_meta),
+            "companion": None if self.companion_meta is None else companion_info(self.companion_meta),
         }
 
     def label_index(self, label: int | str | None, *, required: bool = True) -> int | None:
@@ -177,6 +180,16 @@ def background_info(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def companion_info(meta: dict[str, Any]) -> dict[str, Any]:
+    """What /models says about a companion model: architecture, size, training data, weights."""
+    return {
+        "architecture": meta.get("architecture"),
+        "parameters": meta.get("parameters"),
+        "dataset": (meta.get("dataset") or {}).get("name"),
+        "sha256": meta["weights"].get("sha256", ""),
+    }
+
+
 def skeleton_model(folder: Path, meta: dict[str, Any]) -> DensityModel:
     """The model built from its config on the meta device: checks the config, costs no memory."""
     try:
@@ -202,5 +215,26 @@ def background_metadata(folder: Path, skeleton: DensityModel) -> dict[str, Any] 
             f"{bg_folder / META}: the background model takes {bg.shape} images with {bg.levels} levels"
             f"{' and labels' if bg.n_classes is not None else ''}; its model takes {skeleton.shape} with "
             f"{skeleton.levels}, unconditionally. Retrain it for this model or remove {bg_folder}"
+        )
+    return meta
+
+
+def companion_metadata(folder: Path, skeleton: DensityModel) -> dict[str, Any] | None:
+    """The metadata of ``folder``'s companion model, None if it has none; RegistryError unless the
+    companion takes the model's images and is unconditional."""
+    if not has_companion(folder):
+        return None
+    c_folder = folder / COMPANION
+    try:
+        meta = read_metadata(c_folder)
+    except CheckpointError as e:
+        raise RegistryError(str(e)) from e
+    c = skeleton_model(c_folder, meta)
+    if c.shape != skeleton.shape or c.levels != skeleton.levels or c.n_classes is not None:
+        raise RegistryError(
+            f"{c_folder / META}: the companion model takes {c.shape} images with {c.levels} levels"
+            f"{' and labels' if c.n_classes is not None else ''}; its model takes {skeleton.shape} with "
+            f"{skeleton.levels}, unconditionally. Install another (`genserve calibrate --companion`) or remove "
+            f"{c_folder} and recalibrate"
         )
     return meta

@@ -24,7 +24,7 @@ from models.scoring.scorer import stale_calibration
 from service.arrivals import Arrivals
 from service.batching import BatchLimits, State, Worker
 from service.compute import ComputeThread
-from service.entries import ModelEntry, RegistryError, background_metadata, skeleton_model
+from service.entries import ModelEntry, RegistryError, background_metadata, companion_metadata, skeleton_model
 from service.errors import Timeout, Unavailable, UnknownModel
 from service.jobs import EncodeTask, SampleResult, SampleTask, ScoreTask
 from service.leases import lease
@@ -52,6 +52,7 @@ class ModelRegistry:
         self.limits = BatchLimits(
             max_batch_size=settings.max_batch_size,
             max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
+            batch_sweep=settings.batch_sweep,
             regather=settings.batch_regather,
             max_queue=settings.max_queue,
             max_concurrent_samples=settings.max_concurrent_samples,
@@ -109,6 +110,7 @@ class ModelRegistry:
             raise RegistryError(str(e)) from e
         skeleton = skeleton_model(folder, meta)
         bg_meta = background_metadata(folder, skeleton)
+        comp_meta = companion_metadata(folder, skeleton)
         workers = [
             Worker(
                 name=name,
@@ -123,9 +125,10 @@ class ModelRegistry:
             for i, dev in enumerate(self.settings.device_list)
         ]
         entry = ModelEntry(
-            name=name, folder=folder, meta=meta, skeleton=skeleton, workers=workers, background_meta=bg_meta
-        )
-        stale = stale_calibration(meta, bg_meta)
+            name=name, folder=folder, meta=meta, skeleton=skeleton, workers=workers, background_meta=bg_meta,
+            companion_meta=comp_meta,
+        )  # fmt: skip
+        stale = stale_calibration(meta, bg_meta, comp_meta)
         if stale:
             raise RegistryError(
                 f"{folder / META}: the outlier calibration is stale ({stale}); "

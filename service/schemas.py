@@ -72,6 +72,10 @@ class ModelInfo(BaseModel):
         description="why the last offered version was refused (the one above kept serving); null if none was"
     )
     devices: list[str] = Field(description="one worker per entry")
+    pass_sizes: list[int] = Field(
+        description="per worker (as `devices`), the most images one score pass holds: the size its warm-up "
+        "timed fastest per image (GENSERVE_BATCH_SWEEP), else GENSERVE_MAX_BATCH_SIZE"
+    )
     exact_likelihood: bool = Field(description="false where log p(x) is an estimate (a VAE's IWAE bound)")
     conditional: bool = Field(
         description="true for class-conditional models: /sample needs a `label`, /classify works, and /score "
@@ -81,6 +85,11 @@ class ModelInfo(BaseModel):
     default_score_type: str = Field(description="the score /score uses unless a request names another")
     background: dict[str, Any] | None = Field(
         description="the background model behind `likelihood_ratio` (Ren et al. 2019), if the model has one"
+    )
+    companion: dict[str, Any] | None = Field(
+        None,
+        description="the companion model whose statistics the `dose` score combines (`companion_*` in an "
+        "explanation), if the model has one",
     )
 
 

@@ -44,11 +44,6 @@ def compute(scorer: Scorer, x: Tensor, y: Tensor | None, *, score_type: str, hea
         out["dose_values"] = got.dose_values
         out["dose_log10_p"] = got.dose_log10_p
         out["dose_contributions"] = got.dose_contributions
-    if got.dose_values is not None:  # the dose score's statistics, for the explanation
-        assert got.dose_log10_p is not None and got.dose_contributions is not None
-        out["dose_values"] = got.dose_values
-        out["dose_log10_p"] = got.dose_log10_p
-        out["dose_contributions"] = got.dose_contributions
     if got.class_log_likelihood is not None:
         assert scorer.prior is not None
         out["class_log_likelihood"] = got.class_log_likelihood

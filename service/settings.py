@@ -60,7 +60,13 @@ class Settings(BaseSettings):
     devices: str = Field(
         default="cpu", description='"cpu", "auto", or a comma list such as "cuda:0,cuda:1" or "cpu,cpu"'
     )
-    max_batch_size: int = Field(default=32, ge=1, description="images per forward pass")
+    max_batch_size: int = Field(default=32, ge=1, description="images per forward pass, at most")
+    batch_sweep: bool = Field(
+        default=True,
+        description="at warm-up, time each model's pass at 1, 2, 4, ... max_batch_size images and cap its score "
+        "passes at the smallest size within 5% of the fastest per image (service/warmup.py); false: "
+        "max_batch_size",
+    )
     batch_regather: float = Field(
         default=0.0,
         ge=0.0,

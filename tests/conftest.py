@@ -45,6 +45,7 @@ def make_settings(model_dir: Path) -> Callable[..., Any]:
     from service.settings import Settings
 
     def make(**overrides: Any) -> Settings:
-        return Settings(**{"model_dir": model_dir, "max_batch_wait_ms": 0.0, **overrides})
+        # batch_sweep off: tests that count passes need max_batch_size as the cap, not a timing's choice
+        return Settings(**{"model_dir": model_dir, "max_batch_wait_ms": 0.0, "batch_sweep": False, **overrides})
 
     return make
