@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from models.checkpoint import META, WEIGHTS, CheckpointError, read_metadata
+from models.scoring.scorer import BACKGROUND, COMPANION
 from service.batching import State
 from service.drift_monitor import DriftMonitors
 from service.entries import ModelEntry, RegistryError
@@ -111,14 +112,16 @@ class Lifecycle:
         return self.registry.entries[name]
 
     def _unchanged(self, entry: ModelEntry) -> bool:
-        """True if the folder's metadata (weights' sha256, calibration, background) is the serving one's."""
+        """True if the folder's metadata (weights' sha256, calibration, background, companion) is the
+        serving one's."""
         try:
             meta = read_metadata(entry.folder)
-            bg = entry.folder / "background"
+            bg, comp = entry.folder / BACKGROUND, entry.folder / COMPANION
             bg_meta = read_metadata(bg) if (bg / META).is_file() else None
+            comp_meta = read_metadata(comp) if (comp / META).is_file() else None
         except CheckpointError:
             return False
-        return meta == entry.meta and bg_meta == entry.background_meta
+        return meta == entry.meta and bg_meta == entry.background_meta and comp_meta == entry.companion_meta
 
     async def _prepare(self, name: str, *, version: int, action: str) -> ModelEntry:
         """A new entry for the folder's version, loaded, checked and warmed up; :class:`Refused` if it fails."""

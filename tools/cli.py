@@ -88,6 +88,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     from tools.ood_eval import load_eval_set
     from tools.score_sets import calibrate
 
+    if args.companion:
+        from tools.companion import install_companion
+
+        install_companion(args.companion, args.model)
     scorer, meta = load_scorer(args.model, _device(args.device), vae_score_k=args.vae_k)
     spec = args.data or f"{(meta.get('dataset') or {}).get('name') or ''}:valid"
     if spec.startswith(":"):
@@ -252,6 +256,12 @@ def _add_calibrate(sub: Any) -> None:
         help="keep this score type's entry from the current calibration (same weights) instead of recomputing it",
     )
     c.add_argument("--statistics", help="comma list of the statistics dose combines (default: all the model gives)")
+    c.add_argument(
+        "--companion",
+        metavar="CHECKPOINT",
+        help="copy this checkpoint (a VAE of the same data) into the model's companion/ first, so that dose can "
+        "combine its statistics (companion_*)",
+    )
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--device", default="auto")
     c.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")

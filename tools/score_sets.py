@@ -20,7 +20,14 @@ from models.scoring.coders import CODER, code_length_bits, coder_version
 from models.scoring.dose import fit_dose
 from models.scoring.scorer import ModelOutputs, Scorer
 from models.scoring.scores import COMPLEXITY, DOSE, GUARDED, NLL, RATIO, guarded_score, needs_code, score_units
-from models.scoring.statistics import STATS_VERSION, model_statistics, statistic_names
+from models.scoring.statistics import (
+    COMPANION_PREFIX,
+    STATS_VERSION,
+    companion_names,
+    own_statistic_names,
+    own_statistics,
+    statistic_names,
+)
 from models.vae import VAE
 from tools.progress import progress
 
@@ -229,6 +236,9 @@ def _provenance(scorer: Scorer) -> dict[str, Any]:
         out["vae_score_k"] = scorer.vae_score_k  # the service reads it back: same k as calibrated
     out["weights_sha256"] = scorer.weights_sha256
     out["background_sha256"] = scorer.background_sha256
+    if scorer.dose is not None and any(n.startswith(COMPANION_PREFIX) for n in scorer.dose.statistics):
+        assert scorer.companion is not None
+        out["companion_sha256"] = scorer.companion.weights_sha256
     out["coder"] = {"name": CODER, "version": coder_version()}
     return out
 
@@ -274,8 +284,10 @@ def dataset_statistics(
     """:func:`model_statistics` of images (N, C, H, W), as float64 arrays (N,) per statistic. With
     ``cache_dir`` each chunk of 256 images is kept in ``cache_dir/<key>.npz`` (key: the scorer's
     fingerprint, :data:`STATS_VERSION` and the chunk's bytes), so an interrupted run resumes and a
-    rerun, or ``calibrate`` after ``eval-ood``, costs no model pass."""
-    names = statistic_names(scorer)
+    rerun, or ``calibrate`` after ``eval-ood``, costs no model pass. A companion's statistics
+    (prefixed ``companion_``) come from the same function on the companion, cached under its own key,
+    so one companion's pass serves every model that has it."""
+    names = own_statistic_names(scorer)
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     starts = range(0, len(images), CHUNK)
     for s in progress(starts, total=len(starts), desc="statistics", enabled=show_progress):
@@ -292,10 +304,18 @@ def dataset_statistics(
         if not all(n in got for n in names):
             dev = scorer.model.device
             steps = range(0, len(chunk), batch_size)
-            pieces = [model_statistics(scorer, chunk[i : i + batch_size].to(dev)) for i in steps]
+            pieces = [own_statistics(scorer, chunk[i : i + batch_size].to(dev)) for i in steps]
             got = {n: torch.cat([p[n] for p in pieces]).numpy() for n in names}
             if path is not None:
                 save_cache(path, got)
         for n in names:
             parts[n].append(got[n])
-    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
+    out = {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
+    wanted = companion_names(scorer)
+    if wanted:
+        assert scorer.companion is not None
+        theirs = dataset_statistics(
+            scorer.companion, images, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
+        )
+        out.update({COMPANION_PREFIX + n: theirs[n] for n in wanted})
+    return out

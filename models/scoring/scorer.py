@@ -35,10 +35,11 @@ from models.scoring.scores import (
     pixel_anomaly,
     recommended_score,
 )
-from models.scoring.statistics import model_statistics
+from models.scoring.statistics import COMPANION_PREFIX, model_statistics
 from models.vae import VAE
 
-BACKGROUND = "background"  # a model folder's companion background model (Ren et al.)
+BACKGROUND = "background"  # a model folder's background model (Ren et al.)
+COMPANION = "companion"  # a model folder's companion model, whose statistics its dose score may combine
 # IWAE samples behind a VAE's outlier scores (the served ones and their calibration): log_prob's
 # iwae_samples cost a hundred decoder passes; docs/ood.md compares k.
 DEFAULT_VAE_SCORE_K = 1
@@ -50,6 +51,12 @@ def calibrated_dose(meta: dict[str, Any]) -> DoseFit | None:
     return DoseFit.from_json(d) if d else None
 
 
+def uses_companion(meta: dict[str, Any]) -> bool:
+    """True if a checkpoint's dose score combines its companion model's statistics."""
+    d = (meta.get("calibration") or {}).get("dose") or {}
+    return any(str(s.get("name", "")).startswith(COMPANION_PREFIX) for s in d.get("statistics", []))
+
+
 def has_dose(meta: dict[str, Any]) -> bool:
     """True if a checkpoint's calibration fitted the dose score (without parsing the fit)."""
     return bool((meta.get("calibration") or {}).get("dose"))
@@ -58,6 +65,11 @@ def has_dose(meta: dict[str, Any]) -> bool:
 def has_background(folder: str | Path) -> bool:
     """True if a model folder holds a background model in ``<folder>/background/``."""
     return (Path(folder) / BACKGROUND / META).is_file()
+
+
+def has_companion(folder: str | Path) -> bool:
+    """True if a model folder holds a companion model in ``<folder>/companion/``."""
+    return (Path(folder) / COMPANION / META).is_file()
 
 
 @dataclass
@@ -92,7 +104,7 @@ class ScoreBatch:
 
 
 class Scorer:
-    """Outlier scores of one model, with its background companion where it has one.
+    """Outlier scores of one model, with its background model and its companion where it has them.
 
     ``vae_score_k``: importance samples of the IWAE estimate of log p(x) behind every score of a VAE
     (its ``log_prob`` uses ``iwae_samples``, 128 for the shipped model, a hundred decoder passes).
@@ -113,6 +125,7 @@ class Scorer:
         prior: Tensor | None = None,
         nll_cap: float | None = None,
         dose: DoseFit | None = None,
+        companion: Scorer | None = None,
     ) -> None:
         if model.n_classes is not None:
             prior = uniform_prior(model.n_classes) if prior is None else prior.float()
@@ -127,9 +140,17 @@ class Scorer:
                 )
             if background.n_classes is not None:
                 raise ValueError("a background model must be unconditional")
+        if companion is not None:
+            c = companion.model
+            if c.shape != model.shape or c.levels != model.levels or c.n_classes is not None:
+                raise ValueError(
+                    f"a companion model must be unconditional and take the model's {model.shape} images with "
+                    f"{model.levels} levels; it takes {c.shape} with {c.levels}"
+                    f"{' and labels' if c.n_classes is not None else ''}"
+                )
         if vae_score_k < 1:
             raise ValueError(f"vae_score_k must be at least 1, got {vae_score_k}")
-        self.model = model
+        self.model: DensityModel = model
         self.background = background
         self.vae_score_k = vae_score_k
         self.weights_sha256 = weights_sha256
@@ -137,6 +158,7 @@ class Scorer:
         self.prior = prior
         self.nll_cap = nll_cap  # bits/dim: the calibration images' largest NLL (complexity_guarded's floor)
         self.dose = dose  # the fitted densities of the dose score (from the calibration)
+        self.companion: Scorer | None = companion
 
     @property
     def fingerprint(self) -> str:
@@ -285,14 +307,15 @@ class Scorer:
 def load_scorer(
     folder: str | Path, device: str | torch.device = "cpu", *, vae_score_k: int | None = None
 ) -> tuple[Scorer, dict[str, Any]]:
-    """A model folder's scorer: the model, its ``background/`` companion if present (same device), and
-    the VAE score k recorded by its calibration (``vae_score_k`` overrides it). Returns (scorer, the
-    model's metadata)."""
+    """A model folder's scorer: the model, its ``background/`` and ``companion/`` models if present
+    (same device), and the VAE score k recorded by its calibration (``vae_score_k`` overrides it).
+    Returns (scorer, the model's metadata)."""
     folder = Path(folder)
     model, meta = load_checkpoint(folder, device)
     background, bg_meta = None, None
     if has_background(folder):
         background, bg_meta = load_checkpoint(folder / BACKGROUND, device)
+    companion = load_scorer(folder / COMPANION, device)[0] if has_companion(folder) else None
     k = vae_score_k or int((meta.get("calibration") or {}).get("vae_score_k") or DEFAULT_VAE_SCORE_K)
     prior = None if model.n_classes is None else training_prior(meta, model.n_classes)
     cap = (meta.get("calibration") or {}).get("nll_cap")
@@ -305,12 +328,16 @@ def load_scorer(
         background_sha256=bg_meta["weights"]["sha256"] if bg_meta else None,
         prior=prior,
         nll_cap=None if cap is None else float(cap),
+        companion=companion,
     )
     return scorer, meta
 
 
-def stale_calibration(meta: dict[str, Any], background_meta: dict[str, Any] | None) -> str | None:
-    """Why a checkpoint's calibration does not fit its weights (or its background's), else None."""
+def stale_calibration(
+    meta: dict[str, Any], background_meta: dict[str, Any] | None, companion_meta: dict[str, Any] | None = None
+) -> str | None:
+    """Why a checkpoint's calibration does not fit its weights (or its background's or companion's),
+    else None."""
     cal = meta.get("calibration") or {}
     if not cal:
         return None
@@ -319,6 +346,12 @@ def stale_calibration(meta: dict[str, Any], background_meta: dict[str, Any] | No
     bg_sha = background_meta["weights"].get("sha256") if background_meta else None
     if "background_sha256" in cal and cal["background_sha256"] != bg_sha:
         return "it was computed with another background model"
+    if uses_companion(meta):
+        comp_sha = companion_meta["weights"].get("sha256") if companion_meta else None
+        if comp_sha is None:
+            return "its dose score combines a companion model's statistics, and companion/ is missing"
+        if cal.get("companion_sha256") != comp_sha:
+            return "it was computed with another companion model"
     if cal.get("prior") is not None:
         now = training_prior(meta, len(cal["prior"])).tolist()
         if any(abs(a - b) > 1e-6 for a, b in zip(now, cal["prior"], strict=True)):

@@ -33,6 +33,13 @@ Statistics (``tail``: which side of the in-distribution range is anomalous):
   in the one pass.
 - ``kl`` (both, VAEs): KL(q(z|x) || N(0, I)) per dim, nats; ``latent`` (both, VAEs): ||E[z|x]||^2 /
   latent_dim, the typicality of the code under the prior.
+- ``companion_*``: the statistics of a *companion* model's own pass over the same images (a VAE of
+  the same data in the model folder's ``companion/``; models/scoring/scorer.py): ``companion_nll``,
+  ``companion_complexity``, ``companion_flip``, ``companion_kl``, ``companion_latent``. An
+  autoregressive model sees pixels given the pixels before them; a VAE sees the whole image through
+  its code, and a small drawing on black (an icon, a logo, an emoji) that the autoregressive model
+  finds plausible pixel by pixel has a code that no garment has. Combined only where a calibration
+  chose them (``genserve calibrate --companion``).
 
 :func:`model_statistics` computes them for a batch; they are pure functions of the model outputs
 (:func:`raw_outputs`) and the image, so datasets can be scored once and cached
@@ -76,6 +83,9 @@ class Scorer(Protocol):
     @property
     def vae_score_k(self) -> int: ...
 
+    @property
+    def companion(self) -> Scorer | None: ...
+
 
 STATS_VERSION = "stats-v2"  # part of every cache key of statistics
 UPPER, LOWER, BOTH = "upper", "lower", "both"
@@ -105,11 +115,37 @@ STATISTICS: dict[str, Statistic] = {
         Statistic("latent", BOTH, "||E[z|x]||^2 / latent_dim: typicality of the code under the prior (VAEs)"),
     )
 }
+COMPANION_PREFIX = "companion_"
+# what a companion adds: its own model's statistics (border and background are the image's, not a model's)
+COMPANION_STATISTICS = ("nll", "complexity", "flip", "kl", "latent")
+STATISTICS.update(
+    {
+        COMPANION_PREFIX + n: Statistic(COMPANION_PREFIX + n, s.tail, "the companion's " + s.description)
+        for n, s in ((n, STATISTICS[n]) for n in COMPANION_STATISTICS)
+    }
+)
 
 
 def statistic_names(scorer: Scorer) -> list[str]:
-    """The statistics a scorer's model gives. ``transpose`` costs a third image per image in the pass,
-    so it is left out once the scorer's calibrated dose combination does without it."""
+    """The statistics a scorer gives: its model's (:func:`own_statistic_names`), then its companion's,
+    prefixed (:func:`companion_names`)."""
+    return own_statistic_names(scorer) + [COMPANION_PREFIX + n for n in companion_names(scorer)]
+
+
+def companion_names(scorer: Scorer) -> list[str]:
+    """The statistics (unprefixed) the scorer takes from its companion's pass: none without a
+    companion, or once the calibrated dose combination uses none of them (the pass is then skipped)."""
+    comp = scorer.companion
+    if comp is None:
+        return []
+    if scorer.dose is not None and not any(n.startswith(COMPANION_PREFIX) for n in scorer.dose.statistics):
+        return []
+    return [n for n in own_statistic_names(comp) if n in COMPANION_STATISTICS]
+
+
+def own_statistic_names(scorer: Scorer) -> list[str]:
+    """The statistics a scorer's own model gives. ``transpose`` costs a third image per image in the
+    pass, so it is left out once the scorer's calibrated dose combination does without it."""
     names = ["nll", "complexity", "flip", "border", "background"]
     model = scorer.model
     if isinstance(model, AutoregressiveModel) and model.n_classes is None:
@@ -171,7 +207,7 @@ def raw_outputs(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
     b = x.shape[0]
     model = scorer.model
     parts = [x, x.flip(2)]  # the images, then upside down
-    if "transpose" in statistic_names(scorer):
+    if "transpose" in own_statistic_names(scorer):
         parts.append(x.transpose(2, 3))  # then turned on their side
     xx = torch.cat(parts)  # (2B or 3B, C, H, W)
     out: dict[str, Tensor] = {}
@@ -235,6 +271,26 @@ def statistics_from(
 
 
 @overload
+def own_statistics(scorer: Scorer, x: Tensor) -> dict[str, Tensor]: ...
+@overload
+def own_statistics(
+    scorer: Scorer, x: Tensor, *, with_raw: Literal[True]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]: ...
+def own_statistics(
+    scorer: Scorer, x: Tensor, *, with_raw: bool = False
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The statistics of the scorer's own model (:func:`own_statistic_names`) for images x (B, C, H,
+    W): (B,) float64 each, on CPU; with ``with_raw`` also :func:`raw_outputs`."""
+    raw = raw_outputs(scorer, x)
+    code_bits = code_length_bits(x, levels=scorer.model.levels)
+    stats = statistics_from(
+        raw, code_bits=code_bits, image_stats=image_statistics(x, levels=scorer.model.levels), dims=scorer.model.dims
+    )
+    stats = {n: stats[n] for n in own_statistic_names(scorer)}
+    return (stats, raw) if with_raw else stats
+
+
+@overload
 def model_statistics(scorer: Scorer, x: Tensor) -> dict[str, Tensor]: ...
 @overload
 def model_statistics(
@@ -243,12 +299,13 @@ def model_statistics(
 def model_statistics(
     scorer: Scorer, x: Tensor, *, with_raw: bool = False
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Every statistic the scorer's model gives, for images x (B, C, H, W): (B,) float64 each, on CPU;
-    with ``with_raw`` also :func:`raw_outputs` (its ``log_prob`` is what /score reports)."""
-    raw = raw_outputs(scorer, x)
-    code_bits = code_length_bits(x, levels=scorer.model.levels)
-    stats = statistics_from(
-        raw, code_bits=code_bits, image_stats=image_statistics(x, levels=scorer.model.levels), dims=scorer.model.dims
-    )
-    stats = {n: stats[n] for n in statistic_names(scorer)}
+    """Every statistic the scorer gives (:func:`statistic_names`), for images x (B, C, H, W): (B,)
+    float64 each, on CPU; with ``with_raw`` also its own model's :func:`raw_outputs` (its
+    ``log_prob`` is what /score reports). The companion's statistics come from its own pass."""
+    stats, raw = own_statistics(scorer, x, with_raw=True)
+    wanted = companion_names(scorer)
+    if wanted:
+        assert scorer.companion is not None
+        theirs = model_statistics(scorer.companion, x.to(scorer.companion.model.device))
+        stats.update({COMPANION_PREFIX + n: theirs[n] for n in wanted})
     return (stats, raw) if with_raw else stats
