@@ -248,8 +248,8 @@ class Worker:
             warm_up(scorer, self.device, self.limits.max_batch_size)
             if self.limits.batch_sweep and self.limits.max_batch_size > 1:
                 self.pass_size, seconds = measure_pass_size(scorer, self.device, self.limits.max_batch_size)
-                per_image = ", ".join(f"{n}: {1000 * s / n:.2f}" for n, s in seconds.items())
-                logger.info("model '%s' on %s: passes of up to %d images (ms per image by pass size: %s)",
+                per_image = ", ".join(f"{n}: {1000 * min(s) / n:.2f}" for n, s in seconds.items())
+                logger.info("model '%s' on %s: passes of up to %d images (best ms per image by pass size: %s)",
                             self.name, self.device, self.pass_size, per_image)  # fmt: skip
         return scorer
 

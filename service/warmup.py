@@ -9,11 +9,11 @@ memory; on a CPU a convolution's working set outgrows the caches, and the shippe
 score an image faster in passes of 8 than of 32 (docs/serving.md). A fixed ``max_batch_size`` is
 then right for one model and wrong for the next, so each worker times its model's ``nll`` pass
 (one class of a class-conditional model) at 1, 2, 4, ... ``max_batch_size`` images after the
-warm-up, and its score and encode passes hold at most the smallest size whose time per image is
-within :data:`TOLERANCE` of the fastest (fewer images per pass at the same throughput: shorter
-waits). Sizes are timed round-robin and the best time of each is kept, so a burst of load
-elsewhere on the machine cannot favour one size; the sweep stops repeating once it has spent its
-time budget. ``GENSERVE_BATCH_SWEEP=false`` keeps ``max_batch_size`` as the cap.
+warm-up. Its score and encode passes then hold at most ``max_batch_size`` images, as without the
+sweep, unless a smaller size was faster per image by more than :data:`MARGIN` in the median and
+in every round: sizes are timed round-robin, so a burst of load elsewhere on the machine hits
+every size alike, and one lucky round cannot shrink the batches (a wrong small cap costs more
+than a missed speed-up). ``GENSERVE_BATCH_SWEEP=false`` keeps ``max_batch_size`` as the cap.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from models.scoring.scorer import Scorer
 from models.scoring.scores import DOSE, NLL
 
-TOLERANCE = 0.05  # a size within 5% of the fastest time per image counts as fastest
+MARGIN = 0.10  # a smaller pass must be this much faster per image than the largest to be chosen
 ROUNDS = 3  # timed passes per size, round-robin
-BUDGET_S = 10.0  # no further round once the sweep has taken this long (every size is timed once)
+MIN_ROUNDS = 2  # rounds run whatever the budget
+BUDGET_S = 15.0  # no further round (beyond MIN_ROUNDS) once the sweep has taken this long
 
 
 def sweep_sizes(max_batch: int) -> list[int]:
@@ -42,14 +44,24 @@ def sweep_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
-def best_size(seconds: dict[int, float], *, tolerance: float = TOLERANCE) -> int:
-    """The smallest batch size whose time per image (``seconds[n] / n``, the best of its passes) is
-    within ``tolerance`` of the fastest."""
+def best_size(seconds: dict[int, list[float]], *, margin: float = MARGIN) -> int:
+    """The pass size to use, from each size's wall times (s), one per round: the largest size,
+    unless a smaller one is faster per image by more than ``margin`` in its median *and* faster in
+    every round (one noisy round must not shrink the batches); then the fastest such size."""
     if not seconds:
         raise ValueError("no timed batch sizes")
-    per_image = {n: s / n for n, s in seconds.items()}
-    fastest = min(per_image.values())
-    return min(n for n, t in per_image.items() if t <= fastest * (1.0 + tolerance))
+    largest = max(seconds)
+    per_image = {n: np.asarray(t, dtype=np.float64) / n for n, t in seconds.items()}
+    ref = per_image[largest]
+    better = [
+        n
+        for n, t in per_image.items()
+        if n != largest
+        and len(t) == len(ref)
+        and float(np.median(t)) < (1.0 - margin) * float(np.median(ref))
+        and bool((t < ref).all())
+    ]
+    return min(better, key=lambda n: float(np.median(per_image[n]))) if better else largest
 
 
 def time_sizes(
@@ -57,29 +69,32 @@ def time_sizes(
     sizes: list[int],
     *,
     rounds: int = ROUNDS,
+    min_rounds: int = MIN_ROUNDS,
     budget_s: float = BUDGET_S,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[int, float]:
-    """The best wall time (s) of ``run(n)`` for each n in ``sizes``, over up to ``rounds`` round-robin
-    rounds; after the first, a round starts only while the elapsed time is under ``budget_s``."""
-    best = dict.fromkeys(sizes, float("inf"))
+) -> dict[int, list[float]]:
+    """The wall times (s) of ``run(n)`` for each n in ``sizes``, one per round, in up to ``rounds``
+    round-robin rounds (so a burst of load elsewhere hits every size alike); a round beyond
+    ``min_rounds`` starts only while the elapsed time is under ``budget_s``."""
+    times: dict[int, list[float]] = {n: [] for n in sizes}
     start = clock()
     for r in range(rounds):
-        if r and clock() - start > budget_s:
+        if r >= min_rounds and clock() - start > budget_s:
             break
         for n in sizes:
             t = clock()
             run(n)
-            best[n] = min(best[n], clock() - t)
-    return best
+            times[n].append(clock() - t)
+    return times
 
 
 def sweep(
     run: Callable[[int], None], max_batch: int, *, rounds: int = ROUNDS, budget_s: float = BUDGET_S
-) -> tuple[int, dict[int, float]]:
+) -> tuple[int, dict[int, list[float]]]:
     """Time ``run(n)`` (one pass of n images, synchronised) at :func:`sweep_sizes` and return (the
-    :func:`best_size`, the timings in seconds)."""
-    seconds = time_sizes(run, sweep_sizes(max_batch), rounds=rounds, budget_s=budget_s)
+    :func:`best_size`, the timings in seconds per size and round)."""
+    seconds = time_sizes(run, sweep_sizes(max_batch), rounds=rounds, min_rounds=min(rounds, MIN_ROUNDS),
+                         budget_s=budget_s)  # fmt: skip
     return best_size(seconds), seconds
 
 
@@ -94,7 +109,7 @@ def warm_up(scorer: Scorer, device: str, max_batch: int) -> None:
             scorer.compute(x, None, [DOSE])
 
 
-def measure_pass_size(scorer: Scorer, device: str, max_batch: int) -> tuple[int, dict[int, float]]:
+def measure_pass_size(scorer: Scorer, device: str, max_batch: int) -> tuple[int, dict[int, list[float]]]:
     """:func:`sweep` of the ``nll`` score's pass over blank images (the passes' cost does not depend
     on the pixels), labelled for a class-conditional model (one class pass, not one per class)."""
     x, y = _blank(scorer, device, max_batch)

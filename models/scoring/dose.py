@@ -51,32 +51,33 @@ def silverman_bandwidth(values: np.ndarray) -> float:
     return max(0.9 * spread * len(v) ** -0.2, 1e-6 * scale)
 
 
-def log10_tail(values: np.ndarray, *, centres: np.ndarray, bandwidth: float, tail: str) -> np.ndarray:
-    """log10 of the tail probability of each value (N,) under the kernel density of ``centres`` (M,):
-    P(V >= v) for ``upper``, P(V <= v) for ``lower``, 2 min of the two (at most 1) for ``both``.
-    Values in (-inf, 0]."""
+def ln_tails(values: np.ndarray, *, centres: np.ndarray, bandwidth: float) -> tuple[np.ndarray, np.ndarray]:
+    """(ln P(V >= v), ln P(V <= v)) of each value (N,) under the kernel density of ``centres`` (M,),
+    each (N,), from one pass over the (N, M) kernel terms."""
     v = torch.as_tensor(np.asarray(values, dtype=np.float64))[:, None]  # (N, 1)
     c = torch.as_tensor(np.asarray(centres, dtype=np.float64))[None, :]  # (1, M)
     log_m = math.log(c.shape[1])
-    up = torch.logsumexp(torch.special.log_ndtr((c - v) / bandwidth), dim=1) - log_m  # ln P(V >= v)
-    lo = torch.logsumexp(torch.special.log_ndtr((v - c) / bandwidth), dim=1) - log_m  # ln P(V <= v)
+    t = (c - v) / bandwidth  # (N, M)
+    up = torch.logsumexp(torch.special.log_ndtr(t), dim=1) - log_m
+    lo = torch.logsumexp(torch.special.log_ndtr(-t), dim=1) - log_m
+    return up.numpy(), lo.numpy()
+
+
+def _log10_from(up: np.ndarray, lo: np.ndarray, tail: str) -> np.ndarray:
+    """log10 of the ``tail`` probability from both natural-log tails (:func:`ln_tails`)."""
     if tail == UPPER:
         ln_p = up
     elif tail == LOWER:
         ln_p = lo
     elif tail == BOTH:
-        ln_p = torch.clamp(math.log(2.0) + torch.minimum(up, lo), max=0.0)
+        ln_p = np.minimum(math.log(2.0) + np.minimum(up, lo), 0.0)
     else:
         raise ValueError(f"unknown tail '{tail}'")
-    return (ln_p / LN10).numpy()
+    return ln_p / LN10
 
 
-def normal_scores(values: np.ndarray, *, centres: np.ndarray, bandwidth: float, tail: str) -> np.ndarray:
-    """Each value's normal score z = Phi^-1(P(V <= v)) (N,), from the tails of :func:`log10_tail`,
-    computed from the smaller tail so that far outliers keep their distance (|z| at most 37); for a
-    one-sided statistic the harmless side is set to 0 (an ``upper`` statistic's z is max(z, 0))."""
-    up = log10_tail(values, centres=centres, bandwidth=bandwidth, tail=UPPER) * LN10
-    lo = log10_tail(values, centres=centres, bandwidth=bandwidth, tail=LOWER) * LN10
+def _z_from(up: np.ndarray, lo: np.ndarray, tail: str) -> np.ndarray:
+    """Normal scores from both natural-log tails (:func:`normal_scores`)."""
     up_t = torch.as_tensor(np.maximum(up, -700.0))
     lo_t = torch.as_tensor(np.maximum(lo, -700.0))
     z = torch.where(up_t < lo_t, -torch.special.ndtri(up_t.exp()), torch.special.ndtri(lo_t.exp())).numpy()
@@ -85,6 +86,22 @@ def normal_scores(values: np.ndarray, *, centres: np.ndarray, bandwidth: float, 
     elif tail == LOWER:
         z = np.minimum(z, 0.0)
     return z
+
+
+def log10_tail(values: np.ndarray, *, centres: np.ndarray, bandwidth: float, tail: str) -> np.ndarray:
+    """log10 of the tail probability of each value (N,) under the kernel density of ``centres`` (M,):
+    P(V >= v) for ``upper``, P(V <= v) for ``lower``, 2 min of the two (at most 1) for ``both``.
+    Values in (-inf, 0]."""
+    if tail not in (UPPER, LOWER, BOTH):
+        raise ValueError(f"unknown tail '{tail}'")
+    return _log10_from(*ln_tails(values, centres=centres, bandwidth=bandwidth), tail)
+
+
+def normal_scores(values: np.ndarray, *, centres: np.ndarray, bandwidth: float, tail: str) -> np.ndarray:
+    """Each value's normal score z = Phi^-1(P(V <= v)) (N,), from the tails of :func:`log10_tail`,
+    computed from the smaller tail so that far outliers keep their distance (|z| at most 37); for a
+    one-sided statistic the harmless side is set to 0 (an ``upper`` statistic's z is max(z, 0))."""
+    return _z_from(*ln_tails(values, centres=centres, bandwidth=bandwidth), tail)
 
 
 @dataclass
@@ -136,8 +153,21 @@ class DoseFit:
 
     def contributions(self, stats: dict[str, np.ndarray]) -> np.ndarray:
         """(N, S) each statistic's share of the score: d_j (P d)_j with d = z - mean; rows sum to the score."""
-        d = self.normal_scores(stats) - self.mean
+        return self.share(self.normal_scores(stats))
+
+    def share(self, z: np.ndarray) -> np.ndarray:
+        """(N, S) the shares d_j (P d)_j of normal scores z (N, S), d = z - mean."""
+        d = z - self.mean
         return d * (d @ self.precision)
+
+    def explain_arrays(self, stats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(log10 tail probabilities (N, S), contributions (N, S)) from one kernel pass per statistic."""
+        logp, zs = [], []
+        for j, (n, t) in enumerate(zip(self.statistics, self.tails, strict=True)):
+            up, lo = ln_tails(np.asarray(stats[n]), centres=self.centres[j], bandwidth=float(self.bandwidths[j]))
+            logp.append(_log10_from(up, lo, t))
+            zs.append(_z_from(up, lo, t))
+        return np.stack(logp, axis=1), self.share(np.stack(zs, axis=1))
 
     def score(self, stats: dict[str, np.ndarray]) -> np.ndarray:
         """dose = (z - mean)^T P (z - mean), the squared Mahalanobis distance of the normal scores, (N,)."""

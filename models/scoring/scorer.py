@@ -292,14 +292,14 @@ class Scorer:
             raise ValueError("the dose score judges p(x); a class-conditional model's p(x|y) has no calibration")
         stats, raw = model_statistics(self, x, with_raw=True)
         arrays = {k: v.numpy() for k, v in stats.items()}
-        parts = self.dose.contributions(arrays)  # (B, S), rows sum to the score
+        log10_p, parts = self.dose.explain_arrays(arrays)  # (B, S) each; parts' rows sum to the score
         return ScoreBatch(
             log_prob={DOSE: raw["log_prob"].cpu()},
             scores={DOSE: torch.from_numpy(parts.sum(axis=1))},
             heatmaps={},
             class_log_likelihood=raw.get("class_log_likelihood"),
             dose_values=torch.stack([stats[n] for n in self.dose.statistics], dim=1),
-            dose_log10_p=torch.from_numpy(self.dose.log10_p(arrays)),
+            dose_log10_p=torch.from_numpy(log10_p),
             dose_contributions=torch.from_numpy(parts),
         )
 

@@ -114,3 +114,13 @@ def test_dose_through_the_scorer_is_the_calibrated_function():
     # the flip statistic is antisymmetric: an image against its flip and the flip against the image
     flipped = model_statistics(scorer, x[:4].flip(2))
     torch.testing.assert_close(flipped["flip"], -stats["flip"], rtol=1e-4, atol=1e-4)
+
+
+def test_one_kernel_pass_gives_the_same_tails_and_shares_as_two():
+    rng = np.random.default_rng(3)
+    stats = {"nll": rng.normal(size=300), "flip": rng.normal(size=300), "border": rng.uniform(size=300)}
+    fit = DoseFit.fit(stats, ["nll", "flip", "border"])
+    probe = {"nll": np.array([-9.0, 0.1, 4.0]), "flip": np.array([0.0, 7.0, -2.0]), "border": np.array([0.5, 0.9, 0.0])}
+    log10_p, parts = fit.explain_arrays(probe)
+    assert np.array_equal(log10_p, fit.log10_p(probe))
+    assert np.array_equal(parts, fit.contributions(probe))

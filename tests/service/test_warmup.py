@@ -28,18 +28,27 @@ def test_sizes_are_powers_of_two_up_to_the_limit():
         sweep_sizes(0)
 
 
-def test_best_size_is_the_smallest_within_tolerance_of_the_fastest_per_image():
-    # per image: 10, 6, 4.1, 4.0 (fastest), 4.5 ms
-    seconds = {1: 0.010, 2: 0.012, 4: 0.0164, 8: 0.032, 16: 0.072}
-    assert best_size(seconds) == 4  # 4.1 is within 5% of 4.0
-    assert best_size(seconds, tolerance=0.0) == 8
+def seconds_of(ms_per_image: dict[int, list[float]]) -> dict[int, list[float]]:
+    return {n: [n * t / 1000 for t in ts] for n, ts in ms_per_image.items()}
+
+
+def test_the_largest_size_stays_unless_a_smaller_one_is_clearly_and_always_faster():
+    # ms per image in three rounds: 8 is 25% faster than 32 in every round, 16 12.5%
+    ms = {1: [10, 10, 10], 2: [6, 6, 6], 4: [4, 4, 4], 8: [3, 3.1, 2.9], 16: [3.5, 3.6, 3.4], 32: [4, 4, 4]}
+    assert best_size(seconds_of(ms)) == 8
+    assert best_size(seconds_of(ms), margin=0.2) == 8
+    assert best_size(seconds_of(ms), margin=0.3) == 32  # nothing is 30% faster
+    # 8 is faster in the median but slower than 32 in one round: not evidence enough, 16 is
+    ms[8] = [3, 3, 4.5]
+    assert best_size(seconds_of(ms)) == 16
+    assert best_size(seconds_of(ms), margin=0.2) == 32
     # a GPU-like curve: ever cheaper per image, the largest wins
-    assert best_size({1: 1e-3, 2: 1.1e-3, 4: 1.2e-3, 8: 1.3e-3}) == 8
+    assert best_size(seconds_of({1: [1.0], 2: [0.6], 4: [0.4], 8: [0.3]})) == 8
     with pytest.raises(ValueError):
         best_size({})
 
 
-def test_the_sweep_keeps_each_sizes_best_time_and_finds_the_cheapest_size():
+def test_the_sweep_times_every_size_every_round_round_robin():
     clock = FakeClock()
     ran: list[int] = []
     slow_once = {16}  # the first pass of 16 meets a burst of load elsewhere
@@ -51,12 +60,12 @@ def test_the_sweep_keeps_each_sizes_best_time_and_finds_the_cheapest_size():
         slow_once.discard(n)
 
     seconds = time_sizes(run, sweep_sizes(32), rounds=3, budget_s=100.0, clock=clock)
-    assert ran == [1, 2, 4, 8, 16, 32] * 3  # round-robin, every size in every round
-    assert seconds[16] == pytest.approx(16 * 2.9 / 1000)  # the slow pass did not count
-    assert best_size(seconds) == 8  # 3.0 is within 5% of 2.9: the smaller size
+    assert ran == [1, 2, 4, 8, 16, 32] * 3
+    assert seconds[16] == pytest.approx([16 * 2.9 * 5 / 1000, 16 * 2.9 / 1000, 16 * 2.9 / 1000])
+    assert best_size(seconds) == 8  # 16 was slower than 32 in its first round; 8 is faster every time
 
 
-def test_the_budget_stops_further_rounds_but_times_every_size_once():
+def test_the_budget_stops_further_rounds_after_the_minimum():
     clock = FakeClock()
     ran: list[int] = []
 
@@ -64,15 +73,15 @@ def test_the_budget_stops_further_rounds_but_times_every_size_once():
         ran.append(n)
         clock.now += 1.0
 
-    seconds = time_sizes(run, [1, 2, 4], rounds=3, budget_s=2.5, clock=clock)
-    assert ran == [1, 2, 4]  # the first round took 3 s > 2.5 s
-    assert set(seconds) == {1, 2, 4}
+    seconds = time_sizes(run, [1, 2, 4], rounds=4, min_rounds=2, budget_s=2.5, clock=clock)
+    assert ran == [1, 2, 4] * 2  # two rounds whatever the budget, then none: 6 s > 2.5 s
+    assert seconds == {1: [1.0, 1.0], 2: [1.0, 1.0], 4: [1.0, 1.0]}
 
 
 def test_sweep_runs_real_passes():
     passes: list[int] = []
     size, seconds = sweep(passes.append, 8, rounds=1)
-    assert passes == [1, 2, 4, 8]
+    assert passes == [1, 2, 4, 8] and all(len(t) == 1 for t in seconds.values())
     assert size in seconds
 
 
