@@ -27,14 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.scoring.calibration import conformal_rank
+from models.scoring.calibration import binomial_cdf, conformal_rank, log_binomial_pmf
 
 KOLMOGOROV_TERMS = 100
-
-
-def log_binomial_pmf(k: int, n: int, p: float) -> float:
-    """log P(X = k) for X ~ Binomial(n, p), 0 < p < 1."""
-    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
 
 
 def binomial_sf(k: int, n: int, p: float) -> float:
@@ -64,30 +59,21 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in logs))
 
 
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p), 0 < p < 1, summed in log space over j = 0..k."""
-    if k < 0:
-        return 0.0
-    if k >= n:
-        return 1.0
-    logs = [log_binomial_pmf(j, n, p) for j in range(k + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in logs))
-
-
-def fpr_upper_bound(n: int, fpr: float, *, confidence: float) -> float:
+def fpr_upper_bound(n: int, fpr: float, *, confidence: float, above: int | None = None) -> float:
     """An upper ``confidence`` bound on the rate at which a threshold calibrated on ``n`` scores
-    flags fresh in-distribution images, from ``n`` and the target ``fpr`` alone.
+    flags fresh in-distribution images, from ``n`` and the number ``above`` it (default: the
+    conformal threshold's for the target ``fpr``).
 
-    The threshold is the k-th smallest of the n calibration scores, k = ceil((n + 1)(1 - fpr))
-    (models/scoring/calibration.py), so a = n - k of them lie above it. For exchangeable continuous
+    The conformal threshold is the k-th smallest of the n calibration scores, k = ceil((n + 1)(1 -
+    fpr)) (models/scoring/calibration.py), so a = n - k of them lie above it; a threshold calibrated
+    with a confidence records its own a (``above``). For exchangeable continuous
     scores the threshold's true flag rate is Beta(a + 1, k) distributed (the order statistic's
     coverage), whose ``confidence`` quantile u solves P(Binomial(n, u) <= a) = 1 - confidence: the
     Clopper-Pearson upper bound for a of n. Found by bisection to a relative 1e-9.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    above = n - conformal_rank(n, fpr)
+    above = n - conformal_rank(n, fpr) if above is None else above
     lo, hi = above / n, 1.0
     while hi - lo > 1e-9 * hi:
         mid = 0.5 * (lo + hi)

@@ -29,7 +29,11 @@ def null_rate(meta: dict[str, Any], score_type: str, settings: Settings) -> floa
     if settings.drift_fpr_margin is not None:
         return min(0.5, fpr * settings.drift_fpr_margin)
     n = threshold_sample_size(meta, score_type)
-    return fpr if n is None else min(0.5, fpr_upper_bound(n, fpr, confidence=1.0 - settings.drift_alpha))
+    if n is None:
+        return fpr
+    above = (((meta.get("calibration") or {}).get("scores") or {}).get(score_type) or {}).get("above")
+    bound = fpr_upper_bound(n, fpr, confidence=1.0 - settings.drift_alpha, above=None if above is None else int(above))
+    return min(0.5, bound)
 
 
 class DriftMonitors:

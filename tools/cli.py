@@ -118,6 +118,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         keep=keep,
         statistics=args.statistics.split(",") if args.statistics else None,
+        confidence=args.confidence or None,
     )
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}
@@ -246,6 +247,13 @@ def _add_calibrate(sub: Any) -> None:
     c.add_argument("--model", required=True, help="checkpoint folder (its background/ companion is used too)")
     c.add_argument("--data", help="held-out in-distribution data (default: the training data set's valid split)")
     c.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
+    c.add_argument(
+        "--confidence",
+        type=float,
+        default=0.9,
+        help="pick each threshold so that its false-positive rate is at most --fpr with this probability over the "
+        "draw of the calibration images (default 0.9; 0: the conformal threshold, whose rate is about --fpr)",
+    )
     c.add_argument("--default", help="default score type (default: complexity, the evaluation's choice)")
     c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's scores (default 1)")
     c.add_argument("--limit", type=int, help="calibrate on a seeded random subset of this many images")

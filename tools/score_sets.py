@@ -178,12 +178,15 @@ def calibrate(
     show_progress: bool = True,
     keep: dict[str, dict[str, Any]] | None = None,
     statistics: Sequence[str] | None = None,
+    confidence: float | None = None,
 ) -> dict[str, Any]:
     """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on
     in-distribution held-out images (never the test set); ``keep``: entries of score types taken over
     from an earlier calibration of the same weights instead of recomputed (each records its own data).
     Without labels the dose score is fitted too (:func:`_fit_dose`; ``statistics``: the ones it
-    combines, default every one the model gives) and becomes the default. A
+    combines, default every one the model gives) and becomes the default. With ``confidence`` each
+    threshold keeps its false-positive rate at most ``fpr`` with that probability
+    (:func:`models.scoring.calibration.confident_rank`), else about ``fpr``. A
     class-conditional model is calibrated on its marginal p(x) = sum_y p(x|y) p(y) (pass no labels):
     the test /classify and unlabelled /score apply."""
     if scorer.model.n_classes is not None and labels is not None:
@@ -214,8 +217,17 @@ def calibrate(
         "target_fpr": fpr,
         "data": data_spec,
         "n": len(images),
-        "method": "threshold = k-th smallest score, k = ceil((n+1)(1-target_fpr)); is_outlier = score > threshold",
-        "scores": {n: {**calibrate_scores(v, fpr=fpr), **score_units(n)} for n, v in values.items()},
+        "method": (
+            "threshold = k-th smallest score, k = ceil((n+1)(1-target_fpr)); is_outlier = score > threshold"
+            if confidence is None
+            else f"threshold = the (n-a)-th smallest score, a the largest with P(Binomial(n, target_fpr) <= a) <= "
+            f"{1 - confidence:.3g}, so that the true false-positive rate is at most target_fpr with probability "
+            f"{confidence:g}; is_outlier = score > threshold"
+        ),
+        "confidence": confidence,
+        "scores": {
+            n: {**calibrate_scores(v, fpr=fpr, confidence=confidence), **score_units(n)} for n, v in values.items()
+        },
         "seconds": round(time.perf_counter() - t0, 1),
         "nll_cap": nll_cap,
     }

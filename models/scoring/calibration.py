@@ -35,23 +35,63 @@ def conformal_rank(n: int, fpr: float) -> int:
     return min(n, math.ceil((n + 1) * (1.0 - fpr) - 1e-9))
 
 
-def calibrate_scores(scores: np.ndarray, *, fpr: float = DEFAULT_FPR, n_quantiles: int = N_QUANTILES) -> dict[str, Any]:
+def log_binomial_pmf(k: int, n: int, p: float) -> float:
+    """log P(X = k) for X ~ Binomial(n, p), 0 < p < 1."""
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), 0 < p < 1, summed in log space over j = 0..k."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    logs = [log_binomial_pmf(j, n, p) for j in range(k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in logs))
+
+
+def confident_rank(n: int, fpr: float, confidence: float) -> int:
+    """1-based rank k of a threshold among n sorted scores whose true false-positive rate is at most
+    ``fpr`` with probability at least ``confidence`` (over the draw of the calibration images).
+
+    With a = n - k scores above it, the true rate of the k-th smallest of n exchangeable continuous
+    scores is Beta(a + 1, n - a) distributed, and P(Beta(a + 1, n - a) > fpr) = P(Binomial(n, fpr)
+    <= a); the largest a with that at most 1 - ``confidence`` (a training-conditional conformal
+    threshold, Vovk 2012). Where even a = 0 misses it (n < log(1 - confidence) / log(1 - fpr)),
+    the largest score (k = n)."""
+    conformal_rank(n, fpr)  # checks n and fpr
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    above = 0
+    while above + 1 < n and binomial_cdf(above + 1, n, fpr) <= 1.0 - confidence:
+        above += 1
+    return n - above
+
+
+def calibrate_scores(
+    scores: np.ndarray, *, fpr: float = DEFAULT_FPR, confidence: float | None = None, n_quantiles: int = N_QUANTILES
+) -> dict[str, Any]:
     """Threshold and quantiles of one score's in-distribution values (N,).
 
     ``is_outlier = score > threshold`` flags a fresh in-distribution image with probability about
-    ``fpr``; ``quantiles`` are q_0 .. q_K (K = n_quantiles, linear interpolation) for percentiles.
+    ``fpr`` (the conformal threshold, :func:`conformal_rank`), or with ``confidence`` at most ``fpr``
+    with that probability (:func:`confident_rank`; a higher threshold); ``quantiles`` are q_0 .. q_K
+    (K = n_quantiles, linear interpolation) for percentiles.
     """
     s = np.sort(np.asarray(scores, dtype=np.float64))
     if not np.isfinite(s).all():
         raise ValueError(f"{int((~np.isfinite(s)).sum())} calibration scores are not finite")
     n = len(s)
-    k = conformal_rank(n, fpr)
-    if (n + 1) * (1.0 - fpr) > n:
+    k = conformal_rank(n, fpr) if confidence is None else confident_rank(n, fpr, confidence)
+    if (n + 1) * (1.0 - fpr) > n or (confidence is not None and binomial_cdf(0, n, fpr) > 1.0 - confidence):
         logger.warning("%d calibration images cannot resolve a false-positive rate of %g; use more", n, fpr)
     threshold = float(s[k - 1])
     return {
         "threshold": threshold,
         "n": n,  # the scores the threshold is an order statistic of (service/drift.py bounds its rate by it)
+        "above": n - k,  # of them above the threshold
+        "confidence": confidence,  # P(true false-positive rate <= target), where the threshold was picked for it
         "quantiles": [float(q) for q in np.quantile(s, np.linspace(0.0, 1.0, n_quantiles + 1))],
         "fpr_on_calibration": float((s > threshold).mean()),
         "mean": float(s.mean()),

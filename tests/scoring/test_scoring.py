@@ -15,7 +15,7 @@ from PIL import Image
 
 from models.checkpoint import read_metadata, save_checkpoint, update_metadata
 from models.pixelcnn import PixelCNN, PixelCNNConfig
-from models.scoring.calibration import calibrate_scores, conformal_rank
+from models.scoring.calibration import binomial_cdf, calibrate_scores, confident_rank, conformal_rank
 from models.scoring.coders import code_length_bits, png_code_bits, webp_code_bits
 from models.scoring.scorer import Scorer, load_scorer, stale_calibration
 from models.scoring.scores import (
@@ -304,3 +304,32 @@ def test_calibrate_writes_every_score_type_and_the_default():
         assert entry["fpr_on_calibration"] <= 0.1 and len(entry["quantiles"]) == 101
     with pytest.raises(ValueError, match="unknown score type"):
         calibrate(Scorer(tiny_pixelcnn()), images(4), data_spec="x", default=RATIO, show_progress=False)
+
+
+# ---- thresholds with a confidence -------------------------------------------------------------------
+
+
+def test_a_confident_threshold_keeps_its_rate_below_the_target_nine_times_in_ten():
+    """Uniform scores: a threshold t flags 1 - t of fresh ones, so its true rate is known exactly."""
+    rng = np.random.default_rng(0)
+    n, fpr, draws = 500, 0.05, 2000
+    k_conf, k_conf_rank = confident_rank(n, fpr, 0.9), conformal_rank(n, fpr)
+    assert k_conf > k_conf_rank  # a higher threshold than the conformal one
+    samples = np.sort(rng.uniform(size=(draws, n)), axis=1)
+    rate_conf = 1.0 - samples[:, k_conf - 1]
+    rate_conformal = 1.0 - samples[:, k_conf_rank - 1]
+    exact = binomial_cdf(n - k_conf, n, fpr)  # P(true rate > fpr): at most 0.1, as close as the ranks allow
+    assert 0.05 < exact <= 0.1
+    assert abs((rate_conf > fpr).mean() - exact) < 3 * np.sqrt(exact * (1 - exact) / draws)
+    assert abs(rate_conformal.mean() - fpr) < 0.003 and (rate_conformal > fpr).mean() > 0.3
+    entry = calibrate_scores(samples[0], fpr=fpr, confidence=0.9)
+    assert entry["threshold"] == samples[0, k_conf - 1] and entry["above"] == n - k_conf
+    assert entry["confidence"] == 0.9
+
+
+def test_confident_rank_known_values_and_small_samples():
+    assert confident_rank(2500, 0.01, 0.9) == 2500 - 18  # P(Binomial(2500, 0.01) <= 18) <= 0.1 < P(... <= 19)
+    assert binomial_cdf(18, 2500, 0.01) <= 0.1 < binomial_cdf(19, 2500, 0.01)
+    assert confident_rank(100, 0.01, 0.9) == 100  # too few scores for the confidence: the largest
+    with pytest.raises(ValueError, match="confidence"):
+        confident_rank(100, 0.01, 1.0)
