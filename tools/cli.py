@@ -119,6 +119,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         keep=keep,
         statistics=args.statistics.split(",") if args.statistics else None,
         confidence=args.confidence or None,
+        folds=args.folds,
     )
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}
@@ -253,6 +254,13 @@ def _add_calibrate(sub: Any) -> None:
         default=0.9,
         help="pick each threshold so that its false-positive rate is at most --fpr with this probability over the "
         "draw of the calibration images (default 0.9; 0: the conformal threshold, whose rate is about --fpr)",
+    )
+    c.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="dose: cross-fit over this many folds, every image scored by a fit on the others, the threshold from "
+        "all of them and the served fit on all (default 0: fit on a random half, threshold from the other)",
     )
     c.add_argument("--default", help="default score type (default: complexity, the evaluation's choice)")
     c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's scores (default 1)")

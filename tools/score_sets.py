@@ -179,6 +179,7 @@ def calibrate(
     keep: dict[str, dict[str, Any]] | None = None,
     statistics: Sequence[str] | None = None,
     confidence: float | None = None,
+    folds: int = 0,
 ) -> dict[str, Any]:
     """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on
     in-distribution held-out images (never the test set); ``keep``: entries of score types taken over
@@ -198,6 +199,7 @@ def calibrate(
     # complexity_guarded's floor is the largest NLL among these images, so on them it equals complexity
     scorer.nll_cap = None
     scorer.dose = None  # refitted below
+    scorer.with_transpose = "transpose" in (statistics or ())  # the one statistic that costs a pass of its own
     keep = keep or {}
     names = [n for n in scorer.score_types if n not in keep]
     values = score_images(
@@ -206,7 +208,7 @@ def calibrate(
     nll_cap = float(values[NLL].max()) if NLL in values else None
     scorer.nll_cap = nll_cap  # the scorer now scores as the service will with this calibration
     dose_entry = (
-        _fit_dose(scorer, images, values, batch_size, cache_dir, statistics)
+        _fit_dose(scorer, images, values, batch_size, cache_dir, statistics, folds)
         if labels is None and len(images) >= 4
         else None
     )
@@ -262,23 +264,31 @@ def _fit_dose(
     batch_size: int,
     cache_dir: str | Path | None,
     statistics: Sequence[str] | None = None,
+    folds: int = 0,
 ) -> dict[str, Any]:
-    """Fit the dose score's densities on a random half of the images and put its scores on the other
-    half into ``values`` (its threshold comes from them); sets ``scorer.dose``. Returns the entry."""
+    """Fit the dose score's densities and put the scores its threshold comes from into ``values``
+    (:func:`models.scoring.dose.fit_dose`: ``folds`` 0, a random half scored by a fit on the other;
+    k, every image scored by a fit on the other k - 1 folds); sets ``scorer.dose``. Returns the entry."""
     # the statistics pass score_images made is cached (with cache_dir) or recomputed here
     names = statistic_names(scorer)
     unknown = [n for n in statistics or () if n not in names]
     if unknown:
         raise ValueError(f"unknown statistic(s) {unknown}; this model gives {names}")
     stats = dataset_statistics(scorer, images, batch_size=batch_size, cache_dir=cache_dir, show_progress=False)
-    fit, dose_scores, cal_idx = fit_dose(stats, list(statistics or names))
+    fit, dose_scores, cal_idx = fit_dose(stats, list(statistics or names), folds=folds)
     scorer.dose = fit
     values[DOSE] = dose_scores
+    split = (
+        "densities fitted on a random half of the images (seed 0), threshold from the other half"
+        if not folds
+        else f"{folds}-fold cross-fit (seed 0): the threshold from every image's score under a fit on the other "
+        f"folds; the densities served are fitted on all the images"
+    )
     return {
         **fit.to_json(),
-        "n_fit": len(images) - len(cal_idx),
+        "n_fit": len(images) if folds else len(images) - len(cal_idx),
         "n_threshold": len(cal_idx),
-        "split": "densities fitted on a random half of the images (seed 0), threshold from the other half",
+        "split": split,
     }
 
 

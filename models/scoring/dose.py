@@ -210,19 +210,40 @@ def split_halves(n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_dose(
-    stats: dict[str, np.ndarray], names: list[str], *, seed: int = 0, tails: dict[str, str] | None = None
+    stats: dict[str, np.ndarray],
+    names: list[str],
+    *,
+    seed: int = 0,
+    tails: dict[str, str] | None = None,
+    folds: int = 0,
 ) -> tuple[DoseFit, np.ndarray, np.ndarray]:
-    """Fit the densities on one half of the in-distribution ``stats`` and score the other half with
-    them: returns (fit, dose scores of the calibration half, the calibration half's indices). The
-    threshold is then the calibration half's conformal quantile
-    (:func:`models.scoring.calibration.calibrate_scores`)."""
+    """The dose fit and the scores that calibrate its threshold, none of them from a fit that saw
+    its own image: returns (fit, threshold scores, their images' indices).
+
+    ``folds`` 0: the densities are fitted on one random half of the in-distribution ``stats`` and
+    score the other half. ``folds`` k >= 2 (cross-fitting): each of k random folds is scored by a
+    fit on the other k - 1, so every image gets an out-of-fold score, and the returned fit is the
+    one on all images (fitted on more images than any fold's, it scores fresh in-distribution
+    images at most as high, in expectation, as the folds scored theirs). The threshold is then a
+    quantile of those scores (:func:`models.scoring.calibration.calibrate_scores`)."""
     n = len(next(iter(stats.values())))
     if n < 4:
         raise ValueError(f"dose needs at least 4 calibration images, got {n}")
-    fit_idx, cal_idx = split_halves(n, seed=seed)
-    fit = DoseFit.fit({k: np.asarray(v)[fit_idx] for k, v in stats.items()}, names, tails=tails)
-    scores = fit.score({k: np.asarray(v)[cal_idx] for k, v in stats.items()})
-    return fit, scores, cal_idx
+    arrays = {k: np.asarray(v) for k, v in stats.items()}
+    if folds == 0:
+        fit_idx, cal_idx = split_halves(n, seed=seed)
+        fit = DoseFit.fit({k: v[fit_idx] for k, v in arrays.items()}, names, tails=tails)
+        return fit, fit.score({k: v[cal_idx] for k, v in arrays.items()}), cal_idx
+    if not 2 <= folds <= n // 2:
+        raise ValueError(f"folds must be 0 or between 2 and half the {n} images, got {folds}")
+    perm = np.random.default_rng(seed).permutation(n)
+    scores = np.empty(n)
+    for f in range(folds):
+        held = perm[f::folds]
+        rest = np.setdiff1d(perm, held)
+        part = DoseFit.fit({k: v[rest] for k, v in arrays.items()}, names, tails=tails)
+        scores[held] = part.score({k: v[held] for k, v in arrays.items()})
+    return DoseFit.fit(arrays, names, tails=tails), scores, np.arange(n)
 
 
 def explain(

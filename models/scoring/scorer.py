@@ -126,6 +126,7 @@ class Scorer:
         nll_cap: float | None = None,
         dose: DoseFit | None = None,
         companion: Scorer | None = None,
+        with_transpose: bool = False,
     ) -> None:
         if model.n_classes is not None:
             prior = uniform_prior(model.n_classes) if prior is None else prior.float()
@@ -159,6 +160,8 @@ class Scorer:
         self.nll_cap = nll_cap  # bits/dim: the calibration images' largest NLL (complexity_guarded's floor)
         self.dose = dose  # the fitted densities of the dose score (from the calibration)
         self.companion: Scorer | None = companion
+        # before a calibration: whether the statistics pass scores the transposes too (models/scoring/statistics.py)
+        self.with_transpose = with_transpose
 
     @property
     def fingerprint(self) -> str:

@@ -86,6 +86,9 @@ class Scorer(Protocol):
     @property
     def companion(self) -> Scorer | None: ...
 
+    @property
+    def with_transpose(self) -> bool: ...
+
 
 STATS_VERSION = "stats-v2"  # part of every cache key of statistics
 UPPER, LOWER, BOTH = "upper", "lower", "both"
@@ -145,12 +148,14 @@ def companion_names(scorer: Scorer) -> list[str]:
 
 def own_statistic_names(scorer: Scorer) -> list[str]:
     """The statistics a scorer's own model gives. ``transpose`` costs a third image per image in the
-    pass, so it is left out once the scorer's calibrated dose combination does without it."""
+    pass, so it is opt-in: given where the calibrated dose combination uses it, or, before a
+    calibration, where the scorer asks for it (``with_transpose``: a calibration that combines it)."""
     names = ["nll", "complexity", "flip", "border", "background"]
     model = scorer.model
     if isinstance(model, AutoregressiveModel) and model.n_classes is None:
         names += ["pixel_top", "dark_nll"]
-        if transposes(model) and (scorer.dose is None or "transpose" in scorer.dose.statistics):
+        wanted = scorer.with_transpose if scorer.dose is None else "transpose" in scorer.dose.statistics
+        if transposes(model) and wanted:
             names.append("transpose")
     if isinstance(model, VAE):
         names += ["kl", "latent"]

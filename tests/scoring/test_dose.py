@@ -108,9 +108,9 @@ def test_dose_through_the_scorer_is_the_calibrated_function():
     offline = score_images(scorer, x[:4], names=[DOSE, NLL], show_progress=False)
     np.testing.assert_allclose(got.scores[DOSE].numpy(), offline[DOSE], rtol=1e-6)
     np.testing.assert_allclose(got.scores[NLL].numpy(), offline[NLL], rtol=1e-5)
-    assert got.dose_contributions is not None and got.dose_contributions.shape == (4, 8)
+    assert got.dose_contributions is not None and got.dose_contributions.shape == (4, 7)  # transpose is opt-in
     stats = model_statistics(scorer, x[:4])
-    assert set(stats) == {"nll", "complexity", "flip", "border", "background", "pixel_top", "dark_nll", "transpose"}
+    assert set(stats) == {"nll", "complexity", "flip", "border", "background", "pixel_top", "dark_nll"}
     # the flip statistic is antisymmetric: an image against its flip and the flip against the image
     flipped = model_statistics(scorer, x[:4].flip(2))
     torch.testing.assert_close(flipped["flip"], -stats["flip"], rtol=1e-4, atol=1e-4)
@@ -124,3 +124,15 @@ def test_one_kernel_pass_gives_the_same_tails_and_shares_as_two():
     log10_p, parts = fit.explain_arrays(probe)
     assert np.array_equal(log10_p, fit.log10_p(probe))
     assert np.array_equal(parts, fit.contributions(probe))
+
+
+def test_cross_fitting_scores_every_image_out_of_fold_and_serves_the_fit_on_all():
+    rng = np.random.default_rng(1)
+    val = {"a": rng.normal(size=400), "b": rng.normal(size=400), "c": rng.uniform(size=400)}
+    fit, scores, idx = fit_dose(val, ["a", "b", "c"], tails=TAILS, folds=4)
+    assert len(scores) == 400 and np.array_equal(idx, np.arange(400))
+    assert np.allclose(fit.score(val), DoseFit.fit(val, ["a", "b", "c"], tails=TAILS).score(val))
+    # out-of-fold scores run higher than in-sample ones (no image judges itself)
+    assert scores.mean() > fit.score(val).mean()
+    with pytest.raises(ValueError, match="folds"):
+        fit_dose(val, ["a"], tails=TAILS, folds=1)

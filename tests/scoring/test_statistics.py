@@ -63,7 +63,7 @@ def image(draw: str) -> Tensor:
 
 @pytest.fixture
 def scorer() -> Scorer:
-    return Scorer(VerticalRuns().eval(), weights_sha256="0" * 64)
+    return Scorer(VerticalRuns().eval(), weights_sha256="0" * 64, with_transpose=True)
 
 
 def test_the_statistics_pass_adds_dark_nll_and_transpose_for_autoregressive_models(scorer):
@@ -108,6 +108,10 @@ def test_the_transpose_pass_is_left_out_once_the_calibrated_combination_does_wit
     monkeypatch.setattr(scorer.model, "log_prob", counting)
     x = torch.cat([image("bar"), image("ring")])
     assert "transpose" in model_statistics(scorer, x) and seen == [4]  # upside down and on their side
+    seen.clear()
+    scorer.with_transpose = False  # opt-in: an uncalibrated scorer that does not ask leaves it out
+    assert "transpose" not in model_statistics(scorer, x) and seen == [2]
+    scorer.with_transpose = True
     scorer.dose = SimpleNamespace(statistics=["nll", "dark_nll"])  # a combination without transpose
     seen.clear()
     stats = model_statistics(scorer, x)
