@@ -191,10 +191,7 @@ def calibrate(
     class-conditional model is calibrated on its marginal p(x) = sum_y p(x|y) p(y) (pass no labels):
     the test /classify and unlabelled /score apply."""
     if scorer.model.n_classes is not None and labels is not None:
-        raise ValueError(
-            "calibrate a class-conditional model on p(x) = sum_y p(x|y) p(y), the density its outlier test "
-            "uses: pass no labels"
-        )
+        raise ValueError(f"calibrate a class-conditional model on p(x) = sum_y p(x|y) p(y), {_NO_LABELS}")
     t0 = time.perf_counter()
     # complexity_guarded's floor is the largest NLL among these images, so on them it equals complexity
     scorer.nll_cap = None
@@ -207,11 +204,8 @@ def calibrate(
     )
     nll_cap = float(values[NLL].max()) if NLL in values else None
     scorer.nll_cap = nll_cap  # the scorer now scores as the service will with this calibration
-    dose_entry = (
-        _fit_dose(scorer, images, values, batch_size, cache_dir, statistics, folds)
-        if labels is None and len(images) >= 4
-        else None
-    )
+    fits_dose = labels is None and len(images) >= 4
+    dose_entry = _fit_dose(scorer, images, values, batch_size, cache_dir, statistics, folds) if fits_dose else None
     default = default or (DOSE if dose_entry else scorer.recommended)
     scorer.check([default])
     cal: dict[str, Any] = {
@@ -219,13 +213,7 @@ def calibrate(
         "target_fpr": fpr,
         "data": data_spec,
         "n": len(images),
-        "method": (
-            "threshold = k-th smallest score, k = ceil((n+1)(1-target_fpr)); is_outlier = score > threshold"
-            if confidence is None
-            else f"threshold = the (n-a)-th smallest score, a the largest with P(Binomial(n, target_fpr) <= a) <= "
-            f"{1 - confidence:.3g}, so that the true false-positive rate is at most target_fpr with probability "
-            f"{confidence:g}; is_outlier = score > threshold"
-        ),
+        "method": _method(confidence),
         "confidence": confidence,
         "scores": {
             n: {**calibrate_scores(v, fpr=fpr, confidence=confidence), **score_units(n)} for n, v in values.items()
@@ -234,9 +222,21 @@ def calibrate(
         "nll_cap": nll_cap,
     }
     cal["scores"].update(keep)
-    if dose_entry is not None:
-        cal["dose"] = dose_entry
-    return {**cal, **_provenance(scorer)}
+    return {**cal, **({"dose": dose_entry} if dose_entry else {}), **_provenance(scorer)}
+
+
+_NO_LABELS = "the density its outlier test uses: pass no labels"
+
+
+def _method(confidence: float | None) -> str:
+    """How the thresholds were picked, in words, for model.json."""
+    if confidence is None:
+        return "threshold = k-th smallest score, k = ceil((n+1)(1-target_fpr)); is_outlier = score > threshold"
+    return (
+        f"threshold = the (n-a)-th smallest score, a the largest with P(Binomial(n, target_fpr) <= a) <= "
+        f"{1 - confidence:.3g}, so that the true false-positive rate is at most target_fpr with probability "
+        f"{confidence:g}; is_outlier = score > threshold"
+    )
 
 
 def _provenance(scorer: Scorer) -> dict[str, Any]:

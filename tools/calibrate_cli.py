@@ -1,0 +1,111 @@
+"""``genserve calibrate``: outlier thresholds from held-out in-distribution data, written into
+model.json (the scoring itself is tools/score_sets.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def device_name(name: str) -> str:
+    """A command's --device: "auto" is cuda where a GPU is, else cpu."""
+    import torch
+
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_calibrate(sub: Any) -> None:
+    """``genserve calibrate``: outlier thresholds written into model.json."""
+    c = sub.add_parser(
+        "calibrate",
+        help="outlier thresholds from held-out in-distribution data, written into model.json",
+        description="Score the validation split with every score type, store each score's quantiles and the "
+        "threshold for the target false-positive rate in the checkpoint's calibration (weights untouched).",
+    )
+    c.add_argument("--model", required=True, help="checkpoint folder (its background/ companion is used too)")
+    c.add_argument("--data", help="held-out in-distribution data (default: the training data set's valid split)")
+    c.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
+    c.add_argument(
+        "--confidence",
+        type=float,
+        default=0.9,
+        help="pick each threshold so that its false-positive rate is at most --fpr with this probability over the "
+        "draw of the calibration images (default 0.9; 0: the conformal threshold, whose rate is about --fpr)",
+    )
+    c.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="dose: cross-fit over this many folds, every image scored by a fit on the others, the threshold from "
+        "all of them and the served fit on all (default 0: fit on a random half, threshold from the other)",
+    )
+    c.add_argument("--default", help="default score type (default: complexity, the evaluation's choice)")
+    c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's scores (default 1)")
+    c.add_argument("--limit", type=int, help="calibrate on a seeded random subset of this many images")
+    c.add_argument(
+        "--keep",
+        action="append",
+        metavar="SCORE",
+        help="keep this score type's entry from the current calibration (same weights) instead of recomputing it",
+    )
+    c.add_argument("--statistics", help="comma list of the statistics dose combines (default: all the model gives)")
+    c.add_argument(
+        "--companion",
+        metavar="CHECKPOINT",
+        help="copy this checkpoint (a VAE of the same data) into the model's companion/ first, so that dose can "
+        "combine its statistics (companion_*)",
+    )
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
+    c.add_argument("--dry-run", action="store_true", help="print the calibration, do not write it")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=calibrate_command)
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    from models.checkpoint import update_metadata
+    from models.scoring.scorer import load_scorer
+    from tools.ood_eval import load_eval_set
+    from tools.score_sets import calibrate
+
+    if args.companion:
+        from tools.companion import install_companion
+
+        install_companion(args.companion, args.model)
+    scorer, meta = load_scorer(args.model, device_name(args.device), vae_score_k=args.vae_k)
+    spec = args.data or f"{(meta.get('dataset') or {}).get('name') or ''}:valid"
+    if spec.startswith(":"):
+        raise ValueError(f"{args.model} does not name a named training data set; pass --data (its validation split)")
+    if spec.endswith(":test"):
+        raise ValueError(f"calibrate on held-out validation data, never the test set ({spec}); e.g. NAME:valid")
+    data = load_eval_set(spec, shape=scorer.model.shape, levels=scorer.model.levels, limit=args.limit)
+    previous = (meta.get("calibration") or {}).get("scores") or {}
+    keep = {}
+    for name in args.keep or []:
+        if name not in previous:
+            raise ValueError(f"--keep {name}: the current calibration has no '{name}' entry to keep")
+        old = meta["calibration"]
+        keep[name] = {**previous[name], "kept_from": f"an earlier calibration on {old.get('data')} (n={old.get('n')})"}
+    cal = calibrate(
+        scorer,
+        data.images,
+        None,  # a conditional model is calibrated on p(x) = sum_y p(x|y) p(y)
+        data_spec=spec,
+        fpr=args.fpr,
+        default=args.default,
+        batch_size=args.batch_size,
+        cache_dir=args.cache or None,
+        show_progress=not args.no_progress,
+        keep=keep,
+        statistics=args.statistics.split(",") if args.statistics else None,
+        confidence=args.confidence or None,
+        folds=args.folds,
+    )
+    cal["command"] = args.command_line
+    summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}
+    print(json.dumps({**cal, "scores": summary}, indent=2))  # noqa: T201 - the command's output
+    if not args.dry_run:  # one atomic write replacing (not merging into) the old calibration
+        update_metadata(args.model, merge=False, calibration=cal)
+    return 0
