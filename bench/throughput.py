@@ -163,6 +163,8 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 def score_body(url: str, model: str, score_type: str) -> dict[str, Any]:
     """A one-image /score request for the served model (labelled if the model is conditional)."""
     info = httpx.get(f"{url}/models/{model}", timeout=10).json()
+    if "pass_sizes" in info:  # the warm-up sweep's choice (GENSERVE_BATCH_SWEEP)
+        print(f"{model}: passes of up to {info['pass_sizes']} images", file=sys.stderr)  # noqa: T201
     body: dict[str, Any] = {"model": model, "images": [random_png(info["shape"])], "score_type": score_type}
     if info["conditional"]:
         body["label"] = 0
