@@ -244,6 +244,8 @@ class Worker:
         scorer, _ = load_scorer(self.folder, self.device)
         on_cuda = torch.device(self.device).type == "cuda"
         scorer.model.prepare_for_inference(cuda_graphs=self.limits.cuda_graphs, compile=self.limits.compile and on_cuda)
+        if scorer.companion is not None:  # its statistics pass (dose): the same inference layout
+            scorer.companion.model.prepare_for_inference()
         if self.limits.warmup:
             warm_up(scorer, self.device, self.limits.max_batch_size)
             if self.limits.batch_sweep and self.limits.max_batch_size > 1:
