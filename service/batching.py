@@ -89,7 +89,7 @@ class BatchLimits:
     warmup: bool = True
     cuda_graphs: bool = True  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
     compile: bool = False  # the exact likelihood through torch.compile on a CUDA worker (same)
-    batch_sweep: bool = True  # cap score passes at the best size timed at warm-up (service/warmup.py)
+    batch_sweep: bool = False  # cap score passes at the best size timed at warm-up (service/warmup.py)
     regather: float = 0.0  # a batch waits up to this fraction of the last pass for its clients to return
     torch_threads: int | None = None  # CPU threads of each thread that runs the model (None: torch's default)
 

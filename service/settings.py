@@ -62,10 +62,10 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(default=32, ge=1, description="images per forward pass, at most")
     batch_sweep: bool = Field(
-        default=True,
+        default=False,
         description="at warm-up, time each model's pass at 1, 2, 4, ... max_batch_size images and cap its score "
-        "passes at the smallest size within 5% of the fastest per image (service/warmup.py); false: "
-        "max_batch_size",
+        "passes at a smaller size where that was more than 10% faster per image in every round (service/warmup.py); "
+        "for a machine that is idle while the server starts: under other load the timings mislead",
     )
     batch_regather: float = Field(
         default=0.0,

@@ -13,7 +13,9 @@ warm-up. Its score and encode passes then hold at most ``max_batch_size`` images
 sweep, unless a smaller size was faster per image by more than :data:`MARGIN` in the median and
 in every round: sizes are timed round-robin, so a burst of load elsewhere on the machine hits
 every size alike, and one lucky round cannot shrink the batches (a wrong small cap costs more
-than a missed speed-up). ``GENSERVE_BATCH_SWEEP=false`` keeps ``max_batch_size`` as the cap.
+than a missed speed-up). Off by default (``GENSERVE_BATCH_SWEEP=true`` turns it on): timings taken
+while other work loads the machine mislead even round-robin (a PixelRNN server started beside a busy
+job chose passes of 4, where 32 is 1.4x faster per image on the idle machine; docs/serving.md).
 """
 
 from __future__ import annotations
