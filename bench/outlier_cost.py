@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.scoring.calibration import default_score_type
 from models.scoring.scorer import Scorer, load_scorer
 from models.vae import VAE
-from service.scoring import default_score_type
 
 
 def forward(scorer: Scorer, x: torch.Tensor) -> None:

@@ -276,18 +276,20 @@ def statistics_from(
 
 
 @overload
-def own_statistics(scorer: Scorer, x: Tensor) -> dict[str, Tensor]: ...
+def own_statistics(scorer: Scorer, x: Tensor, *, code_bits: Tensor | None = None) -> dict[str, Tensor]: ...
 @overload
 def own_statistics(
-    scorer: Scorer, x: Tensor, *, with_raw: Literal[True]
+    scorer: Scorer, x: Tensor, *, with_raw: Literal[True], code_bits: Tensor | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]: ...
 def own_statistics(
-    scorer: Scorer, x: Tensor, *, with_raw: bool = False
+    scorer: Scorer, x: Tensor, *, with_raw: bool = False, code_bits: Tensor | None = None
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The statistics of the scorer's own model (:func:`own_statistic_names`) for images x (B, C, H,
-    W): (B,) float64 each, on CPU; with ``with_raw`` also :func:`raw_outputs`."""
+    W): (B,) float64 each, on CPU; with ``with_raw`` also :func:`raw_outputs`. ``code_bits``: the
+    images' lossless code lengths (B,) bits where already computed (else computed here)."""
     raw = raw_outputs(scorer, x)
-    code_bits = code_length_bits(x, levels=scorer.model.levels)
+    if code_bits is None:
+        code_bits = code_length_bits(x, levels=scorer.model.levels)
     stats = statistics_from(
         raw, code_bits=code_bits, image_stats=image_statistics(x, levels=scorer.model.levels), dims=scorer.model.dims
     )
@@ -296,21 +298,23 @@ def own_statistics(
 
 
 @overload
-def model_statistics(scorer: Scorer, x: Tensor) -> dict[str, Tensor]: ...
+def model_statistics(scorer: Scorer, x: Tensor, *, code_bits: Tensor | None = None) -> dict[str, Tensor]: ...
 @overload
 def model_statistics(
-    scorer: Scorer, x: Tensor, *, with_raw: Literal[True]
+    scorer: Scorer, x: Tensor, *, with_raw: Literal[True], code_bits: Tensor | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]: ...
 def model_statistics(
-    scorer: Scorer, x: Tensor, *, with_raw: bool = False
+    scorer: Scorer, x: Tensor, *, with_raw: bool = False, code_bits: Tensor | None = None
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every statistic the scorer gives (:func:`statistic_names`), for images x (B, C, H, W): (B,)
     float64 each, on CPU; with ``with_raw`` also its own model's :func:`raw_outputs` (its
     ``log_prob`` is what /score reports). The companion's statistics come from its own pass."""
-    stats, raw = own_statistics(scorer, x, with_raw=True)
+    if code_bits is None:  # once for both models: the same images, the same coder
+        code_bits = code_length_bits(x, levels=scorer.model.levels)
+    stats, raw = own_statistics(scorer, x, with_raw=True, code_bits=code_bits)
     wanted = companion_names(scorer)
     if wanted:
         assert scorer.companion is not None
-        theirs = model_statistics(scorer.companion, x.to(scorer.companion.model.device))
+        theirs = model_statistics(scorer.companion, x.to(scorer.companion.model.device), code_bits=code_bits)
         stats.update({COMPANION_PREFIX + n: theirs[n] for n in wanted})
     return (stats, raw) if with_raw else stats
