@@ -38,14 +38,15 @@ import torch
 
 from models.base import DensityModel
 from models.sampling.cached import torch_threads
-from models.scoring.scorer import Scorer, load_scorer
+from models.scoring.scorer import Scorer
 from service.arrivals import Arrivals
 from service.compute import ComputeThread
 from service.errors import Unavailable
 from service.gather import regather, take
-from service.jobs import Runtime, Task
+from service.jobs import PassLimits, Runtime, Task
+from service.loading import BatchLimits, load_for_serving
 from service.metrics import Metrics
-from service.warmup import measure_pass_size, warm_up
+from service.model_process import ModelProcess, Target
 
 logger = logging.getLogger("genserve.worker")
 
@@ -79,21 +80,6 @@ class Job:
         return self.cancelled
 
 
-@dataclass(frozen=True)
-class BatchLimits:
-    max_batch_size: int
-    max_batch_wait_s: float
-    max_queue: int
-    max_concurrent_samples: int
-    max_sample_batch: int = 64
-    warmup: bool = True
-    cuda_graphs: bool = True  # sampling steps as CUDA graphs on a CUDA worker (DensityModel.prepare_for_inference)
-    compile: bool = False  # the exact likelihood through torch.compile on a CUDA worker (same)
-    batch_sweep: bool = False  # cap score passes at the best size timed at warm-up (service/warmup.py)
-    regather: float = 0.0  # a batch waits up to this fraction of the last pass for its clients to return
-    torch_threads: int | None = None  # CPU threads of each thread that runs the model (None: torch's default)
-
-
 class Worker:
     """Owns one copy of a model (and of its background model, if any) on one device: its thread
     forms the batches, and runs them itself (CUDA) or on the compute thread its CPU slot shares
@@ -110,6 +96,7 @@ class Worker:
         metrics: Metrics,
         arrivals: Arrivals | None = None,
         compute: ComputeThread | None = None,
+        process_target: Target | None = None,
     ) -> None:
         self.name = name
         self.compute = compute  # where its torch work runs (service/compute.py); None: its own thread
@@ -121,7 +108,12 @@ class Worker:
         self.metrics = metrics
         self.model: DensityModel | None = None
         self.scorer: Scorer | None = None  # the model and its background companion, for /score
-        self.runtime: Runtime | None = None  # what the tasks run on, once loaded
+        self.runtime: Runtime | None = None  # what the tasks run on, once loaded (a thread worker)
+        self.process: ModelProcess | None = None  # where they run instead (GENSERVE_MODEL_PROCESS)
+        if limits.model_process:
+            self.process = ModelProcess(name=name, folder=folder, device=device, limits=limits, target=process_target)
+        self.weights_sha256 = ""  # of the weights loaded, once loaded
+        self.pass_limits = PassLimits(max_batch_size=limits.max_batch_size, max_sample_batch=limits.max_sample_batch)
         self.state = State.LOADING
         self.error: str | None = None
         self.sample_slots = asyncio.Semaphore(limits.max_concurrent_samples)
@@ -199,6 +191,17 @@ class Worker:
         for job in dropped:
             _settle(job, error=Unavailable(f"model '{self.name}' is shutting down; retry on another instance"))
 
+    def _give_up(self, why: str) -> None:
+        """The model cannot run any more: FAILED (as /readyz and /models say), queued jobs get 503."""
+        logger.error("model '%s' on %s failed: %s", self.name, self.device, why)
+        with self._cond:
+            self.error, self.state = why, State.FAILED
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._pending -= sum(j.size for j in dropped)
+        for job in dropped:
+            _settle(job, error=Unavailable(f"model '{self.name}' failed on {self.device}: {why}"))
+
     def join(self, timeout: float) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -207,53 +210,49 @@ class Worker:
 
     def _run(self) -> None:
         try:
-            scorer = self._on_device(self._load)
-            model = scorer.model
+            self._start_model()
         except Exception as e:
             logger.exception("model '%s' failed to load on %s", self.name, self.device)
             self.error = f"{type(e).__name__}: {e}"
             self.state = State.FAILED
             self._notify_loaded()
             return
-        self.model, self.scorer = model, scorer
+        self.pass_limits = PassLimits(max_batch_size=self.pass_size, max_sample_batch=self.limits.max_sample_batch)
+        with self._cond:
+            if self.state is State.LOADING:
+                self.state = State.READY
+        logger.info("model '%s' ready on %s (worker %d%s)", self.name, self.device, self.index,
+                    "" if self.process is None else f", model process {self.process.pid}")  # fmt: skip
+        self._notify_loaded()
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._execute(batch)
+                if self.process is not None and self.process.broken:
+                    self._give_up(f"its model process could not be started again: {self.process.broken}")
+        finally:
+            if self.process is not None:
+                self.process.stop()
+
+    def _start_model(self) -> None:
+        """Load the model where its passes will run: its model process, or this worker's thread."""
+        if self.process is not None:
+            self.process.start()
+            self.weights_sha256, self.pass_size = self.process.weights_sha256, self.process.pass_size
+            return
+        loaded = self._on_device(lambda: load_for_serving(self.folder, self.device, self.limits, name=self.name))
+        self.model, self.scorer, self._threads = loaded.scorer.model, loaded.scorer, loaded.threads
+        self.weights_sha256, self.pass_size = loaded.scorer.weights_sha256, loaded.pass_size
         self.runtime = Runtime(
-            scorer=scorer,
+            scorer=loaded.scorer,
             device=self.device,
             max_batch_size=self.pass_size,
             max_sample_batch=self.limits.max_sample_batch,
             between_steps=None if self.compute is None else self._let_others_run,
         )
-        with self._cond:
-            if self.state is State.LOADING:
-                self.state = State.READY
-        logger.info("model '%s' ready on %s (worker %d)", self.name, self.device, self.index)
-        self._notify_loaded()
-        while (batch := self._next_batch()) is not None:
-            self._execute(batch)
 
     def _on_device(self, fn: Callable[[], T]) -> T:
         """Run torch work where this worker's device runs it (see service/compute.py)."""
         return fn() if self.compute is None else self.compute.run(fn)
-
-    def _load(self) -> Scorer:
-        if self.limits.torch_threads:
-            # Per thread: convolutions take their thread count from the calling thread's OpenMP
-            # setting, which torch otherwise copies in only at the thread's first parallel op.
-            torch.set_num_threads(self.limits.torch_threads)
-        self._threads = torch.get_num_threads()  # what other work runs on between a generation's pixels
-        scorer, _ = load_scorer(self.folder, self.device)
-        on_cuda = torch.device(self.device).type == "cuda"
-        scorer.model.prepare_for_inference(cuda_graphs=self.limits.cuda_graphs, compile=self.limits.compile and on_cuda)
-        if scorer.companion is not None:  # its statistics pass (dose): the same inference layout
-            scorer.companion.model.prepare_for_inference()
-        if self.limits.warmup:
-            warm_up(scorer, self.device, self.limits.max_batch_size)
-            if self.limits.batch_sweep and self.limits.max_batch_size > 1:
-                self.pass_size, seconds = measure_pass_size(scorer, self.device, self.limits.max_batch_size)
-                per_image = ", ".join(f"{n}: {1000 * min(s) / n:.2f}" for n, s in seconds.items())
-                logger.info("model '%s' on %s: passes of up to %d images (best ms per image by pass size: %s)",
-                            self.name, self.device, self.pass_size, per_image)  # fmt: skip
-        return scorer
 
     def _notify_loaded(self) -> None:
         assert self._loop is not None
@@ -270,8 +269,7 @@ class Worker:
                 return None
             first = self._queue.popleft()
             batch, size = [first], first.size
-            assert self.runtime is not None  # READY: loaded
-            key, cap = first.task.batch_key(), first.task.batch_cap(self.runtime)
+            key, cap = first.task.batch_key(), first.task.batch_cap(self.pass_limits)
             deadline = first.enqueued + limits.max_batch_wait_s
             while size < cap:
                 size = take(self._queue, batch, size, key, cap)
@@ -343,10 +341,14 @@ class Worker:
     def _run_pass(self, jobs: list[Job]) -> list[Any]:
         """One batched pass for jobs of one key: one result per job, in order; metrics observed."""
         start = time.perf_counter()
-        assert self.runtime is not None
         task_type = type(jobs[0].task)
         op = task_type.op
-        results = task_type.run(self.runtime, [j.task for j in jobs], [j.is_cancelled for j in jobs])
+        tasks, cancelled = [j.task for j in jobs], [j.is_cancelled for j in jobs]
+        if self.process is not None:
+            results = self.process.run(task_type, tasks, cancelled)
+        else:
+            assert self.runtime is not None
+            results = task_type.run(self.runtime, tasks, cancelled)
         assert len(results) == len(jobs), "one result per job"
         self.metrics.inference_seconds.labels(**self._labels, op=op).observe(time.perf_counter() - start)
         self.metrics.batch_images.labels(**self._labels, op=op).observe(sum(j.size for j in jobs))

@@ -25,14 +25,20 @@ from service import scoring
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
-class Runtime:
+@dataclass(frozen=True, kw_only=True)
+class PassLimits:
+    """How large a worker's passes may grow."""
+
+    max_batch_size: int  # images per forward pass of scoring and encoding
+    max_sample_batch: int  # images per batched generation
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime(PassLimits):
     """What a task runs on: the worker's scorer (its model and background), device and limits."""
 
     scorer: Scorer
     device: str
-    max_batch_size: int  # images per forward pass of scoring and encoding
-    max_sample_batch: int  # images per batched generation
     between_steps: StepCallback | None = None  # between a generation's pixels (service/compute.py)
 
 
@@ -54,9 +60,9 @@ class Task(ABC, Generic[R]):
         """Tasks with equal keys may share a pass."""
         return (self.op,)
 
-    def batch_cap(self, runtime: Runtime) -> int:
+    def batch_cap(self, limits: PassLimits) -> int:
         """The most images a shared pass of such tasks may hold."""
-        return runtime.max_batch_size
+        return limits.max_batch_size
 
     @classmethod
     @abstractmethod
@@ -157,8 +163,8 @@ class SampleTask(Task["SampleResult | None"]):
     def size(self) -> int:
         return self.n
 
-    def batch_cap(self, runtime: Runtime) -> int:
-        return runtime.max_sample_batch
+    def batch_cap(self, limits: PassLimits) -> int:
+        return limits.max_sample_batch
 
     @classmethod
     def run(

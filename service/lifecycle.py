@@ -138,7 +138,7 @@ class Lifecycle:
             worker.start()
         await asyncio.gather(*(w.loaded.wait() for w in new.workers))
         failed = [f"{w.device}: {w.error}" for w in new.workers if w.state is not State.READY]
-        loaded = {w.scorer.weights_sha256 for w in new.workers if w.scorer is not None}
+        loaded = {w.weights_sha256 for w in new.workers if w.weights_sha256}
         if not failed and loaded != {new.sha256}:
             failed = [f"the weights loaded ({sorted(loaded)}) are not the ones {META} names: the files changed "
                       "during the load; offer the version again"]  # fmt: skip

@@ -61,6 +61,7 @@ class ModelRegistry:
             cuda_graphs=settings.cuda_graphs,
             compile=settings.compile,
             torch_threads=settings.torch_threads,
+            model_process=settings.model_process,
         )
 
     # ---- startup and shutdown -----------------------------------------------------------------
@@ -166,6 +167,8 @@ class ModelRegistry:
         GENSERVE_CPU_COMPUTE=per_model, and with ``auto`` when one model is served (one thread,
         one pool already, without a hand-over per batch)."""
         mode = self.settings.cpu_compute
+        if self.settings.model_process:  # each worker's model process has its own threads
+            return None
         if device != "cpu" or mode == "per_model" or (mode == "auto" and models == 1):
             return None
         if index not in self._computes:

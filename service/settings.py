@@ -121,6 +121,13 @@ class Settings(BaseSettings):
     json_logs: bool = Field(default=False, description="log one JSON object per line")
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads for CPU inference")
     warmup: bool = Field(default=True, description="run one forward pass per worker before reporting ready")
+    model_process: bool = Field(
+        default=False,
+        description="run each worker's model in a process of its own, fed through a pipe (service/model_process.py): "
+        "the model's Python no longer shares the HTTP process's interpreter lock with the event loop, and a crash "
+        "of the model fails only its pass (the next one restarts it); each model process has its own torch "
+        "threads (GENSERVE_CPU_COMPUTE does not apply)",
+    )
     cpu_compute: Literal["auto", "shared", "per_model"] = Field(
         default="auto",
         description="shared: every model's CPU worker with the same index runs its torch work on one thread, "

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import service.batching
+import service.loading
 import service.uploads
 from models.scoring.scorer import load_scorer
 from tests.service.helpers import Gate, b64, gray_png, json_post_scope, png_bytes, post_json, running, worker_of
@@ -66,7 +67,7 @@ async def test_readyz_503_until_models_loaded_then_200(make_settings, monkeypatc
         assert release.wait(10)
         return load_scorer(folder, device)
 
-    monkeypatch.setattr(service.batching, "load_scorer", slow_load)
+    monkeypatch.setattr(service.loading, "load_scorer", slow_load)
     async with running(make_settings(models="pixelcnn,vae"), wait=False) as (app, client):
         r = await client.get("/readyz")
         assert r.status_code == 503 and r.headers["retry-after"] == "2"
