@@ -2,8 +2,9 @@
 
 Every statistic comes from one forward pass of the main model over a batch of 2B images: the B
 images and their vertical flips (``x.flip(2)``, upside down), and for unconditional autoregressive
-models also their transposes (a batch of 3B). The flip is what lets a density model
-see orientation: an upright garment is more likely than the same garment upside down, so
+models also their transposes where ``transpose`` is used (a batch of 3B); a calibration that leaves
+``flip`` to its companion drops the flips from the pass (:func:`own_statistic_names`). The flip is
+what lets a density model see orientation: an upright garment is more likely than the same garment upside down, so
 ``flip = NLL(x) - NLL(upside-down x)`` is negative for upright clothes and positive for clothes sent
 upside down, whatever the garment's own complexity (which cancels in the difference).
 
@@ -147,14 +148,17 @@ def companion_names(scorer: Scorer) -> list[str]:
 
 
 def own_statistic_names(scorer: Scorer) -> list[str]:
-    """The statistics a scorer's own model gives. ``transpose`` costs a third image per image in the
-    pass, so it is opt-in: given where the calibrated dose combination uses it, or, before a
+    """The statistics a scorer's own model gives. ``flip`` and ``transpose`` each cost one more image
+    per image in the pass, so each is computed only where it is used: ``flip`` before a calibration
+    and wherever the calibrated dose combination uses it (a calibration may leave it to the
+    companion's ``companion_flip``); ``transpose`` where the combination uses it or, before a
     calibration, where the scorer asks for it (``with_transpose``: a calibration that combines it)."""
-    names = ["nll", "complexity", "flip", "border", "background"]
+    used = None if scorer.dose is None else scorer.dose.statistics
+    names = ["nll", "complexity"] + (["flip"] if used is None or "flip" in used else []) + ["border", "background"]
     model = scorer.model
     if isinstance(model, AutoregressiveModel) and model.n_classes is None:
         names += ["pixel_top", "dark_nll"]
-        wanted = scorer.with_transpose if scorer.dose is None else "transpose" in scorer.dose.statistics
+        wanted = scorer.with_transpose if used is None else "transpose" in used
         if transposes(model) and wanted:
             names.append("transpose")
     if isinstance(model, VAE):
@@ -204,21 +208,23 @@ def vae_terms(model: VAE, x: Tensor, k: int) -> dict[str, Tensor]:
 
 @torch.inference_mode()
 def raw_outputs(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
-    """One pass of the main model over x (B, C, H, W) and its vertical flip (a batch of 2B; 3B with the
-    transposes, :func:`transposes`): float32 tensors ``log_prob`` and ``flip_log_prob`` (B,) nats (a
-    VAE's: IWAE with the scorer's k; a class-conditional model's: p(x) = sum_y p(x|y) p(y)),
+    """One pass of the main model over x (B, C, H, W), with its vertical flip and its transpose where
+    their statistics are used (:func:`own_statistic_names`; a batch of B to 3B): float32 tensors
+    ``log_prob`` and, where used, ``flip_log_prob`` (B,) nats (a VAE's: IWAE with the scorer's k; a
+    class-conditional model's: p(x) = sum_y p(x|y) p(y)),
     ``pixel_top``, ``dark_nll`` and ``transpose_log_prob`` (B,) nats for unconditional autoregressive
     models, ``kl`` and ``latent`` (B,) for VAEs."""
     b = x.shape[0]
     model = scorer.model
-    parts = [x, x.flip(2)]  # the images, then upside down
-    if "transpose" in own_statistic_names(scorer):
-        parts.append(x.transpose(2, 3))  # then turned on their side
-    xx = torch.cat(parts)  # (2B or 3B, C, H, W)
+    names = own_statistic_names(scorer)
+    parts = [x]  # the images, then upside down and turned on their side where those are used
+    others = [k for k, used in (("flip", "flip" in names), ("transpose", "transpose" in names)) if used]
+    parts += [x.flip(2) if k == "flip" else x.transpose(2, 3) for k in others]
+    xx = torch.cat(parts)  # (B, 2B or 3B, C, H, W)
     out: dict[str, Tensor] = {}
     if model.n_classes is not None:
         assert scorer.prior is not None
-        cll = class_log_likelihood(model, xx)  # (2B, K) nats
+        cll = class_log_likelihood(model, xx)  # (len(parts) * B, K) nats
         lp = posterior_from(cll, scorer.prior).log_marginal
         out["class_log_likelihood"] = cll[:b]
     elif isinstance(model, VAE):
@@ -231,15 +237,15 @@ def raw_outputs(scorer: Scorer, x: Tensor) -> dict[str, Tensor]:
         assert isinstance(model, AutoregressiveModel)
         pixel_nll = -model.pixel_log_prob(xx[:b])  # (B, C, H, W) nats
         nll_pix = pixel_nll.sum(1).flatten(1)  # (B, H*W)
-        other_lp = model.log_prob(xx[b:])  # (B or 2B,)
-        lp = torch.cat([-nll_pix.sum(1), other_lp])
-        k = max(1, round(PIXEL_TOP_FRACTION * nll_pix.shape[1]))
-        out["pixel_top"] = nll_pix.topk(k, dim=1).values.mean(1)
+        lp = -nll_pix.sum(1)
+        if others:
+            lp = torch.cat([lp, model.log_prob(xx[b:])])
+        top = max(1, round(PIXEL_TOP_FRACTION * nll_pix.shape[1]))
+        out["pixel_top"] = nll_pix.topk(top, dim=1).values.mean(1)
         out["dark_nll"] = dark_nll(pixel_nll, x, model.levels)
-        if len(parts) == 3:
-            out["transpose_log_prob"] = lp[2 * b :]
     out["log_prob"] = lp[:b]
-    out["flip_log_prob"] = lp[b : 2 * b]
+    for i, other in enumerate(others, start=1):
+        out[f"{other}_log_prob"] = lp[i * b : (i + 1) * b]
     return {k: v.float() for k, v in out.items()}
 
 
@@ -260,13 +266,13 @@ def statistics_from(
     :func:`image_statistics`."""
     ln2 = math.log(2.0)
     nll = -raw["log_prob"].double().cpu() / (dims * ln2)
-    flip_nll = -raw["flip_log_prob"].double().cpu() / (dims * ln2)
     out = {
         "nll": nll,
         "complexity": nll - code_bits.double().cpu() / dims,
-        "flip": nll - flip_nll,
         **{k: v.cpu() for k, v in image_stats.items()},
     }
+    if "flip_log_prob" in raw:
+        out["flip"] = nll + raw["flip_log_prob"].double().cpu() / (dims * ln2)
     if "transpose_log_prob" in raw:
         out["transpose"] = nll + raw["transpose_log_prob"].double().cpu() / (dims * ln2)
     for k in ("pixel_top", "dark_nll", "kl", "latent"):

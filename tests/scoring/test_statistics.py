@@ -112,7 +112,29 @@ def test_the_transpose_pass_is_left_out_once_the_calibrated_combination_does_wit
     scorer.with_transpose = False  # opt-in: an uncalibrated scorer that does not ask leaves it out
     assert "transpose" not in model_statistics(scorer, x) and seen == [2]
     scorer.with_transpose = True
-    scorer.dose = SimpleNamespace(statistics=["nll", "dark_nll"])  # a combination without transpose
+    scorer.dose = SimpleNamespace(statistics=["nll", "flip", "dark_nll"])  # a combination without transpose
     seen.clear()
     stats = model_statistics(scorer, x)
     assert "transpose" not in stats and "dark_nll" in stats and seen == [2]  # upside down only
+
+
+def test_the_flip_pass_is_left_out_once_the_calibrated_combination_does_without_it(scorer, monkeypatch):
+    seen: list[int] = []
+    log_prob = scorer.model.log_prob
+
+    def counting(x: Tensor, y: Tensor | None = None) -> Tensor:
+        seen.append(x.shape[0])
+        return log_prob(x, y)
+
+    x = torch.cat([image("bar"), image("ring")])
+    full = model_statistics(scorer, x)  # before a calibration: image, upside down, on its side
+    monkeypatch.setattr(scorer.model, "log_prob", counting)
+    scorer.dose = SimpleNamespace(statistics=["nll", "transpose", "dark_nll"])  # no flip: the companion's, say
+    stats = model_statistics(scorer, x)
+    assert "flip" not in stats and seen == [2]  # on their side only
+    for name in ("nll", "complexity", "transpose", "dark_nll", "pixel_top"):  # the same values without the flips
+        assert torch.allclose(stats[name], full[name], rtol=1e-6, atol=1e-9), name
+    scorer.dose = SimpleNamespace(statistics=["nll", "dark_nll"])
+    seen.clear()
+    assert set(model_statistics(scorer, x)) == {"nll", "complexity", "border", "background", "pixel_top", "dark_nll"}
+    assert seen == []  # neither flips nor transposes: the one pixel pass only
