@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -33,31 +34,44 @@ class WireError(ValueError):
 
 
 def send(conn: Connection, header: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> None:
-    """Send ``header`` and ``tensors`` (each moved to the CPU, made contiguous) as one message."""
+    """Send ``header`` and ``tensors`` (each moved to the CPU, made contiguous) as one message: one
+    write of a 4-byte header length, the JSON header, then every tensor's raw bytes in order (one
+    write, so the receiver wakes once per message, not once per tensor)."""
     tensors = tensors or {}
     arrays = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-    specs = [{"name": k, "dtype": str(t.dtype), "shape": list(t.shape)} for k, t in arrays.items()]
-    conn.send_bytes(json.dumps({**header, "tensors": specs}).encode())
     for t in arrays.values():
         if str(t.dtype) not in DTYPES:
             raise WireError(f"tensor dtype {t.dtype} cannot cross to the model process")
-        conn.send_bytes(t.numpy().tobytes() if t.numel() else b"")
+    specs = [{"name": k, "dtype": str(t.dtype), "shape": list(t.shape)} for k, t in arrays.items()]
+    head = json.dumps({**header, "tensors": specs}).encode()
+    parts = [len(head).to_bytes(4, "big"), head, *(t.numpy().tobytes() for t in arrays.values())]
+    conn.send_bytes(b"".join(parts))
 
 
 def recv(conn: Connection) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Receive one message: (header, tensors by name). EOFError once the other side has gone."""
-    header = json.loads(conn.recv_bytes())
+    frame = conn.recv_bytes()
+    size = int.from_bytes(frame[:4], "big")
+    header = json.loads(frame[4 : 4 + size])
     if not isinstance(header, dict):
         raise WireError("a message header must be a JSON object")
     tensors = {}
+    offset = 4 + size
     for spec in header.pop("tensors", []):
         dtype = DTYPES.get(spec["dtype"])
         if dtype is None:
             raise WireError(f"unknown tensor dtype {spec['dtype']!r}")
-        raw = conn.recv_bytes()
         shape = [int(s) for s in spec["shape"]]
-        t = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
+        if offset + nbytes > len(frame):
+            raise WireError(f"tensor {spec['name']!r} runs past the end of its message")
+        raw = bytearray(frame[offset : offset + nbytes])  # its own (aligned, writable) memory
+        t = torch.frombuffer(raw, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
         tensors[spec["name"]] = t.reshape(shape)
+        offset += nbytes
+    if offset != len(frame):
+        raise WireError(f"{len(frame) - offset} bytes after the last tensor of a message")
     return header, tensors
 
 

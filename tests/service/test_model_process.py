@@ -69,8 +69,19 @@ def test_the_wire_refuses_what_it_cannot_carry():
     a, b = Pipe()
     with pytest.raises(wire.WireError, match="complex64"):
         wire.send(a, {"type": "x"}, {"t": torch.zeros(2, dtype=torch.complex64)})
-    a.send_bytes(b'{"type": "run", "tensors": [{"name": "t", "dtype": "object", "shape": [1]}]}')
+
+    def frame(header: bytes, payload: bytes = b"") -> bytes:
+        return len(header).to_bytes(4, "big") + header + payload
+
+    a.send_bytes(frame(b'{"type": "run", "tensors": [{"name": "t", "dtype": "object", "shape": [1]}]}'))
     with pytest.raises(wire.WireError, match="unknown tensor dtype"):
+        wire.recv(b)
+    four_floats = b'{"type": "run", "tensors": [{"name": "t", "dtype": "torch.float32", "shape": [4]}]}'
+    a.send_bytes(frame(four_floats, b"x" * 8))  # 8 of its 16 bytes
+    with pytest.raises(wire.WireError, match="runs past the end"):
+        wire.recv(b)
+    a.send_bytes(frame(b'{"type": "run", "tensors": []}', b"extra"))
+    with pytest.raises(wire.WireError, match="5 bytes after"):
         wire.recv(b)
     with pytest.raises(wire.WireError, match="unknown task op"):
         wire.tasks_from({"op": "format-disk", "tasks": []}, {})
