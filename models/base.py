@@ -86,6 +86,9 @@ class DensityModel(nn.Module):
     kind: ClassVar[str]  # "autoregressive" or "vae"
     architecture: ClassVar[str]  # registry key, e.g. "gated_pixelcnn"
     exact: ClassVar[bool]  # True where log_prob is exact, False where it is an estimate or bound
+    # True where a forward pass is a Python loop of many small steps (a recurrence over rows): its
+    # interpreter time then matters, and a server gives it a process of its own (GENSERVE_MODEL_PROCESS=auto)
+    steps_in_python: ClassVar[bool] = False
     config: Any
 
     @property

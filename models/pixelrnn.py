@@ -47,6 +47,7 @@ class PixelRNN(AutoregressiveModel):
 
     architecture = "row_lstm"
     cached_sampler = sample_parts_cached
+    steps_in_python = True  # the Row LSTM steps through the rows in Python, H steps per pass
 
     def __init__(self, config: PixelRNNConfig) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -61,7 +62,6 @@ class ModelRegistry:
             cuda_graphs=settings.cuda_graphs,
             compile=settings.compile,
             torch_threads=settings.torch_threads,
-            model_process=settings.model_process,
         )
 
     # ---- startup and shutdown -----------------------------------------------------------------
@@ -79,6 +79,12 @@ class ModelRegistry:
                 )
             wanted = found
         missing = [m for m in wanted if m not in found]
+        unknown = [m for m in self.settings.model_process_names if m not in wanted]
+        if unknown:
+            raise RegistryError(
+                f"GENSERVE_MODEL_PROCESS names {unknown}, not models served here ({wanted}); "
+                'name served models, or write "true" or "false"'
+            )
         if missing:
             raise RegistryError(
                 f"GENSERVE_MODELS names {missing}, not checkpoints in {root}; available: {found or 'none'}"
@@ -112,16 +118,18 @@ class ModelRegistry:
         skeleton = skeleton_model(folder, meta)
         bg_meta = background_metadata(folder, skeleton)
         comp_meta = companion_metadata(folder, skeleton)
+        in_process = self.settings.model_process_for(name, steps_in_python=type(skeleton).steps_in_python)
+        limits = dataclasses.replace(self.limits, model_process=in_process)
         workers = [
             Worker(
                 name=name,
                 folder=folder,
                 device=dev,
                 index=i,
-                limits=self.limits,
+                limits=limits,
                 metrics=self.metrics,
                 arrivals=self.arrivals,
-                compute=self._compute_for(dev, i, models=models),
+                compute=None if limits.model_process else self._compute_for(dev, i, models=models),
             )
             for i, dev in enumerate(self.settings.device_list)
         ]
@@ -167,8 +175,6 @@ class ModelRegistry:
         GENSERVE_CPU_COMPUTE=per_model, and with ``auto`` when one model is served (one thread,
         one pool already, without a hand-over per batch)."""
         mode = self.settings.cpu_compute
-        if self.settings.model_process:  # each worker's model process has its own threads
-            return None
         if device != "cpu" or mode == "per_model" or (mode == "auto" and models == 1):
             return None
         if index not in self._computes:

@@ -121,12 +121,15 @@ class Settings(BaseSettings):
     json_logs: bool = Field(default=False, description="log one JSON object per line")
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads for CPU inference")
     warmup: bool = Field(default=True, description="run one forward pass per worker before reporting ready")
-    model_process: bool = Field(
-        default=False,
-        description="run each worker's model in a process of its own, fed through a pipe (service/model_process.py): "
-        "the model's Python no longer shares the HTTP process's interpreter lock with the event loop, and a crash "
-        "of the model fails only its pass (the next one restarts it); each model process has its own torch "
-        "threads (GENSERVE_CPU_COMPUTE does not apply)",
+    model_process: str = Field(
+        default="auto",
+        description="run a worker's model in a process of its own, fed through a pipe (service/model_process.py): "
+        '"auto" for models whose passes step through a Python loop (the PixelRNN\'s rows), "true" for every '
+        'model, "false" for none, or a comma list of model names. The model\'s Python no longer shares the HTTP '
+        "process's interpreter lock with the event loop (worth it for models whose passes run much Python; a "
+        "short pass pays more for the pipe than it gains), and a crash of the "
+        "model fails only its pass (the next one restarts it); each model process has its own torch threads "
+        "(GENSERVE_CPU_COMPUTE does not apply to it)",
     )
     cpu_compute: Literal["auto", "shared", "per_model"] = Field(
         default="auto",
@@ -183,6 +186,15 @@ class Settings(BaseSettings):
         resolve_devices(v)  # raises with the fix
         return v
 
+    @field_validator("model_process", mode="before")
+    @classmethod
+    def _check_model_process(cls, v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if not isinstance(v, str):
+            raise ValueError('GENSERVE_MODEL_PROCESS is "true", "false", or a comma list of model names')
+        return v.strip()
+
     @field_validator("cors_origins")
     @classmethod
     def _check_cors_origins(cls, v: str) -> str:
@@ -209,6 +221,25 @@ class Settings(BaseSettings):
     def model_names(self) -> list[str] | None:
         """The models asked for, or None for every checkpoint in model_dir."""
         return split_list(self.models) or None
+
+    def model_process_for(self, name: str, *, steps_in_python: bool = False) -> bool:
+        """Whether model ``name``'s workers run their model in a process of their own (``auto``: where
+        its passes step through a Python loop, ``steps_in_python``)."""
+        v = self.model_process.lower()
+        if v == "auto":
+            return steps_in_python
+        if v in ("true", "1", "yes", "on"):
+            return True
+        if v in ("false", "0", "no", "off", ""):
+            return False
+        return name in split_list(self.model_process)
+
+    @property
+    def model_process_names(self) -> list[str]:
+        """The models GENSERVE_MODEL_PROCESS names one by one (empty for true and false)."""
+        v = self.model_process.lower()
+        named = v not in ("auto", "true", "1", "yes", "on", "false", "0", "no", "off", "")
+        return split_list(self.model_process) if named else []
 
     @property
     def device_list(self) -> list[str]:

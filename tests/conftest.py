@@ -45,7 +45,9 @@ def make_settings(model_dir: Path) -> Callable[..., Any]:
     from service.settings import Settings
 
     def make(**overrides: Any) -> Settings:
-        # batch_sweep off: tests that count passes need max_batch_size as the cap, not a timing's choice
-        return Settings(**{"model_dir": model_dir, "max_batch_wait_ms": 0.0, "batch_sweep": False, **overrides})
+        # batch_sweep off: tests that count passes need max_batch_size as the cap, not a timing's choice;
+        # model_process off: tests reach into a worker's model on its thread (test_model_process.py tests the other)
+        base = {"model_dir": model_dir, "max_batch_wait_ms": 0.0, "batch_sweep": False, "model_process": "false"}
+        return Settings(**{**base, **overrides})
 
     return make

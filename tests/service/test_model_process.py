@@ -193,3 +193,43 @@ async def test_a_caller_who_leaves_stops_the_generation_in_the_model_process(mak
         r = await client.post("/sample", json={"model": "pixelcnn", "n": 1, "seed": 1})
         assert r.status_code == 200  # ran after the cancelled generation stopped
         assert len(rows) <= 3 < 8  # it left within a row or two of the cancellation
+
+
+async def test_the_setting_names_the_models_that_get_a_process(make_settings):
+    async with running(make_settings(models="pixelcnn,vae", model_process="vae")) as (app, client):
+        assert worker_of(app, "vae").process is not None and worker_of(app, "vae").process.alive
+        assert worker_of(app, "pixelcnn").process is None  # on a thread of the HTTP process, as by default
+        for model in ("pixelcnn", "vae"):
+            assert (await client.post("/score", json=body(b64(gray_png()), model=model))).status_code == 200
+    for text, expected in (("true", True), ("1", True), ("false", False), ("", False), ("vae", False)):
+        assert make_settings(model_process=text).model_process_for("pixelcnn") is expected, text
+    assert make_settings(model_process=" pixelcnn, vae ").model_process_names == ["pixelcnn", "vae"]
+
+
+async def test_a_model_process_setting_that_names_no_served_model_stops_startup(make_settings):
+    from service.registry import RegistryError
+
+    with pytest.raises(RegistryError, match=r"GENSERVE_MODEL_PROCESS names \['vea'\], not models served here"):
+        async with running(make_settings(models="pixelcnn,vae", model_process="vae,vea")):
+            pass
+
+
+async def test_auto_gives_a_process_to_models_that_step_through_python(make_settings, tmp_path):
+    import shutil
+
+    from models.checkpoint import save_checkpoint
+    from models.pixelrnn import PixelRNN, PixelRNNConfig
+    from tests.helpers import dataset_meta
+
+    assert PixelRNN.steps_in_python and not PixelRNN.__mro__[1].steps_in_python
+    tiny = {"height": 8, "width": 8, "hidden": 6, "n_layers": 2, "input_kernel": 3, "state_kernel": 3, "out_hidden": 8}
+    save_checkpoint(PixelRNN(PixelRNNConfig(**tiny)), tmp_path / "rnn", dataset=dataset_meta())
+    shutil.copytree(make_settings().model_dir / "pixelcnn", tmp_path / "pixelcnn")
+    async with running(make_settings(model_dir=tmp_path, models="", model_process="auto")) as (app, client):
+        assert worker_of(app, "rnn").process is not None and worker_of(app, "rnn").process.alive
+        assert worker_of(app, "pixelcnn").process is None
+        r = await client.post("/sample", json={"model": "rnn", "n": 2, "seed": 5})
+        assert r.status_code == 200 and len(r.json()["images"]) == 2
+    from service.settings import Settings
+
+    assert Settings.model_fields["model_process"].default == "auto"
