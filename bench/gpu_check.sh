@@ -56,6 +56,10 @@ step sampling 90 sampling.json $PY bench/sampling.py --device "${DEV%%:*}" --n 1
 # genserve against LitServe on the card, two models (the lent time does not fit all five).
 step peer 150 peer.txt $PY bench/peer_bench.py --device "$DEV" --client "$CLIENT" --seconds 4 --rounds 1 \
   --models pixelcnn-fmnist vae-fmnist
+# The same with every model in a process of its own (GENSERVE_MODEL_PROCESS=true; the default, auto,
+# gives one to the PixelRNN only): does taking the model's launches off the event loop's interpreter pay on a card?
+step peer-process 150 peer-process.txt env GENSERVE_MODEL_PROCESS=true $PY bench/peer_bench.py --device "$DEV" \
+  --client "$CLIENT" --seconds 4 --rounds 1 --models pixelcnn-fmnist vae-fmnist
 for model in pixelcnn-fmnist vae-fmnist; do
   step throughput 50 throughput.txt $PY bench/throughput.py --model "$model" --device "$DEV" --seconds 4 --client "$CLIENT"
 done
