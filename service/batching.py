@@ -5,7 +5,8 @@ takes the oldest job, gathers queued jobs whose tasks (service/jobs.py) share it
 the task's cap of images, waiting up to ``max_batch_wait_ms`` after the first one arrived for more
 but only while other requests are on their way to this model (service/arrivals.py), runs one
 forward pass for all of them (a CPU worker on the compute thread its slot shares with the other
-models' workers, service/compute.py), splits the outputs back, and resolves each future on the loop.
+models' workers, service/compute.py; a worker whose model has a process of its own, in that process,
+service/model_process.py), splits the outputs back, and resolves each future on the loop.
 
 Sampling jobs that wait together run as one batched generation (up to ``max_sample_batch`` images);
 each keeps its own seed, temperature and label, so its images are the ones it would get alone. A job
