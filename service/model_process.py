@@ -160,7 +160,7 @@ class ModelProcess:
                     if i not in told and gone():
                         told.add(i)
                         wire.send(self._conn, {"type": "cancel", "id": pass_id, "index": i})
-                if not self.alive:
+                if not self.alive and not self._conn.poll(0):  # gone, with nothing left to read
                     raise EOFError
         except (EOFError, BrokenPipeError, ConnectionResetError):
             code = self._reap()
@@ -170,16 +170,17 @@ class ModelProcess:
             ) from None
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Ask the process to end after its pass; terminate it if it has not ended within ``timeout``."""
+        """Ask the process to end after its pass; kill it if it has not ended within ``timeout`` (it
+        ignores SIGTERM, which is meant for the HTTP process)."""
         if self._conn is not None:
             with contextlib.suppress(OSError, ValueError):
                 wire.send(self._conn, {"type": "stop"})
         if self._proc is not None:
             self._proc.join(timeout)
             if self._proc.is_alive():
-                logger.warning("model process of '%s' on %s did not stop in %.0f s; terminating it",
+                logger.warning("model process of '%s' on %s did not stop in %.0f s; killing it",
                                self.name, self.device, timeout)  # fmt: skip
-                self._proc.terminate()
+                self._proc.kill()
                 self._proc.join(timeout)
         self._reap()
 

@@ -81,3 +81,14 @@ def slow_first_pass(conn: Connection, folder: str, device: str, limits: dict[str
 
     service.scoring.compute = compute
     mp_module.serve(conn, folder, device, {**limits, "warmup": False}, name)
+
+
+def deaf(conn: Connection, folder: str, device: str, limits: dict[str, Any], name: str) -> None:
+    """A model process that loads, says ready, then ignores every message and its pipe's end (hung)."""
+
+    def read(c: Connection, passes: Any, cancelled: Any) -> None:
+        while True:
+            time.sleep(1.0)
+
+    mp_module._read = read
+    mp_module.serve(conn, folder, device, limits, name)

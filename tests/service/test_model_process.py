@@ -233,3 +233,19 @@ async def test_auto_gives_a_process_to_models_that_step_through_python(make_sett
     from service.settings import Settings
 
     assert Settings.model_fields["model_process"].default == "auto"
+
+
+def test_stop_kills_a_model_process_that_does_not_end_in_time(model_dir):
+    from service.loading import BatchLimits
+    from service.model_process import ModelProcess
+
+    limits = BatchLimits(max_batch_size=4, max_batch_wait_s=0.0, max_queue=8, max_concurrent_samples=1)
+    proc = ModelProcess(name="pixelcnn", folder=model_dir / "pixelcnn", device="cpu", limits=limits,
+                        target=targets.deaf)  # fmt: skip
+    proc.start()
+    pid = proc.pid
+    assert pid is not None and proc.alive
+    proc.stop(timeout=0.3)  # "stop" is ignored, and so is SIGTERM: killed
+    assert not proc.alive
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
