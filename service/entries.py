@@ -159,11 +159,12 @@ class ModelEntry:
 
 
 def public_calibration(cal: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What /models shows of a calibration: all of it but the dose score's fitted samples and
-    precision matrix (hundreds of kilobytes), of which it keeps each statistic's name and tail."""
+    """What /models shows of a calibration: all of it but the dose score's fitted samples, precision
+    matrix and reference normal scores (a megabyte), of which it keeps each statistic's name and tail
+    and the neighbour count."""
     if not cal or "dose" not in cal:
         return cal or None
-    dose = {k: v for k, v in cal["dose"].items() if k not in ("statistics", "mean", "precision")}
+    dose = {k: v for k, v in cal["dose"].items() if k not in ("statistics", "mean", "precision", "reference")}
     dose["statistics"] = [
         {k: v for k, v in s.items() if k not in ("sample", "bandwidth")} for s in cal["dose"]["statistics"]
     ]

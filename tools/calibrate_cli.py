@@ -34,11 +34,19 @@ def add_calibrate(sub: Any) -> None:
         "draw of the calibration images (default 0.9; 0: the conformal threshold, whose rate is about --fpr)",
     )
     c.add_argument(
+        "--neighbours",
+        type=int,
+        default=None,
+        help="dose: judge an image by the mean distance of its statistics to this many nearest validation images' "
+        "(a nearest-neighbour density, calibrated leave-one-out; default 5); 0: Mahalanobis distance from their mean",
+    )
+    c.add_argument(
         "--folds",
         type=int,
         default=0,
-        help="dose: cross-fit over this many folds, every image scored by a fit on the others, the threshold from "
-        "all of them and the served fit on all (default 0: fit on a random half, threshold from the other)",
+        help="dose with --neighbours 0: cross-fit over this many folds, every image scored by a fit on the others, "
+        "the threshold from all of them and the served fit on all (default 0: fit on a random half, threshold "
+        "from the other)",
     )
     c.add_argument("--default", help="default score type (default: complexity, the evaluation's choice)")
     c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's scores (default 1)")
@@ -66,6 +74,7 @@ def add_calibrate(sub: Any) -> None:
 
 def calibrate_command(args: argparse.Namespace) -> int:
     from models.checkpoint import update_metadata
+    from models.scoring.dose import DEFAULT_NEIGHBOURS
     from models.scoring.scorer import load_scorer
     from tools.ood_eval import load_eval_set
     from tools.score_sets import calibrate
@@ -102,6 +111,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
         statistics=args.statistics.split(",") if args.statistics else None,
         confidence=args.confidence or None,
         folds=args.folds,
+        neighbours=DEFAULT_NEIGHBOURS if args.neighbours is None else args.neighbours,
     )
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}

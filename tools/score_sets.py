@@ -17,7 +17,7 @@ from torch import Tensor
 from models.files import atomic_write
 from models.scoring.calibration import DEFAULT_FPR, calibrate_scores
 from models.scoring.coders import CODER, code_length_bits, coder_version
-from models.scoring.dose import fit_dose
+from models.scoring.dose import DEFAULT_NEIGHBOURS, fit_dose
 from models.scoring.scorer import ModelOutputs, Scorer
 from models.scoring.scores import COMPLEXITY, DOSE, GUARDED, NLL, RATIO, guarded_score, needs_code, score_units
 from models.scoring.statistics import (
@@ -180,16 +180,15 @@ def calibrate(
     statistics: Sequence[str] | None = None,
     confidence: float | None = None,
     folds: int = 0,
+    neighbours: int = DEFAULT_NEIGHBOURS,
 ) -> dict[str, Any]:
     """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on
-    in-distribution held-out images (never the test set); ``keep``: entries of score types taken over
-    from an earlier calibration of the same weights instead of recomputed (each records its own data).
-    Without labels the dose score is fitted too (:func:`_fit_dose`; ``statistics``: the ones it
-    combines, default every one the model gives) and becomes the default. With ``confidence`` each
-    threshold keeps its false-positive rate at most ``fpr`` with that probability
-    (:func:`models.scoring.calibration.confident_rank`), else about ``fpr``. A
-    class-conditional model is calibrated on its marginal p(x) = sum_y p(x|y) p(y) (pass no labels):
-    the test /classify and unlabelled /score apply."""
+    held-out in-distribution images (never the test set); ``keep``: score types' entries kept from an
+    earlier calibration of the same weights (each records its own data). Without labels the dose
+    score is fitted too and becomes the default (:func:`_fit_dose`: ``statistics``, default all;
+    ``neighbours``, 0 for Mahalanobis; ``folds``). With ``confidence`` each threshold keeps its
+    false-positive rate at most ``fpr`` with that probability (:func:`.confident_rank`), else about
+    ``fpr``. A class-conditional model is calibrated on p(x) = sum_y p(x|y) p(y) (pass no labels)."""
     if scorer.model.n_classes is not None and labels is not None:
         raise ValueError(f"calibrate a class-conditional model on p(x) = sum_y p(x|y) p(y), {_NO_LABELS}")
     t0 = time.perf_counter()
@@ -204,8 +203,9 @@ def calibrate(
     )
     nll_cap = float(values[NLL].max()) if NLL in values else None
     scorer.nll_cap = nll_cap  # the scorer now scores as the service will with this calibration
-    fits_dose = labels is None and len(images) >= 4
-    dose_entry = _fit_dose(scorer, images, values, batch_size, cache_dir, statistics, folds) if fits_dose else None
+    dose_entry = None
+    if labels is None and len(images) >= 4:
+        dose_entry = _fit_dose(scorer, images, values, batch_size, cache_dir, statistics, folds, neighbours)
     default = default or (DOSE if dose_entry else scorer.recommended)
     scorer.check([default])
     cal: dict[str, Any] = {
@@ -265,28 +265,41 @@ def _fit_dose(
     cache_dir: str | Path | None,
     statistics: Sequence[str] | None = None,
     folds: int = 0,
+    neighbours: int = 0,
 ) -> dict[str, Any]:
     """Fit the dose score's densities and put the scores its threshold comes from into ``values``
-    (:func:`models.scoring.dose.fit_dose`: ``folds`` 0, a random half scored by a fit on the other;
-    k, every image scored by a fit on the other k - 1 folds); sets ``scorer.dose``. Returns the entry."""
+    (:func:`models.scoring.dose.fit_dose`: with ``neighbours``, every image scored against the
+    others; else ``folds`` 0, a random half scored by a fit on the other, or k, every image scored by
+    a fit on the other k - 1 folds); sets ``scorer.dose``. Returns the entry."""
     # the statistics pass score_images made is cached (with cache_dir) or recomputed here
     names = statistic_names(scorer)
     unknown = [n for n in statistics or () if n not in names]
     if unknown:
         raise ValueError(f"unknown statistic(s) {unknown}; this model gives {names}")
     stats = dataset_statistics(scorer, images, batch_size=batch_size, cache_dir=cache_dir, show_progress=False)
-    fit, dose_scores, cal_idx = fit_dose(stats, list(statistics or names), folds=folds)
+    if neighbours > (len(images) - 1) // 2:  # a tiny calibration (a test's, a smoke run's): fewer neighbours
+        logger.warning(
+            "%d calibration images: dose with %d neighbours, not %d", len(images), (len(images) - 1) // 2, neighbours
+        )
+        neighbours = (len(images) - 1) // 2
+    fit, dose_scores, cal_idx = fit_dose(stats, list(statistics or names), folds=folds, neighbours=neighbours)
     scorer.dose = fit
     values[DOSE] = dose_scores
-    split = (
-        "densities fitted on a random half of the images (seed 0), threshold from the other half"
-        if not folds
-        else f"{folds}-fold cross-fit (seed 0): the threshold from every image's score under a fit on the other "
-        f"folds; the densities served are fitted on all the images"
-    )
+    if neighbours:
+        split = (
+            "densities fitted on all the images; the threshold from every image's score against the other "
+            "images (leave-one-out: no image is its own neighbour)"
+        )
+    elif folds:
+        split = (
+            f"{folds}-fold cross-fit (seed 0): the threshold from every image's score under a fit on the other "
+            f"folds; the densities served are fitted on all the images"
+        )
+    else:
+        split = "densities fitted on a random half of the images (seed 0), threshold from the other half"
     return {
         **fit.to_json(),
-        "n_fit": len(images) if folds else len(images) - len(cal_idx),
+        "n_fit": len(images) if folds or neighbours else len(images) - len(cal_idx),
         "n_threshold": len(cal_idx),
         "split": split,
     }

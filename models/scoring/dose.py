@@ -5,8 +5,8 @@ Estimation for Out-of-Distribution Detection").
 One statistic cannot hold on real uploads: the complexity correction lets textured photos through,
 raw likelihood lets simple images through, neither sees clothes sent upside down. The statistics of
 :mod:`models.scoring.statistics` each catch some of them, and real uploads are often unusual in two or three
-of them at once while extreme in none. So the statistics are combined through their joint density
-(a Gaussian copula), fitted on held-out in-distribution images:
+of them at once while extreme in none. So the statistics are combined through their joint density,
+fitted on held-out in-distribution images:
 
 1. Per statistic j, the tail probabilities of a value v among the in-distribution sample: the
    smaller of the empirical tail ((#{sample >= v} + 1) / (M + 1), exact where the sample is dense)
@@ -14,16 +14,24 @@ of them at once while extreme in none. So the statistics are combined through th
    so images far outside it are still ranked).
 2. Its normal score z_j = Phi^-1(P(V_j <= v)) (from the smaller tail, |z| at most 37); for a
    one-sided statistic (``tail`` ``upper``) the harmless side is set to 0.
-3. dose(x) = (z - mu)^T P (z - mu), the squared Mahalanobis distance of the normal scores, with mu
-   and P = Sigma^-1 their mean and inverse covariance on the in-distribution sample. The
-   correlations matter: a garment with a high NLL also has a high complexity, a photo has both high
-   together with a bright border and no black background.
+3. The joint density of the normal scores, in the metric P = Sigma^-1 of their in-distribution
+   covariance (a garment with a high NLL also has a high complexity; a photo has both high together
+   with a bright border and no black background), two ways:
 
-The score is a sum of per-statistic shares d_j (P d)_j (d = z - mu), so /score can say which
-statistics pushed an image over the threshold (:func:`explain`). The threshold is calibrated on the
-combination, not per statistic, so the false-positive rate is the target however many statistics
-there are: the densities are fitted on one half of the validation images and the threshold is the
-conformal quantile of ``dose`` on the other half (:func:`fit_dose`), so no image judges itself.
+   - ``neighbours`` k > 0 (what ``genserve calibrate`` fits by default): dose(x) = the mean of
+     (z - r)^T P (z - r) over the k in-distribution images r nearest to z, a nearest-neighbour
+     density estimate. The in-distribution normal scores are not one ellipsoid (garments of
+     different classes sit in different corners, one-sided statistics pile up at 0), and an image
+     between the corners is unusual however close it is to the overall mean.
+   - ``neighbours`` 0: dose(x) = (z - mu)^T P (z - mu), the squared Mahalanobis distance from
+     their mean mu (a Gaussian copula; the k = M limit up to a constant).
+
+Either score is a sum of per-statistic shares d_j (P d)_j (d = z - r, averaged over the neighbours;
+or d = z - mu), so /score can say which statistics pushed an image over the threshold
+(:func:`explain`). The threshold is calibrated on the combination, not per statistic, so the
+false-positive rate is the target however many statistics there are, from scores of images that did
+not judge themselves (:func:`fit_dose`): each calibration image against the other images
+(leave-one-out, for neighbours), or by a fit on another half or fold (Mahalanobis).
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ import torch
 
 from models.scoring.statistics import BOTH, LOWER, STATISTICS, UPPER
 
-N_CENTRES = 256  # kernel centres per statistic: its quantiles at (i + 0.5) / N_CENTRES
+DEFAULT_NEIGHBOURS = 5  # genserve calibrate's k: docs/ood.md "Session 12" compares k = 1 to 20
+TINY_TAIL = 1e-280  # a kernel tail below this is recomputed in log space (float64 ends near 1e-308)
+NEIGHBOUR_CHUNK = 1024  # images per distance matrix (1024 x M float32/64) in nearest-neighbour scores
 LN10 = math.log(10.0)
 
 
@@ -53,14 +63,20 @@ def silverman_bandwidth(values: np.ndarray) -> float:
 
 def ln_tails(values: np.ndarray, *, centres: np.ndarray, bandwidth: float) -> tuple[np.ndarray, np.ndarray]:
     """(ln P(V >= v), ln P(V <= v)) of each value (N,) under the kernel density of ``centres`` (M,),
-    each (N,), from one pass over the (N, M) kernel terms."""
+    each (N,): the means of Phi((c - v) / h) and Phi((v - c) / h) over the centres, in float64 (each
+    tail from its own Phi, so a tiny tail keeps its relative precision), and for values so far out
+    that a mean underflows (below 1e-280), the log-sum-exp of log Phi instead."""
     v = torch.as_tensor(np.asarray(values, dtype=np.float64))[:, None]  # (N, 1)
     c = torch.as_tensor(np.asarray(centres, dtype=np.float64))[None, :]  # (1, M)
-    log_m = math.log(c.shape[1])
     t = (c - v) / bandwidth  # (N, M)
-    up = torch.logsumexp(torch.special.log_ndtr(t), dim=1) - log_m
-    lo = torch.logsumexp(torch.special.log_ndtr(-t), dim=1) - log_m
-    return up.numpy(), lo.numpy()
+    up, lo = torch.special.ndtr(t).mean(1), torch.special.ndtr(-t).mean(1)
+    ln_up, ln_lo = up.log(), lo.log()
+    far = (up < TINY_TAIL) | (lo < TINY_TAIL)
+    if bool(far.any()):  # 2.5x the cost per value, only for the far outliers
+        log_m = math.log(c.shape[1])
+        ln_up[far] = torch.logsumexp(torch.special.log_ndtr(t[far]), dim=1) - log_m
+        ln_lo[far] = torch.logsumexp(torch.special.log_ndtr(-t[far]), dim=1) - log_m
+    return ln_up.numpy(), ln_lo.numpy()
 
 
 def _log10_from(up: np.ndarray, lo: np.ndarray, tail: str) -> np.ndarray:
@@ -108,7 +124,8 @@ def normal_scores(values: np.ndarray, *, centres: np.ndarray, bandwidth: float, 
 class DoseFit:
     """The fitted joint density: per statistic its tail, its sorted in-distribution sample (M,) (the
     empirical tails and kernel centres) and the kernel bandwidth; the mean (S,) and precision (S, S)
-    of the statistics' normal scores (a Gaussian copula)."""
+    of the statistics' normal scores; with ``neighbours`` k > 0 the in-distribution normal scores
+    themselves (``reference``, (M, S)), whose k nearest judge an image."""
 
     statistics: list[str]
     tails: list[str]
@@ -116,10 +133,29 @@ class DoseFit:
     bandwidths: np.ndarray  # (S,)
     mean: np.ndarray  # (S,)
     precision: np.ndarray  # (S, S)
+    neighbours: int = 0  # 0: Mahalanobis distance from the mean
+    reference: np.ndarray | None = None  # (M, S) in-distribution normal scores, for neighbours > 0
+
+    def __post_init__(self) -> None:
+        if self.neighbours < 0:
+            raise ValueError(f"neighbours must be 0 (Mahalanobis) or positive, got {self.neighbours}")
+        if self.neighbours and (self.reference is None or len(self.reference) < self.neighbours + 1):
+            raise ValueError(f"{self.neighbours} neighbours need a reference of more than {self.neighbours} images")
+        # P = L L^T: distances in the metric P are Euclidean distances of z L
+        self._whiten = np.linalg.cholesky(self.precision)
+        self._reference_w = None if self.reference is None else torch.as_tensor(self.reference @ self._whiten)
 
     @classmethod
-    def fit(cls, stats: dict[str, np.ndarray], names: list[str], *, tails: dict[str, str] | None = None) -> DoseFit:
-        """Fit on in-distribution values ``stats[name]`` (N,) for each of ``names``."""
+    def fit(
+        cls,
+        stats: dict[str, np.ndarray],
+        names: list[str],
+        *,
+        tails: dict[str, str] | None = None,
+        neighbours: int = 0,
+    ) -> DoseFit:
+        """Fit on in-distribution values ``stats[name]`` (N,) for each of ``names``; ``neighbours`` > 0
+        keeps their normal scores as the reference of a nearest-neighbour density."""
         tails = tails or {n: STATISTICS[n].tail for n in names}
         centres, bws = [], []
         for n in names:
@@ -132,8 +168,10 @@ class DoseFit:
         fit = cls(list(names), [tails[n] for n in names], np.stack(centres), np.asarray(bws), np.zeros(s), np.eye(s))
         z = fit.normal_scores(stats)
         cov = np.atleast_2d(np.cov(z.T)) + 1e-6 * np.eye(s)  # a ridge for (nearly) constant statistics
-        fit.mean, fit.precision = z.mean(0), np.linalg.inv(cov)
-        return fit
+        precision = np.linalg.inv(cov)
+        precision = (precision + precision.T) / 2
+        reference = z if neighbours else None
+        return cls(fit.statistics, fit.tails, fit.centres, fit.bandwidths, z.mean(0), precision, neighbours, reference)
 
     def log10_p(self, stats: dict[str, np.ndarray]) -> np.ndarray:
         """(N, S) log10 tail probabilities of each image's statistics (each on its own tail side)."""
@@ -155,10 +193,33 @@ class DoseFit:
         """(N, S) each statistic's share of the score: d_j (P d)_j with d = z - mean; rows sum to the score."""
         return self.share(self.normal_scores(stats))
 
-    def share(self, z: np.ndarray) -> np.ndarray:
-        """(N, S) the shares d_j (P d)_j of normal scores z (N, S), d = z - mean."""
-        d = z - self.mean
-        return d * (d @ self.precision)
+    def share(self, z: np.ndarray, *, leave_out: np.ndarray | None = None) -> np.ndarray:
+        """(N, S) the shares d_j (P d)_j of normal scores z (N, S): d = z - mean, or with neighbours
+        the mean of the shares over the k nearest reference rows r (d = z - r). ``leave_out`` (N,):
+        the reference row that is each image itself, never its own neighbour (-1: none)."""
+        if not self.neighbours:
+            d = z - self.mean
+            return d * (d @ self.precision)
+        assert self.reference is not None and self._reference_w is not None
+        k, out = self.neighbours, np.empty_like(z, dtype=np.float64)
+        for s in range(0, len(z), NEIGHBOUR_CHUNK):
+            zs = z[s : s + NEIGHBOUR_CHUNK]
+            dist = torch.cdist(torch.as_tensor(zs @ self._whiten), self._reference_w)  # (n, M)
+            if leave_out is not None:
+                rows = torch.arange(len(zs))
+                own = torch.as_tensor(leave_out[s : s + NEIGHBOUR_CHUNK])
+                dist[rows[own >= 0], own[own >= 0]] = math.inf
+            idx = dist.topk(k, dim=1, largest=False).indices.numpy()  # (n, k)
+            d = zs[:, None, :] - self.reference[idx]  # (n, k, S)
+            out[s : s + NEIGHBOUR_CHUNK] = (d * (d @ self.precision)).mean(axis=1)
+        return out
+
+    def leave_one_out_scores(self) -> np.ndarray:
+        """(M,) each reference image's score against the other M - 1 (neighbours only): how fresh
+        in-distribution images score, since no image is its own neighbour."""
+        if self.reference is None or not self.neighbours:
+            raise ValueError("leave-one-out scores need a nearest-neighbour fit")
+        return self.share(self.reference, leave_out=np.arange(len(self.reference))).sum(axis=1)
 
     def explain_arrays(self, stats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(log10 tail probabilities (N, S), contributions (N, S)) from one kernel pass per statistic."""
@@ -170,11 +231,18 @@ class DoseFit:
         return np.stack(logp, axis=1), self.share(np.stack(zs, axis=1))
 
     def score(self, stats: dict[str, np.ndarray]) -> np.ndarray:
-        """dose = (z - mean)^T P (z - mean), the squared Mahalanobis distance of the normal scores, (N,)."""
+        """dose (N,): the mean of (z - r)^T P (z - r) over the k nearest reference rows r, or with
+        neighbours 0 (z - mean)^T P (z - mean), the squared Mahalanobis distance of the normal scores."""
         return self.contributions(stats).sum(axis=1)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        combination = (
+            f"mean squared distance, in the metric of the inverse covariance, to the {self.neighbours} nearest "
+            "in-distribution images' normal scores (a nearest-neighbour density)"
+            if self.neighbours
+            else "squared Mahalanobis distance of the statistics' normal scores (Gaussian copula)"
+        )
+        out: dict[str, Any] = {
             "statistics": [
                 {
                     "name": n,
@@ -187,8 +255,13 @@ class DoseFit:
             ],
             "mean": [float(m) for m in self.mean],
             "precision": [[float(p) for p in row] for row in self.precision],
-            "combination": "squared Mahalanobis distance of the statistics' normal scores (Gaussian copula)",
+            "combination": combination,
         }
+        if self.neighbours:
+            assert self.reference is not None
+            out["neighbours"] = self.neighbours
+            out["reference"] = [[float(f"{v:.6g}") for v in row] for row in self.reference]
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DoseFit:
@@ -200,6 +273,8 @@ class DoseFit:
             np.asarray([s["bandwidth"] for s in st], dtype=np.float64),
             np.asarray(d["mean"], dtype=np.float64),
             np.asarray(d["precision"], dtype=np.float64),
+            int(d.get("neighbours") or 0),
+            np.asarray(d["reference"], dtype=np.float64) if d.get("reference") else None,
         )
 
 
@@ -216,12 +291,16 @@ def fit_dose(
     seed: int = 0,
     tails: dict[str, str] | None = None,
     folds: int = 0,
+    neighbours: int = 0,
 ) -> tuple[DoseFit, np.ndarray, np.ndarray]:
     """The dose fit and the scores that calibrate its threshold, none of them from a fit that saw
     its own image: returns (fit, threshold scores, their images' indices).
 
-    ``folds`` 0: the densities are fitted on one random half of the in-distribution ``stats`` and
-    score the other half. ``folds`` k >= 2 (cross-fitting): each of k random folds is scored by a
+    ``neighbours`` k > 0 (nearest-neighbour density): the fit is on all images and each image is
+    scored against the other n - 1 (leave-one-out: never its own neighbour; its own value is still
+    one of the n in each statistic's marginal kernel density). ``neighbours`` 0 (Mahalanobis):
+    ``folds`` 0, the densities are fitted on one random half of the in-distribution ``stats`` and
+    score the other half; ``folds`` k >= 2 (cross-fitting), each of k random folds is scored by a
     fit on the other k - 1, so every image gets an out-of-fold score, and the returned fit is the
     one on all images (fitted on more images than any fold's, it scores fresh in-distribution
     images at most as high, in expectation, as the folds scored theirs). The threshold is then a
@@ -230,6 +309,15 @@ def fit_dose(
     if n < 4:
         raise ValueError(f"dose needs at least 4 calibration images, got {n}")
     arrays = {k: np.asarray(v) for k, v in stats.items()}
+    if neighbours:
+        if folds:
+            raise ValueError("a nearest-neighbour fit is calibrated leave-one-out; folds apply to neighbours=0")
+        if not 1 <= neighbours <= (n - 1) // 2:
+            raise ValueError(
+                f"neighbours must be between 1 and (n - 1) / 2 = {(n - 1) // 2} for {n} images, got {neighbours}"
+            )
+        fit = DoseFit.fit(arrays, names, tails=tails, neighbours=neighbours)
+        return fit, fit.leave_one_out_scores(), np.arange(n)
     if folds == 0:
         fit_idx, cal_idx = split_halves(n, seed=seed)
         fit = DoseFit.fit({k: v[fit_idx] for k, v in arrays.items()}, names, tails=tails)

@@ -100,9 +100,10 @@ SCORE_TYPES: dict[str, ScoreType] = {
     RATIO: ScoreType(RATIO, "NLL minus the background model's NLL, bits/dim (Ren et al. 2019)", needs_background=True),
     DOSE: ScoreType(
         DOSE,
-        "squared Mahalanobis distance of the normal scores of the model's summary statistics (NLL, complexity, "
-        "NLL of the image against its upside-down copy, border, background, ...) under their joint "
-        "in-distribution density (DoSE-style; Morningstar et al. 2021); offered once calibrated",
+        "how far the normal scores of the model's summary statistics (NLL, complexity, NLL of the image against "
+        "its upside-down copy, border, background, ...) lie from those of the nearest calibration images (or, in "
+        "older calibrations, from their mean): their joint in-distribution density, DoSE-style (Morningstar et "
+        "al. 2021); offered once calibrated",
     ),
 }
 

@@ -3,13 +3,15 @@ tails, the explanation, and the statistics of a model pass."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.scoring.calibration import calibrate_scores
-from models.scoring.dose import DoseFit, explain, fit_dose, log10_tail, normal_scores
+from models.scoring.dose import DoseFit, explain, fit_dose, ln_tails, log10_tail, normal_scores, silverman_bandwidth
 from models.scoring.scorer import Scorer
 from models.scoring.scores import DOSE, NLL
 from models.scoring.statistics import BOTH, UPPER, model_statistics, vae_terms
@@ -81,12 +83,72 @@ def test_the_explanation_names_the_statistic_that_crossed():
     assert e["decided_by"] == [] and not any(s["crossed"] for s in e["statistics"].values())
 
 
-def test_a_fit_survives_json():
+@pytest.mark.parametrize("neighbours", [0, 5])
+def test_a_fit_survives_json(neighbours):
     val = gaussian_stats(500, seed=0)
-    fit = DoseFit.fit(val, ["a", "b", "c"], tails=TAILS)
-    again = DoseFit.from_json(fit.to_json())
+    fit = DoseFit.fit(val, ["a", "b", "c"], tails=TAILS, neighbours=neighbours)
+    again = DoseFit.from_json(json.loads(json.dumps(fit.to_json())))
+    assert again.neighbours == neighbours and (again.reference is None) == (neighbours == 0)
     probe = gaussian_stats(50, seed=2)
-    np.testing.assert_allclose(again.score(probe), fit.score(probe), rtol=1e-5)
+    np.testing.assert_allclose(again.score(probe), fit.score(probe), rtol=1e-4)
+
+
+def curved(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Two uncorrelated statistics that depend on each other: b = a^2 + noise (a curve, not an
+    ellipse, as statistics of garments of different classes bend around each other)."""
+    a = np.random.default_rng(seed).normal(size=n)
+    return {"a": a, "b": a**2 + 0.1 * np.random.default_rng(seed + 100).normal(size=n)}
+
+
+def test_nearest_neighbours_refuse_what_lies_off_the_in_distribution_curve():
+    val, tails = curved(2000, seed=0), {"a": BOTH, "b": BOTH}
+    off = {"a": np.array([0.0]), "b": np.array([4.0])}  # each value common, together never seen
+    flagged = {}
+    for k in (0, 5):
+        fit, scores, _ = fit_dose(val, ["a", "b"], tails=tails, neighbours=k)
+        threshold = calibrate_scores(scores, fpr=0.01)["threshold"]
+        flagged[k] = bool(fit.score(off)[0] > threshold)
+        fresh = fit.score(curved(5000, seed=1))
+        assert (fresh > threshold).mean() < 0.02  # both keep their false-positive rate
+    assert flagged == {0: False, 5: True}  # the ellipse holds the point; the neighbours see nothing near it
+
+
+def test_leave_one_out_calibration_reaches_its_target_fpr():
+    val = gaussian_stats(2000, seed=0)
+    fit, scores, idx = fit_dose(val, ["a", "b", "c"], tails=TAILS, neighbours=5)
+    assert len(scores) == 2000 and np.array_equal(idx, np.arange(2000)) and fit.neighbours == 5
+    threshold = calibrate_scores(scores, fpr=0.05)["threshold"]
+    fresh = fit.score(gaussian_stats(10000, seed=1))
+    assert abs((fresh > threshold).mean() - 0.05) < 0.015  # the threshold's own sampling error: ~0.7 pp
+    # no image is its own neighbour: its score is the one against a reference without it
+    assert fit.reference is not None
+    for i in (0, 17, 1999):
+        rest = DoseFit(
+            fit.statistics,
+            fit.tails,
+            fit.centres,
+            fit.bandwidths,
+            fit.mean,
+            fit.precision,
+            5,
+            np.delete(fit.reference, i, axis=0),
+        )
+        assert rest.share(fit.reference[i : i + 1]).sum() == pytest.approx(scores[i], rel=1e-9)
+        assert scores[i] > fit.share(fit.reference[i : i + 1]).sum()  # with itself at distance 0 it would score less
+    with pytest.raises(ValueError, match="leave-one-out"):
+        fit_dose(val, ["a"], tails=TAILS, neighbours=5, folds=5)
+    with pytest.raises(ValueError, match="neighbours"):
+        fit_dose({"a": val["a"][:8]}, ["a"], tails=TAILS, neighbours=5)
+
+
+def test_the_neighbours_shares_sum_to_the_score_and_explain_it():
+    val = gaussian_stats(1000, seed=0)
+    fit = DoseFit.fit(val, ["a", "b", "c"], tails=TAILS, neighbours=5)
+    odd = gaussian_stats(3, seed=5, shift={"c": 9.0})
+    log10_p, parts = fit.explain_arrays(odd)
+    np.testing.assert_allclose(parts.sum(axis=1), fit.score(odd))
+    e = explain({k: float(v[0]) for k, v in odd.items()}, log10_p[0], parts[0], fit, 20.0)
+    assert e["decided_by"] == ["c"] and e["statistics"]["c"]["crossed"]
 
 
 def test_vae_terms_give_the_scored_iwae_estimate():
@@ -103,7 +165,8 @@ def test_dose_through_the_scorer_is_the_calibrated_function():
     scorer = Scorer(PixelCNN(PixelCNNConfig(**TINY_PIXELCNN)).eval(), weights_sha256="0" * 64)
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 40, size=(24, 1, 8, 8), dtype=np.uint8))
     cal = calibrate(scorer, x, data_spec="test", fpr=0.1, show_progress=False)
-    assert cal["default_score"] == DOSE and cal["dose"]["n_fit"] == 12 and DOSE in scorer.score_types
+    assert cal["default_score"] == DOSE and DOSE in scorer.score_types
+    assert cal["dose"]["neighbours"] == 5 and cal["dose"]["n_fit"] == cal["dose"]["n_threshold"] == 24
     got = scorer.compute(x[:4], None, [DOSE, NLL])
     offline = score_images(scorer, x[:4], names=[DOSE, NLL], show_progress=False)
     np.testing.assert_allclose(got.scores[DOSE].numpy(), offline[DOSE], rtol=1e-6)
@@ -114,6 +177,21 @@ def test_dose_through_the_scorer_is_the_calibrated_function():
     # the flip statistic is antisymmetric: an image against its flip and the flip against the image
     flipped = model_statistics(scorer, x[:4].flip(2))
     torch.testing.assert_close(flipped["flip"], -stats["flip"], rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_tails_are_exact_from_the_bulk_to_far_outliers():
+    centres = np.sort(np.random.default_rng(4).standard_t(3, size=3000))
+    bw = silverman_bandwidth(centres)
+    values = np.concatenate(
+        [np.linspace(-5.0, 5.0, 41), [-1e3, -60.0, -20.0, 20.0, 60.0, 1e3, centres[0], centres[-1]]]
+    )
+    up, lo = ln_tails(values, centres=centres, bandwidth=bw)
+    t = (torch.as_tensor(centres)[None, :] - torch.as_tensor(values)[:, None]) / bw  # the log-space reference
+    ref_up = torch.logsumexp(torch.special.log_ndtr(t), dim=1) - np.log(len(centres))
+    ref_lo = torch.logsumexp(torch.special.log_ndtr(-t), dim=1) - np.log(len(centres))
+    np.testing.assert_allclose(up, ref_up.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lo, ref_lo.numpy(), rtol=1e-10, atol=1e-12)
+    assert np.isfinite(up).all() and np.isfinite(lo).all() and up[-3] < -1e4  # far out: still ranked, no -inf
 
 
 def test_one_kernel_pass_gives_the_same_tails_and_shares_as_two():

@@ -67,6 +67,8 @@ async def test_models_show_score_types_default_calibration_and_background(client
     assert pc["background"]["architecture"] == "gated_pixelcnn" and len(pc["background"]["sha256"]) == 64
     assert set(pc["calibration"]["scores"]) == {"complexity", "complexity_guarded", "dose", "likelihood_ratio", "nll"}
     assert vae["calibration"]["vae_score_k"] == 1
+    # the nearest-neighbour combination's reference (a megabyte for a real calibration) stays in model.json
+    assert pc["calibration"]["dose"]["neighbours"] == 5 and "reference" not in pc["calibration"]["dose"]
 
 
 @pytest.mark.parametrize("model", ["pc", "vae"])
