@@ -97,6 +97,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--keep {name}: the current calibration has no '{name}' entry to keep")
         old = meta["calibration"]
         keep[name] = {**previous[name], "kept_from": f"an earlier calibration on {old.get('data')} (n={old.get('n')})"}
+        if name == "complexity_guarded":  # its threshold holds with the floor it was calibrated with
+            keep[name]["nll_cap"] = old.get("nll_cap")
     cal = calibrate(
         scorer,
         data.images,

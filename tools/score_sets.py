@@ -201,7 +201,7 @@ def calibrate(
     values = score_images(
         scorer, images, labels, names, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
     )
-    nll_cap = float(values[NLL].max()) if NLL in values else None
+    nll_cap = _nll_cap(values, keep)
     scorer.nll_cap = nll_cap  # the scorer now scores as the service will with this calibration
     dose_entry = None
     if labels is None and len(images) >= 4:
@@ -223,6 +223,14 @@ def calibrate(
     }
     cal["scores"].update(keep)
     return {**cal, **({"dose": dose_entry} if dose_entry else {}), **_provenance(scorer)}
+
+
+def _nll_cap(values: dict[str, np.ndarray], keep: dict[str, dict[str, Any]]) -> float | None:
+    """complexity_guarded's floor, bits/dim: the largest NLL among the calibration images, or the one a
+    kept complexity_guarded entry was calibrated with (its threshold holds only with its own floor)."""
+    if GUARDED in keep and keep[GUARDED].get("nll_cap") is not None:
+        return float(keep[GUARDED]["nll_cap"])
+    return float(values[NLL].max()) if NLL in values else None
 
 
 _NO_LABELS = "the density its outlier test uses: pass no labels"

@@ -87,6 +87,21 @@ def npz(path: Path, n: int, seed: int, high: int = 256) -> str:
     return f"npz:{path}"
 
 
+def test_recalibrating_with_a_kept_guarded_score_keeps_its_floor(tiny_model: Path, tmp_path: Path):
+    valid = npz(tmp_path / "valid.npz", 60, 0, high=64)
+    assert main(["calibrate", "--model", str(tiny_model), "--data", valid, "--no-progress", "--cache", ""]) == 0
+    first = read_metadata(tiny_model)["calibration"]
+    fewer = npz(tmp_path / "fewer.npz", 24, 5, high=48)  # another set: its own largest NLL
+    argv = ["calibrate", "--model", str(tiny_model), "--data", fewer, "--keep", "complexity_guarded"]
+    assert main([*argv, "--neighbours", "3", "--no-progress", "--cache", ""]) == 0
+    second = read_metadata(tiny_model)["calibration"]
+    assert second["n"] == 24 and second["dose"]["neighbours"] == 3 and second["dose"]["n_threshold"] == 24
+    kept = second["scores"]["complexity_guarded"]
+    assert kept["threshold"] == first["scores"]["complexity_guarded"]["threshold"] and "kept_from" in kept
+    assert second["nll_cap"] == first["nll_cap"] == kept["nll_cap"]  # the kept threshold's own floor
+    assert second["scores"]["nll"]["threshold"] != first["scores"]["nll"]["threshold"]  # the rest refitted
+
+
 def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, capsys):
     weights_sha = sha256_file(tiny_model / "model.safetensors")
     valid = npz(tmp_path / "valid.npz", 60, 0, high=64)
