@@ -30,11 +30,14 @@ from models.vae import VAE
 
 
 def forward(scorer: Scorer, x: torch.Tensor) -> None:
-    """One forward pass of the main model."""
+    """One forward pass of the main model (a class-conditional model's: log p(x|y) for one class y;
+    its p(x) = sum_y p(x|y) p(y), which every unlabelled score needs, takes one pass per class)."""
     model = scorer.model
     with torch.inference_mode():
         if isinstance(model, VAE):
             model.iwae(x, 1)
+        elif model.n_classes is not None:
+            model.log_prob(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
         else:
             model.log_prob(x)
 
