@@ -44,9 +44,9 @@ def add_calibrate(sub: Any) -> None:
         "--folds",
         type=int,
         default=0,
-        help="dose with --neighbours 0: cross-fit over this many folds, every image scored by a fit on the others, "
-        "the threshold from all of them and the served fit on all (default 0: fit on a random half, threshold "
-        "from the other)",
+        help="dose with --neighbours 0 (implied when --neighbours is not given): cross-fit over this many "
+        "folds, every image scored by a fit on the others, the threshold from all of them and the served fit on "
+        "all (default 0: fit on a random half, threshold from the other)",
     )
     c.add_argument("--default", help="default score type (default: complexity, the evaluation's choice)")
     c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's scores (default 1)")
@@ -99,6 +99,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
         keep[name] = {**previous[name], "kept_from": f"an earlier calibration on {old.get('data')} (n={old.get('n')})"}
         if name == "complexity_guarded":  # its threshold holds with the floor it was calibrated with
             keep[name]["nll_cap"] = old.get("nll_cap")
+    # --folds cross-fits the Mahalanobis combination: given alone it means --neighbours 0 (as before)
+    neighbours = args.neighbours if args.neighbours is not None else (0 if args.folds else DEFAULT_NEIGHBOURS)
     cal = calibrate(
         scorer,
         data.images,
@@ -113,7 +115,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
         statistics=args.statistics.split(",") if args.statistics else None,
         confidence=args.confidence or None,
         folds=args.folds,
-        neighbours=DEFAULT_NEIGHBOURS if args.neighbours is None else args.neighbours,
+        neighbours=neighbours,
     )
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}

@@ -102,6 +102,15 @@ def test_recalibrating_with_a_kept_guarded_score_keeps_its_floor(tiny_model: Pat
     assert second["scores"]["nll"]["threshold"] != first["scores"]["nll"]["threshold"]  # the rest refitted
 
 
+def test_folds_alone_mean_the_mahalanobis_combination(tiny_model: Path, tmp_path: Path):
+    valid = npz(tmp_path / "valid.npz", 40, 0, high=64)
+    argv = ["calibrate", "--model", str(tiny_model), "--data", valid, "--no-progress", "--cache", ""]
+    assert main([*argv, "--folds", "2"]) == 0  # a session-11 command reproduces a session-11 calibration
+    dose = read_metadata(tiny_model)["calibration"]["dose"]
+    assert "neighbours" not in dose and "reference" not in dose and dose["split"].startswith("2-fold")
+    assert main([*argv, "--folds", "2", "--neighbours", "5"]) == 2  # leave-one-out has no folds: refused
+
+
 def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, capsys):
     weights_sha = sha256_file(tiny_model / "model.safetensors")
     valid = npz(tmp_path / "valid.npz", 60, 0, high=64)
