@@ -8,10 +8,10 @@ raw likelihood lets simple images through, neither sees clothes sent upside down
 of them at once while extreme in none. So the statistics are combined through their joint density,
 fitted on held-out in-distribution images:
 
-1. Per statistic j, the tail probabilities of a value v among the in-distribution sample: the
-   smaller of the empirical tail ((#{sample >= v} + 1) / (M + 1), exact where the sample is dense)
-   and a Gaussian kernel density's (Silverman's bandwidth; it keeps decreasing beyond the sample,
-   so images far outside it are still ranked).
+1. Per statistic j, the tail probabilities of a value v under a Gaussian kernel density of the
+   in-distribution sample (every value a centre, Silverman's bandwidth): close to the empirical
+   tail where the sample is dense, and still decreasing beyond it, so images far outside it are
+   still ranked.
 2. Its normal score z_j = Phi^-1(P(V_j <= v)) (from the smaller tail, |z| at most 37); for a
    one-sided statistic (``tail`` ``upper``) the harmless side is set to 0.
 3. The joint density of the normal scores, in the metric P = Sigma^-1 of their in-distribution
@@ -126,7 +126,7 @@ def normal_scores(values: np.ndarray, *, centres: np.ndarray, bandwidth: float, 
 @dataclass
 class DoseFit:
     """The fitted joint density: per statistic its tail, its sorted in-distribution sample (M,) (the
-    empirical tails and kernel centres) and the kernel bandwidth; the mean (S,) and precision (S, S)
+    kernel centres) and the kernel bandwidth; the mean (S,) and precision (S, S)
     of the statistics' normal scores; with ``neighbours`` k > 0 the in-distribution normal scores
     themselves (``reference``, (M, S)), whose k nearest judge an image."""
 
