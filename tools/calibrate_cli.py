@@ -37,8 +37,9 @@ def add_calibrate(sub: Any) -> None:
         "--neighbours",
         type=int,
         default=None,
-        help="dose: judge an image by the mean distance of its statistics to this many nearest validation images' "
-        "(a nearest-neighbour density, calibrated leave-one-out; default 5); 0: Mahalanobis distance from their mean",
+        help="dose: judge an image by the mean distance of its statistics to those of this many nearest validation "
+        "images (a nearest-neighbour density, calibrated leave-one-out; default 5); 0: the Mahalanobis distance "
+        "from their mean",
     )
     c.add_argument(
         "--folds",
