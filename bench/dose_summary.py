@@ -1,6 +1,7 @@
 """Summarise ``genserve eval-ood`` reports (docs/ood/MODEL.json) for the default score: per model, the
 AUROC and share flagged for every set and every kind of the real-upload suite, and the false-positive
-rate observed on the in-distribution test images. Prints a markdown table (docs/ood.md quotes it).
+rate observed on the in-distribution test images. Prints a markdown table (docs/ood.md quotes it). Where
+the colour check refused files the share flagged by the score alone follows in brackets.
 
     python bench/dose_summary.py docs/ood/vae-fmnist.json docs/ood/pixelvae-fmnist.json ...
 """
@@ -31,8 +32,11 @@ def main() -> None:
             if m is None:
                 cells.append("-")
                 continue
-            flagged = m.get("flagged_at_threshold")
-            cells.append(f"{m['auroc']:.4f} / {'-' if flagged is None else f'{100 * flagged:.1f}%'}")
+            flagged, by_score = m.get("flagged_at_threshold"), m.get("flagged_by_score")
+            cell = f"{m['auroc']:.4f} / {'-' if flagged is None else f'{100 * flagged:.1f}%'}"
+            if by_score is not None and by_score != flagged:  # the colour check refused some files
+                cell += f" (score alone {100 * by_score:.1f}%)"
+            cells.append(cell)
         n = next(r["out"][s]["n"] for r in reports if s in r["out"])
         print(f"| {label[s]} ({n}) | " + " | ".join(cells) + " |")  # noqa: T201
     cells = []

@@ -1,4 +1,5 @@
-"""Share of each kind of the real-upload suite flagged by a model's calibrated default score, on the
+"""Share of each kind of the real-upload suite flagged by a model's calibrated default score alone (the
+colour check of models/scoring/colour.py aside: this bench is for designing statistics), on the
 even-indexed files of each kind (the half the statistics were designed on) and on the odd-indexed
 files (held out while designing), beside the calibration's statistics. With ``--statistics`` it
 fits a dose variant on the calibration's data first (same split and seed as ``genserve calibrate``)

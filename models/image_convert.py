@@ -14,6 +14,9 @@ What a file goes through, in order (:func:`to_model_array`):
 5. **Colour to grayscale** is Pillow's ITU-R 601-2 luma, L = (299 R + 587 G + 114 B) / 1000.
 6. **Size**: stretched to the model's H x W with Lanczos resampling; the aspect ratio is *not* kept
    (a 600x300 banner becomes a 28x28 square), as ``resize=true`` has always documented.
+
+Step 5 discards colour, which a model of grayscale images never saw; :func:`colour_fraction` measures
+it on the file as decoded (after steps 1-4), for the colour check of :mod:`models.scoring.colour`.
 """
 
 from __future__ import annotations
@@ -70,12 +73,53 @@ def to_model_array(im: Image.Image, shape: tuple[int, int, int]) -> tuple[np.nda
     return np.ascontiguousarray(arr), converted
 
 
+VIA_RGB = ("RGB", "RGBA", "P", "PA")  # modes whose conversion to "L" goes through convert_mode(im, "RGB")
+
+
+def to_model_array_and_colour(
+    im: Image.Image, shape: tuple[int, int, int], tolerance: int
+) -> tuple[np.ndarray, bool, float]:
+    """:func:`to_model_array` and :func:`colour_fraction` of one image, the same values as calling both,
+    for less: for a grayscale model the conversion of an RGB(A) or palette image passes through the
+    RGB image that the colour is measured on, so it is made once (a palette screenshot's alpha
+    compositing is most of its decoding time)."""
+    if shape[0] != 1 or im.mode not in VIA_RGB:
+        return (*to_model_array(im, shape), colour_fraction(im, tolerance))
+    if _rotated(im):  # as to_model_array does first; the colour does not depend on it
+        im = ImageOps.exif_transpose(im)
+    rgb = convert_mode(im, "RGB")
+    arr, _ = to_model_array(rgb, shape)  # rgb.convert("L"), then the resize: to_model_array's own steps
+    return arr, True, _chroma_fraction(rgb, tolerance)
+
+
+def _chroma_fraction(rgb: Image.Image, tolerance: int) -> float:
+    """The fraction of an RGB image's pixels with max(R, G, B) - min(R, G, B) > tolerance."""
+    r, g, b = (np.asarray(band, dtype=np.uint8) for band in rgb.split())
+    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # uint8: max >= min
+    return float(np.count_nonzero(chroma > tolerance)) / chroma.size if chroma.size else 0.0
+
+
 def _rotated(im: Image.Image) -> bool:
     """True if the image carries an EXIF orientation other than 'as stored' (1)."""
     try:
         return int(im.getexif().get(0x0112, 1)) not in (0, 1)
     except Exception:  # a malformed EXIF block: Pillow's transpose ignores it too
         return False
+
+
+COLOURLESS_MODES = ("1", "L", "LA", "La", "I", "F")  # and every "I;16*": no colour channels to measure
+
+
+def colour_fraction(im: Image.Image, tolerance: int) -> float:
+    """The fraction (0..1) of the image's pixels whose chroma, max(R, G, B) - min(R, G, B) in 8-bit
+    levels, exceeds ``tolerance`` (0..254), measured at the file's own resolution after palettes are
+    expanded and alpha is composited over black (so a transparent pixel counts as the black background
+    the model sees). 0.0 for images without colour channels (grayscale, 16-bit, bilevel)."""
+    if not 0 <= tolerance < 255:
+        raise ValueError(f"colour tolerance must lie in 0..254 levels, got {tolerance}")
+    if im.mode in COLOURLESS_MODES or im.mode.startswith("I;16"):
+        return 0.0
+    return _chroma_fraction(convert_mode(im, "RGB"), tolerance)
 
 
 def to_levels(images: np.ndarray, levels: int) -> np.ndarray:
@@ -90,3 +134,8 @@ def file_to_levels(data: bytes, shape: tuple[int, int, int], levels: int) -> np.
     the model (decoding, :func:`to_model_array`, :func:`to_levels`)."""
     arr, _ = to_model_array(decode_file(data), shape)
     return to_levels(arr, levels)
+
+
+def file_colour_fraction(data: bytes, tolerance: int) -> float:
+    """:func:`colour_fraction` of one uploaded file's bytes, as ``/score`` measures it."""
+    return colour_fraction(decode_file(data), tolerance)

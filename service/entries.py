@@ -15,6 +15,7 @@ from models.base import AutoregressiveModel, DensityModel
 from models.checkpoint import META, CheckpointError, build_model, read_metadata
 from models.scoring.calibration import default_score_type
 from models.scoring.classify import training_prior
+from models.scoring.colour import ColourCheck, colour_check_for
 from models.scoring.dose import DoseFit
 from models.scoring.scorer import BACKGROUND, COMPANION, calibrated_dose, has_background, has_companion, has_dose
 from models.scoring.scores import DOSE, GUARDED, available_score_types
@@ -86,6 +87,11 @@ class ModelEntry:
     def dose_fit(self) -> DoseFit | None:
         """The dose score's fitted densities (parsed once), for /score's explanations."""
         return calibrated_dose(self.meta)
+
+    @functools.cached_property
+    def colour_check(self) -> ColourCheck | None:
+        """The calibration's colour check of uploaded files (models of grayscale images only), parsed once."""
+        return colour_check_for(self.meta) if self.shape[0] == 1 else None
 
     @property
     def default_score_type(self) -> str:

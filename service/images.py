@@ -106,6 +106,21 @@ def fit_to_model(
     return image_convert.to_model_array(im, shape)
 
 
+def fit_with_colour(
+    im: Image.Image, index: int, *, shape: tuple[int, int, int], model_name: str, tolerance: int
+) -> tuple[np.ndarray, bool, float]:
+    """:func:`fit_to_model` with ``resize``, and the fraction of the file's pixels in colour for the
+    model's colour check (:func:`models.image_convert.to_model_array_and_colour`: one conversion to
+    RGB serves both)."""
+    if shape[0] not in MODES:
+        raise BadRequest(f"model '{model_name}' takes {shape[0]}-channel images, which the image API cannot decode")
+    load_pixels(im, index)
+    try:
+        return image_convert.to_model_array_and_colour(im, shape, tolerance)
+    except (OSError, ValueError) as e:  # a mode Pillow cannot take to RGB
+        raise BadRequest(f"image {index}: its colours could not be read ({e}); send a PNG or JPEG in RGB") from e
+
+
 def from_levels(images: np.ndarray, levels: int) -> np.ndarray:
     """Integer levels 0..levels-1 -> 8-bit values 0..255 (identity for levels=256)."""
     if levels == 256:

@@ -185,10 +185,26 @@ class StatisticExplanation(BaseModel):
 class ScoreExplanation(BaseModel):
     statistics: dict[str, StatisticExplanation]
     decided_by: list[str] = Field(
-        description="when refused: the fewest statistics, largest share first, whose shares alone exceed the "
-        "threshold; empty when the image passed"
+        description="when refused: 'colour' first if the file failed the colour check, then (if the score is over "
+        "the threshold) the fewest statistics, largest share first, whose shares alone exceed it; empty when the "
+        "image passed"
     )
     most_extreme: str = Field(description="the statistic with the smallest p_value")
+
+
+class ColourResult(BaseModel):
+    """The colour check of an uploaded file, for a model trained on grayscale images (calibration.colour)."""
+
+    fraction: float = Field(
+        description="fraction (0..1) of the file's pixels whose chroma max(R,G,B) - min(R,G,B) exceeds tolerance, "
+        "measured after alpha is composited over black"
+    )
+    tolerance: int = Field(description="chroma, in 8-bit levels, up to which a pixel counts as gray")
+    max_fraction: float = Field(description="the largest fraction of coloured pixels accepted")
+    crossed: bool = Field(
+        description="fraction > max_fraction: the file is in colour, unlike every training image, and is refused "
+        "whatever its score (convert it to grayscale yourself to have it judged on its luma)"
+    )
 
 
 class ScoreResult(BaseModel):
@@ -199,7 +215,9 @@ class ScoreResult(BaseModel):
     bits_per_dim: float = Field(description="-log2 p(x) / (C*H*W)")
     score: float = Field(description="the score_type's value; higher is more unusual")
     threshold: float | None = Field(description="calibrated outlier threshold for this score, if any")
-    is_outlier: bool | None = Field(description="score > threshold, when calibrated")
+    is_outlier: bool | None = Field(
+        description="when calibrated: score > threshold, or the file failed the colour check (colour.crossed)"
+    )
     percentile: float | None = Field(description="where the score falls among calibration quantiles (0..100)")
     resized: bool = Field(description="true if the image was converted to the model's mode or size")
     heatmap: str | None = Field(
@@ -214,6 +232,11 @@ class ScoreResult(BaseModel):
     )
     explanation: ScoreExplanation | None = Field(
         None, description="score_type 'dose' only: which of the model's statistics made the decision, and how"
+    )
+    colour: ColourResult | None = Field(
+        None,
+        description="files converted with resize=true for a model of grayscale images: how much of the file is in "
+        "colour (a colour file is refused); null where not checked",
     )
 
 
@@ -243,10 +266,14 @@ class ClassifyResult(BaseModel):
     threshold: float | None = Field(description="the calibrated threshold; null if the model is not calibrated")
     percentile: float | None = Field(description="where the score falls among calibration quantiles (0..100)")
     rejected: bool | None = Field(
-        description="true when p(x) fails the calibrated outlier test (score > threshold): the image does not "
-        "look like the training data, so no class is given; null if the model is not calibrated"
+        description="true when p(x) fails the calibrated outlier test (score > threshold) or the file fails the "
+        "colour check (colour.crossed): the image does not look like the training data, so no class is given; "
+        "null if the model is not calibrated"
     )
     resized: bool = Field(description="true if the image was converted to the model's mode or size")
+    colour: ColourResult | None = Field(
+        None, description="the colour check of a file converted with resize=true (see /score); null where not checked"
+    )
 
 
 class ClassifyResponse(BaseModel):

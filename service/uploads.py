@@ -21,7 +21,7 @@ from service.errors import BadRequest, UnsupportedMediaType
 from service.metrics import Metrics
 from service.offload import INLINE_DECODE_BYTES, run_off_loop
 from service.registry import ModelRegistry
-from service.schemas import MODEL_ERRORS, ErrorResponse
+from service.schemas import MODEL_ERRORS, ColourResult, ErrorResponse
 from service.settings import Settings
 
 J = TypeVar("J", bound=BaseModel)
@@ -113,20 +113,44 @@ def check_count(n: int, max_images: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A request's images as the model takes them, and what the conversion saw."""
+
+    x: np.ndarray  # (B, C, H, W) model levels
+    converted: list[bool]  # per image: converted to the model's mode or size (resize=true)
+    colour: list[float | None]  # per image: the file's colour fraction, where the model checks colour
+
+
+def colour_result(entry: ModelEntry, fraction: float | None) -> ColourResult | None:
+    """The colour check of one file (None where the model has none or the image was not a converted file)."""
+    check = entry.colour_check
+    return None if check is None or fraction is None else ColourResult.model_validate(check.result(fraction))
+
+
 def decode_all(
-    data: list[bytes | str], entry: ModelEntry, *, resize: bool, max_pixels: int
-) -> tuple[np.ndarray, list[bool]]:
-    """Every image as model levels (B, C, H, W) uint8, and whether each was converted."""
-    arrays, converted = [], []
+    data: list[bytes | str], entry: ModelEntry, *, resize: bool, max_pixels: int, colour: bool = True
+) -> Decoded:
+    """Every image as model levels, and with ``resize`` and ``colour`` for a model with a colour check
+    (one input channel) each file's colour fraction (models/image_convert.py ``colour_fraction``)."""
+    arrays, converted, fractions = [], [], []
+    check = entry.colour_check if resize and colour else None  # without resize a colour file is refused anyway
     for i, item in enumerate(data):
         raw = images.decode_base64(item, i) if isinstance(item, str) else item
         if not raw:
             raise BadRequest(f"image {i} is empty")
         im = images.open_image(raw, i, max_pixels=max_pixels)
-        arr, changed = images.fit_to_model(im, i, shape=entry.shape, model_name=entry.name, resize=resize)
+        fraction = None
+        if check is None:
+            arr, changed = images.fit_to_model(im, i, shape=entry.shape, model_name=entry.name, resize=resize)
+        else:
+            arr, changed, fraction = images.fit_with_colour(
+                im, i, shape=entry.shape, model_name=entry.name, tolerance=check.tolerance
+            )
         arrays.append(arr)
         converted.append(changed)
-    return images.to_levels(np.stack(arrays), entry.levels), converted
+        fractions.append(fraction)
+    return Decoded(images.to_levels(np.stack(arrays), entry.levels), converted, fractions)
 
 
 async def receive(
@@ -143,14 +167,16 @@ async def receive(
 
 
 async def decode(
-    data: list[bytes | str], entry: ModelEntry, settings: Settings, *, resize: bool
-) -> tuple[np.ndarray, list[bool]]:
-    """:func:`decode_all`, in the thread pool unless the upload is small and needs no conversion:
-    (B, C, H, W) levels and whether each image was converted. (A few KiB of PNG can hold millions of
+    data: list[bytes | str], entry: ModelEntry, settings: Settings, *, resize: bool, colour: bool = True
+) -> Decoded:
+    """:func:`decode_all`, in the thread pool unless the upload is small and needs no conversion.
+    (A few KiB of PNG can hold millions of
     flat pixels: converting them is work for the pool; without ``resize`` an image of the wrong size
     is refused from its header, before its pixels are decoded.)"""
     small = not resize and sum(len(d) for d in data) <= INLINE_DECODE_BYTES
-    return await run_off_loop(small, decode_all, data, entry, resize=resize, max_pixels=settings.max_image_pixels)
+    return await run_off_loop(
+        small, decode_all, data, entry, resize=resize, max_pixels=settings.max_image_pixels, colour=colour
+    )
 
 
 R = TypeVar("R")
@@ -171,9 +197,10 @@ class UploadCall:
     async def receive(self, json_model: type[J], form_model: type[F]) -> tuple[J | F, list[bytes | str], ModelEntry]:
         return await receive(self.request, self.registry, self.settings, json_model, form_model)
 
-    async def decode(self, data: list[bytes | str], entry: ModelEntry, parsed: Any) -> tuple[np.ndarray, list[bool]]:
-        """The images as levels (B, C, H, W), converted where ``resize`` is set in the query or the body."""
-        return await decode(data, entry, self.settings, resize=bool(self.resize or parsed.resize))
+    async def decode(self, data: list[bytes | str], entry: ModelEntry, parsed: Any, *, colour: bool = True) -> Decoded:
+        """The images as levels (B, C, H, W), converted where ``resize`` is set in the query or the body;
+        ``colour``: measure each file's colour for the model's colour check."""
+        return await decode(data, entry, self.settings, resize=bool(self.resize or parsed.resize), colour=colour)
 
     async def wait(self, work: Awaitable[R]) -> R:
         """The model's answer, unless the client goes away first (service/disconnect.py)."""

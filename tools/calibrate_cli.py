@@ -7,6 +7,8 @@ import argparse
 import json
 from typing import Any
 
+from models.scoring.colour import DEFAULT_MAX_FRACTION, DEFAULT_TOLERANCE
+
 
 def device_name(name: str) -> str:
     """A command's --device: "auto" is cuda where a GPU is, else cpu."""
@@ -70,11 +72,32 @@ def add_calibrate(sub: Any) -> None:
     c.add_argument("--cache", default="runs/ood-cache", help="model-output cache folder ('' for none)")
     c.add_argument("--dry-run", action="store_true", help="print the calibration, do not write it")
     c.add_argument("--no-progress", action="store_true")
+    add_colour_options(c)
     c.set_defaults(func=calibrate_command)
+
+
+def add_colour_options(c: Any) -> None:
+    """calibrate's options for the colour check of a grayscale model's uploads (models/scoring/colour.py)."""
+    c.add_argument(
+        "--colour-tolerance",
+        type=int,
+        default=DEFAULT_TOLERANCE,
+        help="one-channel models: chroma max(R,G,B) - min(R,G,B), in 8-bit levels, above which an uploaded "
+        f"pixel counts as coloured (default {DEFAULT_TOLERANCE})",
+    )
+    c.add_argument(
+        "--colour-max-fraction",
+        type=float,
+        default=DEFAULT_MAX_FRACTION,
+        help="one-channel models: refuse an upload when more than this fraction of its pixels are coloured "
+        f"(default {DEFAULT_MAX_FRACTION})",
+    )
+    c.add_argument("--no-colour-check", action="store_true", help="one-channel models: do not refuse uploads in colour")
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
     from models.checkpoint import update_metadata
+    from models.scoring.colour import ColourCheck
     from models.scoring.dose import DEFAULT_NEIGHBOURS
     from models.scoring.scorer import load_scorer
     from tools.ood_eval import load_eval_set
@@ -97,7 +120,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
         if name not in previous:
             raise ValueError(f"--keep {name}: the current calibration has no '{name}' entry to keep")
         old = meta["calibration"]
-        keep[name] = {**previous[name], "kept_from": f"an earlier calibration on {old.get('data')} (n={old.get('n')})"}
+        source = previous[name].get("kept_from") or f"an earlier calibration on {old.get('data')} (n={old.get('n')})"
+        keep[name] = {**previous[name], "kept_from": source}  # kept twice: still from where it was calibrated
         if name == "complexity_guarded":  # its threshold holds with the floor it was calibrated with
             keep[name]["nll_cap"] = old.get("nll_cap")
     # --folds cross-fits the Mahalanobis combination: given alone it means --neighbours 0 (as before)
@@ -117,6 +141,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
         confidence=args.confidence or None,
         folds=args.folds,
         neighbours=neighbours,
+        colour=None if args.no_colour_check else ColourCheck(args.colour_tolerance, args.colour_max_fraction),
     )
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}

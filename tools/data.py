@@ -59,12 +59,14 @@ class DatasetNotFound(FileNotFoundError):
 
 @dataclass
 class ImageDataset:
-    """uint8 images (N, C, H, W), optional int64 labels (N,), class names, and the spec it came from."""
+    """uint8 images (N, C, H, W), optional int64 labels (N,), class names, the spec it came from and,
+    for image files, each file's colour fraction (N,) (models/image_convert.py ``colour_fraction``)."""
 
     images: Tensor
     labels: Tensor | None
     classes: list[str] | None
     spec: str
+    colour: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -14,7 +14,9 @@ its test split), plus synthetic sets shaped like the model's input, deterministi
 - ``constant[:N]``: N constant images (default: one per level), values evenly spaced over the levels;
 - ``flip:SPEC``: the images of SPEC flipped upside down (vertically); ``hflip:SPEC``: mirrored;
 - ``files:DIR``: every image file in DIR (sorted by name), each decoded and converted exactly as
-  ``/score`` does with ``resize=true`` (:func:`models.image_convert.file_to_levels`);
+  ``/score`` does with ``resize=true`` (:func:`models.image_convert.file_to_levels`), and judged as
+  /score judges it: a file the model's colour check refuses (:mod:`models.scoring.colour`) counts
+  as flagged whatever its score (AUROC is of the score alone);
 - any spec with ``@N`` appended: a seeded random subset of N images (``fashion-mnist:test@2000``).
 
 ``--suite DIR`` adds ``files:DIR/KIND`` for every subfolder KIND of DIR (the real-upload suite of
@@ -32,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.image_convert import file_to_levels
+from models.image_convert import file_colour_fraction, file_to_levels
+from models.scoring.colour import ColourCheck, colour_check_for
 from models.scoring.scorer import Scorer, load_scorer
 from tools.data import NAMED, ImageDataset, load_dataset
 from tools.ood_report import markdown, plot_heatmaps, plot_hist, plot_roc
@@ -48,13 +51,22 @@ DEFAULT_NOISE = 1000
 
 
 def load_eval_set(
-    spec: str, *, shape: tuple[int, int, int], levels: int, seed: int = 0, limit: int | None = None
+    spec: str,
+    *,
+    shape: tuple[int, int, int],
+    levels: int,
+    seed: int = 0,
+    limit: int | None = None,
+    colour_tolerance: int | None = None,
 ) -> ImageDataset:
     """A data set for the evaluation: a ``load_dataset`` spec or a synthetic one (module docstring),
-    optionally cut to ``limit`` images (a seeded random subset; ``SPEC@N`` sets it for one set)."""
+    optionally cut to ``limit`` images (a seeded random subset; ``SPEC@N`` sets it for one set). With
+    ``colour_tolerance`` image files also get their colour fractions, as /score measures them."""
     if "@" in spec:
         whole, _, count = spec.rpartition("@")
-        subset = load_eval_set(whole, shape=shape, levels=levels, seed=seed, limit=int(count))
+        subset = load_eval_set(
+            whole, shape=shape, levels=levels, seed=seed, limit=int(count), colour_tolerance=colour_tolerance
+        )
         subset.spec = spec
         return subset
     kind, _, rest = spec.partition(":")
@@ -75,7 +87,10 @@ def load_eval_set(
         if not paths:
             raise ValueError(f"{spec}: no image files in {rest}")
         arrays = [file_to_levels(p.read_bytes(), shape, levels) for p in paths]
-        data = ImageDataset(torch.from_numpy(np.stack(arrays)), None, None, spec)
+        colour = None
+        if colour_tolerance is not None:
+            colour = np.array([file_colour_fraction(p.read_bytes(), colour_tolerance) for p in paths])
+        data = ImageDataset(torch.from_numpy(np.stack(arrays)), None, None, spec, colour)
     elif kind in ("flip", "hflip"):
         if not rest:
             raise ValueError(f"{kind} needs a data set: {kind}:SPEC, e.g. {kind}:fashion-mnist:test")
@@ -89,9 +104,9 @@ def load_eval_set(
         raise ValueError(f"{spec} holds {data.shape} images; the model takes {shape}")
     if limit is not None and len(data) > limit:
         idx = torch.randperm(len(data), generator=gen)[:limit].sort().values
-        data = ImageDataset(
-            data.images[idx], None if data.labels is None else data.labels[idx], data.classes, data.spec
-        )
+        labels = None if data.labels is None else data.labels[idx]
+        colour = None if data.colour is None else data.colour[idx.numpy()]
+        data = ImageDataset(data.images[idx], labels, data.classes, data.spec, colour)
     return data
 
 
@@ -133,10 +148,15 @@ def _in_report(s_in: dict[str, np.ndarray], names: list[str], cal_scores: dict[s
 
 
 def _out_report(
-    s_in: dict[str, np.ndarray], s_out: dict[str, np.ndarray], names: list[str], cal_scores: dict[str, Any]
+    s_in: dict[str, np.ndarray],
+    s_out: dict[str, np.ndarray],
+    names: list[str],
+    cal_scores: dict[str, Any],
+    refused: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per score type on one out-of-distribution set: AUROC, AUPRC, FPR at 95% TPR, the mean score
-    and, where calibrated, the share flagged at the threshold."""
+    and, where calibrated, the share flagged at the threshold: as /score flags them, the score over
+    its threshold or the file ``refused`` (N,) by the colour check (then also ``flagged_by_score``)."""
     per: dict[str, Any] = {}
     for n in names:
         m: dict[str, Any] = {
@@ -146,9 +166,19 @@ def _out_report(
             "mean": float(s_out[n].mean()),
         }
         if n in cal_scores:
-            m["flagged_at_threshold"] = float((s_out[n] > float(cal_scores[n]["threshold"])).mean())
+            over = s_out[n] > float(cal_scores[n]["threshold"])
+            m["flagged_at_threshold"] = float((over if refused is None else over | refused).mean())
+            if refused is not None:
+                m["flagged_by_score"] = float(over.mean())
         per[n] = m
     return per
+
+
+def _refused(check: ColourCheck | None, data: ImageDataset) -> np.ndarray | None:
+    """(N,) bool: which of a set's files the model's colour check refuses (None: not files, or no check)."""
+    if check is None or data.colour is None:
+        return None
+    return np.array([check.crossed(float(f)) for f in data.colour], dtype=bool)
 
 
 def evaluate_ood(
@@ -178,12 +208,18 @@ def evaluate_ood(
 
     s_in = scores_of(in_data)
     in_report = _in_report(s_in, names, cal_scores)
+    check = colour_check_for(meta) if scorer.model.shape[0] == 1 else None
+    if in_data.colour is not None and check is not None and check.crossed(float(in_data.colour.max())):
+        logger.warning("%s: some in-distribution files are in colour; the observed FPR leaves them out", in_data.spec)
     outs: dict[str, Any] = {}
     raw_out: dict[str, dict[str, np.ndarray]] = {}
     for data in out_data:
         s_out = scores_of(data)
         raw_out[data.spec] = s_out
-        outs[data.spec] = {"n": len(data), "scores": _out_report(s_in, s_out, names, cal_scores)}
+        refused = _refused(check, data)
+        outs[data.spec] = {"n": len(data), "scores": _out_report(s_in, s_out, names, cal_scores, refused)}
+        if refused is not None:
+            outs[data.spec]["colour_refused"] = float(refused.mean())
     return {
         "model": meta.get("_folder", ""),
         "sha256": meta["weights"]["sha256"],
@@ -224,10 +260,13 @@ def run(
     scorer, meta = load_scorer(model, device)
     meta["_folder"] = str(model)
     shape, levels = scorer.model.shape, scorer.model.levels
-    in_data = load_eval_set(in_spec, shape=shape, levels=levels, seed=seed, limit=limit)
+    check = colour_check_for(meta) if shape[0] == 1 else None
+    tolerance = None if check is None else check.tolerance
+    kw: dict[str, Any] = {"shape": shape, "levels": levels, "seed": seed, "colour_tolerance": tolerance}
+    in_data = load_eval_set(in_spec, limit=limit, **kw)
     suite_sets = suite_specs(suite) if suite else []
-    outs = [load_eval_set(s, shape=shape, levels=levels, seed=seed, limit=limit) for s in out_specs]
-    outs += [load_eval_set(s, shape=shape, levels=levels, seed=seed) for s in suite_sets]  # whole kinds
+    outs = [load_eval_set(s, limit=limit, **kw) for s in out_specs]
+    outs += [load_eval_set(s, **kw) for s in suite_sets]  # whole kinds
     report = evaluate_ood(
         scorer,
         meta,

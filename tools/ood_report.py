@@ -71,8 +71,10 @@ def suite_table(report: dict[str, Any]) -> list[str]:
     fpr = {n: report["in"]["scores"][n].get("observed_fpr_at_threshold") for n in names}
     head = "| kind (files) | " + " | ".join(label[n] for n in names) + " |"
     lines = [
-        "Real-upload suite (each file decoded and converted as /score does with resize=true): AUROC / share "
-        "flagged at the calibrated threshold; last row: share of the in-distribution test images flagged.",
+        "Real-upload suite (each file decoded and converted as /score does with resize=true): AUROC of the score / "
+        "share flagged as /score flags it (score over the calibrated threshold, or refused by the colour check where "
+        "the model has one: share of colour files in brackets); last row: share of the in-distribution test images "
+        "flagged.",
         "",
         head,
         "| --- |" + " --- |" * len(names),
@@ -84,7 +86,8 @@ def suite_table(report: dict[str, Any]) -> list[str]:
             m = o["scores"][n]
             flagged = _pct(m["flagged_at_threshold"]) if "flagged_at_threshold" in m else "-"
             cells.append(f"{m['auroc']:.4f} / {flagged}")
-        lines += [f"| {kind} ({o['n']}) | " + " | ".join(cells) + " |"]
+        refused = f" [{_pct(o['colour_refused'])} colour]" if "colour_refused" in o else ""
+        lines += [f"| {kind} ({o['n']}){refused} | " + " | ".join(cells) + " |"]
     test = " | ".join("-" if fpr[n] is None else _pct(fpr[n]) for n in names)
     lines += [f"| {report['in']['spec']} ({report['in']['n']}), flagged | {test} |"]
     return lines

@@ -17,6 +17,7 @@ from torch import Tensor
 from models.files import atomic_write
 from models.scoring.calibration import DEFAULT_FPR, calibrate_scores
 from models.scoring.coders import CODER, code_length_bits, coder_version
+from models.scoring.colour import ColourCheck
 from models.scoring.dose import DEFAULT_NEIGHBOURS, fit_dose
 from models.scoring.scorer import ModelOutputs, Scorer
 from models.scoring.scores import COMPLEXITY, DOSE, GUARDED, NLL, RATIO, guarded_score, needs_code, score_units
@@ -181,14 +182,15 @@ def calibrate(
     confidence: float | None = None,
     folds: int = 0,
     neighbours: int = DEFAULT_NEIGHBOURS,
+    colour: ColourCheck | None = ColourCheck(),
 ) -> dict[str, Any]:
-    """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on
-    held-out in-distribution images (never the test set); ``keep``: score types' entries kept from an
-    earlier calibration of the same weights (each records its own data). Without labels the dose
-    score is fitted too and becomes the default (:func:`_fit_dose`: ``statistics``, default all;
-    ``neighbours``, 0 for Mahalanobis; ``folds``). With ``confidence`` each threshold keeps its
-    false-positive rate at most ``fpr`` with that probability (:func:`.confident_rank`), else about
-    ``fpr``. A class-conditional model is calibrated on p(x) = sum_y p(x|y) p(y) (pass no labels)."""
+    """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on held-out
+    in-distribution images (never the test set); ``keep``: entries kept from an earlier calibration of
+    the same weights. Without labels dose is fitted too and becomes the default (:func:`_fit_dose`:
+    ``statistics``, default all; ``neighbours``, 0 for Mahalanobis; ``folds``). With ``confidence`` each
+    threshold's false-positive rate is at most ``fpr`` with that probability, else about ``fpr``. A
+    class-conditional model is calibrated on p(x) = sum_y p(x|y) p(y) (pass no labels). ``colour``: the
+    colour check of a one-channel model's uploads (:mod:`models.scoring.colour`; None: none)."""
     if scorer.model.n_classes is not None and labels is not None:
         raise ValueError(f"calibrate a class-conditional model on p(x) = sum_y p(x|y) p(y), {_NO_LABELS}")
     t0 = time.perf_counter()
@@ -216,13 +218,18 @@ def calibrate(
         "method": _method(confidence),
         "confidence": confidence,
         "scores": {
-            n: {**calibrate_scores(v, fpr=fpr, confidence=confidence), **score_units(n)} for n, v in values.items()
+            **{n: {**calibrate_scores(v, fpr=fpr, confidence=confidence), **score_units(n)} for n, v in values.items()},
+            **keep,
         },
         "seconds": round(time.perf_counter() - t0, 1),
         "nll_cap": nll_cap,
     }
-    cal["scores"].update(keep)
-    return {**cal, **({"dose": dose_entry} if dose_entry else {}), **_provenance(scorer)}
+    return {**cal, **({"dose": dose_entry} if dose_entry else {}), **_colour(scorer, colour), **_provenance(scorer)}
+
+
+def _colour(scorer: Scorer, colour: ColourCheck | None) -> dict[str, Any]:
+    """The colour check's entry, for a model of grayscale images: no colour is in its training data."""
+    return {"colour": colour.to_json()} if colour is not None and scorer.model.shape[0] == 1 else {}
 
 
 def _nll_cap(values: dict[str, np.ndarray], keep: dict[str, dict[str, Any]]) -> float | None:

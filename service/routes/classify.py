@@ -2,8 +2,8 @@
 
 Per image the model gives log p(x|y) for every class (one pass per class); Bayes' rule with the
 training prior gives p(y|x) and p(x) = sum_y p(x|y) p(y) (models/scoring/classify.py). An image whose p(x)
-fails the calibrated outlier test (the model's default score above its threshold) is rejected:
-no class is forced on it.
+fails the calibrated outlier test (the model's default score above its threshold, or a colour file
+for a model of grayscale images) is rejected: no class is forced on it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from service.entries import ModelEntry
 from service.errors import BadRequest
 from service.offload import INLINE_RESULTS, run_off_loop
 from service.schemas import FORM_BOOL_SCHEMA, ClassifyRequest, ClassifyResponse, ClassifyResult, ImagesForm
-from service.uploads import Upload, request_body, upload_responses
+from service.uploads import Decoded, Upload, colour_result, request_body, upload_responses
 
 router = APIRouter(tags=["classify"])
 
@@ -35,7 +35,7 @@ def require_conditional(registry: Registry, entry: ModelEntry) -> None:
 
 
 def build_results(
-    entry: ModelEntry, score_type: str, out: dict[str, torch.Tensor], converted: list[bool]
+    entry: ModelEntry, score_type: str, out: dict[str, torch.Tensor], decoded: Decoded
 ) -> list[ClassifyResult]:
     classes = entry.classes or [str(i) for i in range(entry.n_classes or 0)]
     calibration = calibration_for(entry.meta, score_type)
@@ -43,11 +43,14 @@ def build_results(
     bpd = torch.as_tensor(bits_per_dim(log_px, entry.dims))
     posterior = out["class_log_posterior"].double().exp()
     results = []
-    for i, changed in enumerate(converted):
+    for i, changed in enumerate(decoded.converted):
         p = posterior[i]
         best = int(p.argmax())
         score = float(out["score"][i])
+        colour = colour_result(entry, decoded.colour[i])
         rejected = calibration.is_outlier(score)
+        if rejected is not None and colour is not None and colour.crossed:  # a colour file: not a training image
+            rejected = True
         results.append(
             ClassifyResult(
                 index=i,
@@ -65,6 +68,7 @@ def build_results(
                 percentile=calibration.percentile(score),
                 rejected=rejected,
                 resized=changed,
+                colour=colour,
             )
         )
     return results
@@ -87,12 +91,12 @@ async def classify(upload: Upload) -> ClassifyResponse:
     parsed, data, entry = await upload.receive(ClassifyRequest, ImagesForm)
     require_conditional(registry, entry)
     score_type = entry.default_score_type
-    x, converted = await upload.decode(data, entry, parsed)
-    b = x.shape[0]
-    work = registry.score(entry, torch.from_numpy(x), None, score_type=score_type, heatmap=False)
+    decoded = await upload.decode(data, entry, parsed)
+    b = decoded.x.shape[0]
+    work = registry.score(entry, torch.from_numpy(decoded.x), None, score_type=score_type, heatmap=False)
     out = await upload.wait(work)
     assert all(v.shape[0] == b for v in out.values()), "one output per image"
-    results = await run_off_loop(len(converted) <= INLINE_RESULTS, build_results, entry, score_type, out, converted)
+    results = await run_off_loop(b <= INLINE_RESULTS, build_results, entry, score_type, out, decoded)
     metrics.images_classified.labels(model=entry.name).inc(b)
     refused = sum(1 for r in results if r.rejected)
     if refused:

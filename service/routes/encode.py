@@ -33,7 +33,8 @@ async def encode(upload: Upload) -> EncodeResponse:
             f"model '{entry.name}' is {entry.skeleton.kind}, with no encoder; /encode needs a VAE "
             f"(`kind: vae` in GET /models: {vaes or 'none served'})"
         )
-    x, converted = await upload.decode(data, entry, parsed)
+    decoded = await upload.decode(data, entry, parsed, colour=False)  # a code has no outlier verdict
+    x, converted = decoded.x, decoded.converted
     b = x.shape[0]
     out = await upload.wait(registry.encode(entry, torch.from_numpy(x)))
     assert out["mean"].shape[0] == b and out["std"].shape[0] == b, "one code per image"

@@ -20,13 +20,14 @@ from service.errors import BadRequest
 from service.offload import INLINE_RESULTS, run_off_loop
 from service.schemas import (
     FORM_BOOL_SCHEMA,
+    ColourResult,
     ScoreExplanation,
     ScoreForm,
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
 )
-from service.uploads import Upload, request_body, upload_responses
+from service.uploads import Decoded, Upload, colour_result, request_body, upload_responses
 
 router = APIRouter(tags=["score"])
 
@@ -43,12 +44,13 @@ def build_results(
     entry: ModelEntry,
     score_type: str,
     out: dict[str, torch.Tensor],
-    converted: list[bool],
+    decoded: Decoded,
     *,
     labelled: bool = False,
     inputs: np.ndarray | None = None,
 ) -> list[ScoreResult]:
-    """One result per image; ``inputs`` (B, C, H, W) levels, when given, come back as PNGs (``input_image``)."""
+    """One result per image; ``inputs`` (B, C, H, W) levels, when given, come back as PNGs (``input_image``).
+    A file that fails the model's colour check (models/scoring/colour.py) is an outlier whatever its score."""
     # A conditional model's calibration is of p(x); scores of p(x|y) for a given label have none.
     calibrated = not (labelled and entry.n_classes is not None)
     calibration = calibration_for(entry.meta, score_type) if calibrated else Calibration()
@@ -57,8 +59,12 @@ def build_results(
     log_prob: list[float] = out["log_prob"].tolist()  # float32 to Python floats: exact
     scores: list[float] = out["score"].tolist()
     results = []
-    for i, changed in enumerate(converted):
+    for i, changed in enumerate(decoded.converted):
         score = float(scores[i])
+        colour = colour_result(entry, decoded.colour[i])
+        outlier = calibration.is_outlier(score)
+        if outlier is not None and colour is not None and colour.crossed:
+            outlier = True
         heatmap = None
         if scale is not None:
             heatmap = images.b64(images.heatmap_png(out["heatmap"][i].numpy(), scale_nats=scale))
@@ -69,24 +75,29 @@ def build_results(
                 bits_per_dim=float(bits_per_dim(log_prob[i], entry.dims)),
                 score=score,
                 threshold=calibration.threshold,
-                is_outlier=calibration.is_outlier(score),
+                is_outlier=outlier,
                 percentile=calibration.percentile(score),
                 resized=changed,
                 heatmap=heatmap,
                 heatmap_scale_nats=scale,
                 input_image=None if inputs is None else images.b64(images.encode_png(inputs[i])),
-                explanation=explanation(entry, out, i, calibration.threshold) if calibrated else None,
+                explanation=explanation(entry, out, i, calibration.threshold, colour) if calibrated else None,
+                colour=colour,
             )
         )
     return results
 
 
 def explanation(
-    entry: ModelEntry, out: dict[str, torch.Tensor], i: int, threshold: float | None
+    entry: ModelEntry, out: dict[str, torch.Tensor], i: int, threshold: float | None, colour: ColourResult | None
 ) -> ScoreExplanation | None:
     fit = entry.dose_fit
     got = None if fit is None else scoring.explanation(fit, out, i, threshold)
-    return None if got is None else ScoreExplanation.model_validate(got)
+    if got is None:
+        return None
+    if colour is not None and colour.crossed:  # refused for its colour first, whatever the statistics say
+        got["decided_by"] = ["colour", *got["decided_by"]]
+    return ScoreExplanation.model_validate(got)
 
 
 @router.post(
@@ -115,7 +126,8 @@ async def score(upload: Upload) -> ScoreResponse:
             f"model '{entry.name}' is class-conditional: without a label it scores p(x) = sum_y p(x|y) p(y), "
             "which has no per-pixel terms; send 'label' for a heatmap of p(x|y)"
         )
-    x, converted = await upload.decode(data, entry, parsed)
+    decoded = await upload.decode(data, entry, parsed)
+    x = decoded.x
     b = x.shape[0]
     y = None if label is None else torch.full((b,), label, dtype=torch.long)
     work = registry.score(entry, torch.from_numpy(x), y, score_type=score_type, heatmap=parsed.heatmap)
@@ -124,7 +136,7 @@ async def score(upload: Upload) -> ScoreResponse:
     inputs = images.from_levels(x, entry.levels) if parsed.input_image else None
     small = b <= INLINE_RESULTS and inputs is None and not parsed.heatmap
     results = await run_off_loop(
-        small, build_results, entry, score_type, out, converted, labelled=label is not None, inputs=inputs
+        small, build_results, entry, score_type, out, decoded, labelled=label is not None, inputs=inputs
     )
     metrics.images_scored.labels(model=entry.name, score_type=score_type).inc(b)
     request.app.state.drift.observe(entry, score_type, [(r.score, r.is_outlier) for r in results])  # docs/drift.md

@@ -41,6 +41,7 @@ async def test_suite_files_of_every_kind_through_score(make_settings, dose_dir: 
     from tests.service.helpers import running
 
     files = [p for kind in KINDS for p in sorted((SUITE / kind).iterdir())[:2]]
+    refused_for_colour = 0
     async with running(make_settings(model_dir=dose_dir)) as (_, c):
         info = {m["name"]: m for m in (await c.get("/models")).json()["models"]}[model]
         assert info["default_score_type"] == DOSE and DOSE in info["score_types"]
@@ -59,7 +60,13 @@ async def test_suite_files_of_every_kind_through_score(make_settings, dose_dir: 
             shares = sum(s["contribution"] for s in e["statistics"].values())
             assert shares == pytest.approx(res["score"], rel=1e-6, abs=1e-6)
             assert bool(e["decided_by"]) == res["is_outlier"]
-            assert all(e["statistics"][n]["crossed"] for n in e["decided_by"])
+            colour = res["colour"]  # the tiny models are of grayscale images: every file's colour is measured
+            assert colour is not None and ("colour" in e["decided_by"]) == colour["crossed"]
+            assert res["is_outlier"] == (res["score"] > res["threshold"] or colour["crossed"])
+            by_statistics = [n for n in e["decided_by"] if n != "colour"]
+            assert bool(by_statistics) == (res["score"] > res["threshold"])
+            assert all(e["statistics"][n]["crossed"] for n in by_statistics)
+            refused_for_colour += colour["crossed"]
         # another score type: no explanation
         r = await c.post(
             "/score",
@@ -67,6 +74,7 @@ async def test_suite_files_of_every_kind_through_score(make_settings, dose_dir: 
             files=[("files", (files[0].name, files[0].read_bytes(), "application/octet-stream"))],
         )
         assert r.status_code == 200 and r.json()["results"][0]["explanation"] is None
+    assert 0 < refused_for_colour < len(files)  # charts, emoji, logos in colour; codes, documents gray
 
 
 def test_a_labelled_request_never_gets_the_dose_score() -> None:

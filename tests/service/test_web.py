@@ -377,6 +377,10 @@ def test_score_tab_shows_a_png_and_a_jpeg_as_the_model_saw_them_behind_a_path_pr
         assert badge == ("outlier" if want["is_outlier"] else "in distribution")
         assert f"{want['percentile']:.1f}" in item.inner_text()
         assert f"{want['bits_per_dim']:.3f}" in item.inner_text()
+        colour = want["colour"]  # the photograph is in colour: refused for it, and the page says so
+        assert colour is not None and colour["crossed"] == (name == "hopper.jpg")
+        assert f"{100 * colour['fraction']:.1f}% of pixels in colour" in item.inner_text()
+        assert ("trained on grayscale" in item.inner_text()) == colour["crossed"]
         src = item.locator(".view img").get_attribute("src")
         assert src == f"data:image/png;base64,{want['input_image']}"  # the 8x8 array the model scored
         hist = item.locator("svg.hist")
@@ -513,13 +517,17 @@ def test_a_conditional_model_samples_the_chosen_label(page, server):
 
 
 def test_classify_tab_draws_posterior_bars_and_the_refused_badge(page, server):
-    images = [("dark.png", png_bytes(np.full((8, 8), 3, np.uint8))), ("noise.png", gray_png(4))]
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 90  # dark red: in colour, so refused whatever its score
+    dark = png_bytes(np.full((8, 8), 3, np.uint8))
+    images = [("dark.png", dark), ("noise.png", gray_png(4)), ("red.png", png_bytes(red))]
     open_tab(page, f"{server}/", "classify")
     assert page.locator("#classify-model option").all_inner_texts() == ["pixelcnn-cond"]
     upload(page, "#classify-files", *[(n, "image/png", d) for n, d in images])
-    page.wait_for_function("() => document.querySelectorAll('#classify-results li[data-rejected]').length === 2")
+    page.wait_for_function("() => document.querySelectorAll('#classify-results li[data-rejected]').length === 3")
     for i, (name, data) in enumerate(images):
-        want = httpx.post(f"{server}/classify", data={"model": "pixelcnn-cond"}, files=[("files", (name, data))]).json()
+        form = {"model": "pixelcnn-cond", "resize": "true"}
+        want = httpx.post(f"{server}/classify", data=form, files=[("files", (name, data))]).json()
         r = want["results"][0]
         item = page.locator("#classify-results li").nth(i)
         rows = item.locator(".bars [role=listitem]").all_inner_texts()
@@ -528,6 +536,7 @@ def test_classify_tab_draws_posterior_bars_and_the_refused_badge(page, server):
         assert shares == pytest.approx([100 * r["posterior"][c] for c in "abc"], abs=0.051)
         badge = item.locator(".badge").inner_text()
         assert badge.startswith("refused") if r["rejected"] else badge.startswith(r["predicted"])
+        assert ("trained on grayscale" in item.inner_text()) == (name == "red.png") == r["colour"]["crossed"]
     assert "refused" in page.locator("#classify-results").inner_text()  # noise is refused at 10% FPR
 
 

@@ -147,6 +147,45 @@ def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, ca
         assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_colour_check_in_calibration_and_eval_ood_of_files(tiny_model: Path, tmp_path: Path):
+    """calibrate writes the colour check (options, --no-colour-check); eval-ood flags the colour files
+    of a files: set as /score does, whatever their score, and reports the share flagged by the score."""
+    from PIL import Image
+
+    valid = npz(tmp_path / "valid.npz", 40, 0, high=64)
+    argv = ["calibrate", "--model", str(tiny_model), "--data", valid, "--no-progress", "--cache", ""]
+    assert main([*argv, "--no-colour-check"]) == 0
+    assert "colour" not in read_metadata(tiny_model)["calibration"]
+    assert main([*argv, "--colour-tolerance", "20", "--colour-max-fraction", "0.1"]) == 0
+    colour = read_metadata(tiny_model)["calibration"]["colour"]
+    assert colour["tolerance"] == 20 and colour["max_fraction"] == 0.1
+    files = tmp_path / "files"
+    files.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):  # dark noise like the calibration's; the first three with a coloured half
+        g = rng.integers(0, 64, size=(8, 8), dtype=np.uint8)
+        a = np.stack([g, g, g], axis=-1)
+        if i < 3:
+            a[:4, :, 2] = np.minimum(a[:4, :, 2].astype(int) + 100, 255).astype(np.uint8)
+        Image.fromarray(a).save(files / f"{i}.png")
+    data = load_eval_set(f"files:{files}", shape=SHAPE, levels=256, colour_tolerance=20)
+    assert data.colour is not None and list(data.colour > 0.1) == [True] * 3 + [False] * 3
+    report_dir = tmp_path / "report"
+    test = npz(tmp_path / "test.npz", 30, 1, high=64)
+    argv = ["eval-ood", "--model", str(tiny_model), "--in", test, "--out", f"files:{files}", "--scores", "dose,nll"]
+    assert main([*argv, "--report-dir", str(report_dir), "--no-progress", "--cache", ""]) == 0
+    out = json.loads((report_dir / "m.json").read_text())["out"][f"files:{files}"]
+    assert out["colour_refused"] == 0.5
+    for m in out["scores"].values():
+        by_score = m["flagged_by_score"]
+        assert m["flagged_at_threshold"] >= 0.5 and m["flagged_at_threshold"] >= by_score
+    scorer, meta = load_scorer(tiny_model)
+    dose = score_images(scorer, data.images, names=["dose"], show_progress=False)["dose"]
+    over = dose > meta["calibration"]["scores"]["dose"]["threshold"]
+    assert out["scores"]["dose"]["flagged_at_threshold"] == pytest.approx(float((over | (data.colour > 0.1)).mean()))
+    assert out["scores"]["dose"]["flagged_by_score"] == pytest.approx(float(over.mean()))
+
+
 def test_calibrate_refuses_the_test_split(tiny_model: Path):
     assert main(["calibrate", "--model", str(tiny_model), "--data", "fashion-mnist:test"]) == 2
     assert read_metadata(tiny_model)["calibration"] is None

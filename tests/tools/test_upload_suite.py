@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.image_convert import file_to_levels
+from models.image_convert import file_colour_fraction, file_to_levels
+from models.scoring.colour import ColourCheck
 from service.uploads import decode_all
 from tools.ood_eval import load_eval_set, suite_specs
 from tools.upload_suite import KINDS
@@ -31,12 +32,40 @@ def test_the_suite_has_every_kind_with_its_sources():
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 8, 8)])
 def test_the_suite_conversion_is_the_services(shape):
-    entry = SimpleNamespace(shape=shape, name="m", levels=256)
+    check = ColourCheck() if shape[0] == 1 else None  # what a calibrated model of grayscale images has
+    entry = SimpleNamespace(shape=shape, name="m", levels=256, colour_check=check)
     files = kind_files(2)
-    served, converted = decode_all([p.read_bytes() for p in files], entry, resize=True, max_pixels=10**8)  # type: ignore[arg-type]
+    served = decode_all([p.read_bytes() for p in files], entry, resize=True, max_pixels=10**8)  # type: ignore[arg-type]
     offline = np.stack([file_to_levels(p.read_bytes(), shape, 256) for p in files])
-    np.testing.assert_array_equal(served, offline)
-    assert all(converted)
+    np.testing.assert_array_equal(served.x, offline)
+    assert all(served.converted)
+    if check is None:
+        assert served.colour == [None] * len(files)
+    else:  # the colour eval-ood measures is the colour /score measures
+        data = load_eval_set(f"files:{SUITE / 'emoji'}", shape=shape, levels=256, colour_tolerance=check.tolerance)
+        assert served.colour == [file_colour_fraction(p.read_bytes(), check.tolerance) for p in files]
+        assert data.colour is not None and data.colour[0] == file_colour_fraction(
+            sorted((SUITE / "emoji").iterdir())[0].read_bytes(), check.tolerance
+        )
+        assert 0 < sum(f > check.max_fraction for f in served.colour) < len(files)  # some kinds in colour, some not
+
+
+def test_converting_and_measuring_colour_at_once_equals_doing_each_on_every_suite_file():
+    """The service's shared conversion (one RGB image for both) against the two separate functions, on
+    every file of the suite and on the modes a file can hold."""
+    from models.image_convert import colour_fraction, decode_file, to_model_array, to_model_array_and_colour
+
+    ims = [decode_file(p.read_bytes()) for kind in KINDS for p in sorted((SUITE / kind).iterdir())]
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(9, 13, 4), dtype=np.uint8), mode="RGBA")
+    ims += [base.convert(m) for m in ("RGB", "RGBA", "P", "PA", "L", "LA", "CMYK", "YCbCr", "I", "F", "1")]
+    seen = set()
+    for im in ims:
+        seen.add(im.mode)
+        arr, converted, fraction = to_model_array_and_colour(im, (1, 28, 28), 32)
+        want, want_converted = to_model_array(im, (1, 28, 28))
+        np.testing.assert_array_equal(arr, want)
+        assert converted == want_converted and fraction == colour_fraction(im, 32), im.mode
+    assert {"RGB", "RGBA", "P", "L"} <= seen
 
 
 def test_eval_sets_of_files_decode_each_file_as_the_service():

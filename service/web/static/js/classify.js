@@ -1,7 +1,7 @@
 // Classify tab: POST /classify per file for a class-conditional model; p(y|x) as bars, and the
 // refused badge where p(x) fails the calibrated outlier test.
 import { postForm } from "./api.js";
-import { eachLimited, fileSource, fillSelect, fmt, h, pct } from "./ui.js";
+import { colourText, eachLimited, fileSource, fillSelect, fmt, h, pct } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const panel = $("panel-classify");
@@ -64,6 +64,8 @@ function render(li, file, r) {
     h("p", {}, verdict),
     h("p", { class: "hint" }, `bits/dim ${fmt(r.bits_per_dim)} · score ${fmt(r.score)}` + (r.threshold === null ? "" : ` (threshold ${fmt(r.threshold)}, percentile ${fmt(r.percentile, 1)})`)),
   );
+  const colour = colourText(r.colour);
+  if (colour) info.append(h("p", { class: "hint colour" }, colour));
   li.dataset.rejected = String(r.rejected);
   li.replaceChildren(li.firstChild, thumb, info, bars);
 }

@@ -1,7 +1,7 @@
 // Score tab: POST /score per file (resize=true, input_image=true, heatmap where the model has one),
 // shown as the model saw it, with the outlier badge and the score on the calibration distribution.
 import { postForm } from "./api.js";
-import { eachLimited, facts, fileSource, fillSelect, fmt, h, pngURL } from "./ui.js";
+import { colourText, eachLimited, facts, fileSource, fillSelect, fmt, h, pngURL } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const panel = $("panel-score");
@@ -97,6 +97,7 @@ function render(li, m, scoreType, r, label) {
       ["threshold", r.threshold === null ? null : fmt(r.threshold)],
       ["percentile", r.percentile === null ? null : `${r.percentile.toFixed(1)}`],
       ["converted", r.resized ? `yes, to ${m.shape.join("×")}` : "no"],
+      ["colour", colourText(r.colour)],
       ["label", label || null],
     ]),
   );

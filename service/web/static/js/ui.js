@@ -23,6 +23,13 @@ export function facts(rows, cls = "facts") {
   return dl;
 }
 
+/** The colour check of an uploaded file (null where the model has none), in words. */
+export function colourText(c) {
+  if (c === null || c === undefined) return null;
+  const share = `${(100 * c.fraction).toFixed(1)}% of pixels in colour`;
+  return c.crossed ? `${share}: refused, the model was trained on grayscale images` : `${share} (gray enough)`;
+}
+
 export function fmt(x, digits = 3) {
   if (x === null || x === undefined) return "–";
   if (typeof x !== "number") return String(x);
