@@ -22,13 +22,13 @@ serve: setup
 	$(VENV)/bin/genserve serve --host $(HOST) --port $(PORT)
 
 test: setup
-	$(PY) -m ruff check models service tools tests bench
+	$(PY) -m ruff check models service tests bench
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check models service tools tests bench
-	$(PY) -m ruff format --check models service tools tests bench
+	$(PY) -m ruff check models service tests bench
+	$(PY) -m ruff format --check models service tests bench
 
 typecheck: setup
 	$(PY) -m mypy

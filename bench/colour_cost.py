@@ -17,7 +17,7 @@ from pathlib import Path
 
 from models.image_convert import colour_fraction, decode_file, file_to_levels, to_model_array_and_colour
 from models.scoring.colour import ColourCheck
-from tools.ood_eval import suite_files
+from models.tools.ood_eval import suite_files
 
 
 def timed(fn: object, *args: object, repeats: int) -> float:

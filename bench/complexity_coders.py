@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.scoring.coders import png_code_bits, webp_code_bits
 from models.scoring.scorer import load_scorer
 from models.scoring.scores import NLL
-from tools.ood_eval import auroc, load_eval_set
-from tools.score_sets import score_images
+from models.tools.ood_eval import auroc, load_eval_set
+from models.tools.score_sets import score_images
 
 
 def pillow_coder(fmt: str, **options: object) -> Callable[[torch.Tensor], np.ndarray]:

@@ -115,7 +115,7 @@ def load_sets(args: argparse.Namespace) -> dict[str, np.ndarray]:
     import os
 
     os.environ.setdefault("GENSERVE_DATA_DIR", args.mnist)
-    from tools.data import load_named
+    from models.tools.data import load_named
 
     rng = np.random.default_rng(args.seed)
     test = load_named("fashion-mnist", "test").images.numpy()[:, 0]

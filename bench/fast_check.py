@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.checkpoint import load_checkpoint
 from models.pixelcnn import PixelCNN
-from tools.data import load_dataset
+from models.tools.data import load_dataset
 
 logger = logging.getLogger("bench.fast_check")
 
@@ -57,7 +57,7 @@ def compare(model: PixelCNN, images: torch.Tensor, labels: torch.Tensor | None, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="checkpoints/pixelcnn-fmnist", help="a gated PixelCNN checkpoint folder")
-    p.add_argument("--data", default="fashion-mnist:test", help="dataset spec (tools/data.py)")
+    p.add_argument("--data", default="fashion-mnist:test", help="dataset spec (models/tools/data.py)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--json", action="store_true")

@@ -37,6 +37,6 @@ def inject() -> None:
 
 if __name__ == "__main__":
     inject()
-    from tools.cli import main
+    from service.cli import main
 
     sys.exit(main(sys.argv[1:]))  # "serve ..."

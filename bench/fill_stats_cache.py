@@ -15,8 +15,8 @@ import argparse
 import time
 
 from models.scoring.scorer import load_scorer
-from tools.ood_eval import load_eval_set, suite_specs
-from tools.score_sets import dataset_statistics
+from models.tools.ood_eval import load_eval_set, suite_specs
+from models.tools.score_sets import dataset_statistics
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ import numpy as np
 
 from models.scoring.scorer import load_scorer
 from models.scoring.scores import COMPLEXITY, GUARD_WEIGHT, NLL
-from tools.data import load_dataset
-from tools.ood_eval import auroc, load_eval_set
-from tools.score_sets import score_images
+from models.tools.data import load_dataset
+from models.tools.ood_eval import auroc, load_eval_set
+from models.tools.score_sets import score_images
 
 Scores = dict[str, np.ndarray]
 

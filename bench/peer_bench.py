@@ -76,7 +76,7 @@ def request_body(model_dir: Path, model: str) -> dict[str, Any]:
 def start(server: str, model_dir: Path, model: str, port: int, device: str = "cpu") -> subprocess.Popen[bytes]:
     """One server in its own process group (LitServe starts worker processes of its own)."""
     if server == "genserve":
-        cmd = [sys.executable, "-m", "tools.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
         cmd += ["--devices", device]
         env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096", "GENSERVE_MODELS": model}
     else:

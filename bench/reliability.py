@@ -126,11 +126,11 @@ class Server:
 
 
 def start_server(args: argparse.Namespace, store: Path, log: Path, launcher: list[str] | None = None) -> Server:
-    """``genserve serve`` on a free port (``launcher``: the command instead of ``python -m tools.cli``)."""
+    """``genserve serve`` on a free port (``launcher``: the command instead of ``python -m service.cli``)."""
     port = free_port()
     env = {**os.environ, "GENSERVE_ADMIN_KEYS": ADMIN_KEY, "GENSERVE_TORCH_THREADS": str(args.threads),
            "GENSERVE_JSON_LOGS": "true", "GENSERVE_SHUTDOWN_TIMEOUT_S": "30"}  # fmt: skip
-    launcher = launcher or [sys.executable, "-m", "tools.cli"]
+    launcher = launcher or [sys.executable, "-m", "service.cli"]
     cmd = [*launcher, "serve", "--port", str(port), "--model-dir", str(store)]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

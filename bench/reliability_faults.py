@@ -113,7 +113,7 @@ async def crash_campaign(args: argparse.Namespace, server: rel.Server, folder: P
 
 
 def calibrate(folder: Path, data: Path, fpr: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tools.cli", "calibrate", "--model", str(folder), "--data", f"npz:{data}",
+    cmd = [sys.executable, "-m", "models.tools.cli", "calibrate", "--model", str(folder), "--data", f"npz:{data}",
            "--fpr", str(fpr), "--no-progress"]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=rel.ROOT, capture_output=True, text=True, timeout=600)

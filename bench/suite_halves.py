@@ -20,8 +20,8 @@ from models.image_convert import file_to_levels
 from models.scoring.calibration import calibrate_scores
 from models.scoring.dose import fit_dose
 from models.scoring.scorer import load_scorer
-from tools.ood_eval import load_eval_set, suite_files
-from tools.score_sets import dataset_statistics
+from models.tools.ood_eval import load_eval_set, suite_files
+from models.tools.score_sets import dataset_statistics
 
 
 def main() -> None:

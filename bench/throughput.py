@@ -146,7 +146,7 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     """``genserve serve`` for one model; ``settings``: GENSERVE_* variables over this environment's
     (``GENSERVE_MODELS`` among them serves others beside it; empty: every model in the folder)."""
-    cmd = [sys.executable, "-m", "tools.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
     cmd += ["--devices", device]
     env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096", "GENSERVE_MODELS": model, **(settings or {})}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -16,12 +16,12 @@ for cfg in ${CONFIGS:-configs/*.json}; do
   args=(--config "$cfg" --no-progress "$@")
   if [ -n "$MINUTES" ]; then args+=(--max-minutes "$MINUTES"); fi
   if [ -n "${OUT_ROOT:-}" ]; then args+=(--out "$OUT_ROOT/$name"); fi
-  echo "train $name: $PY -m tools.cli train ${args[*]}"
+  echo "train $name: $PY -m models.tools.cli train ${args[*]}"
   if [ -n "${SEQUENTIAL:-}" ]; then
-    "$PY" -m tools.cli train "${args[@]}" >"$LOG_DIR/$name.log" 2>&1
+    "$PY" -m models.tools.cli train "${args[@]}" >"$LOG_DIR/$name.log" 2>&1
     echo "$name exited $?"
   else
-    "$PY" -m tools.cli train "${args[@]}" >"$LOG_DIR/$name.log" 2>&1 &
+    "$PY" -m models.tools.cli train "${args[@]}" >"$LOG_DIR/$name.log" 2>&1 &
     pids[$name]=$!
   fi
 done

@@ -1,12 +1,17 @@
-"""``genserve serve``: run the HTTP service under uvicorn (flags override GENSERVE_* variables)."""
+"""The ``genserve`` command (the console script): ``serve`` runs the HTTP service under uvicorn
+(flags override GENSERVE_* variables); every other subcommand is an offline tool of
+models/tools/cli.py. ``python -m service.cli serve ...`` is the same command."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
 from pydantic import ValidationError
+
+from models.tools import cli as tools_cli
 
 logger = logging.getLogger("genserve")
 
@@ -88,3 +93,17 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole genserve command: the offline tools' subcommands and ``serve``."""
+    return tools_cli.build_parser(extra=[add_parser])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``genserve``'s entry point."""
+    return tools_cli.main(argv, extra=[add_parser])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,5 +10,5 @@
 - :mod:`.classify`: Bayes' rule for class-conditional models;
 - :mod:`.colour`: the colour check that a model of grayscale images applies to uploaded files.
 
-Scoring whole data sets (with a cache and progress bars) is an offline tool: tools/score_sets.py.
+Scoring whole data sets (with a cache and progress bars) is an offline tool: models/tools/score_sets.py.
 """

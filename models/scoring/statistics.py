@@ -44,7 +44,7 @@ Statistics (``tail``: which side of the in-distribution range is anomalous):
 
 :func:`model_statistics` computes them for a batch; they are pure functions of the model outputs
 (:func:`raw_outputs`) and the image, so datasets can be scored once and cached
-(tools/score_sets.py).
+(models/tools/score_sets.py).
 """
 
 from __future__ import annotations

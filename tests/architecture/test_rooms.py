@@ -2,8 +2,9 @@
 
 - rooms import downwards only: the model core (models/base.py, likelihood.py, layers.py, compiled.py) <- the
   cached samplers (models/sampling/) <- the models and their checkpoints (the rest of models/) <-
-  scoring (models/scoring/) <- the service (service/) <- the tools (tools/): a sampler never imports
-  a model module, models/ never imports service/ or tools/, service/ never imports tools/;
+  scoring (models/scoring/) <- the offline tools (models/tools/) <- the service (service/): a sampler
+  never imports a model module, nothing in models/ imports service/ (no web code), and the service
+  imports the tools only to put their subcommands beside ``serve`` in the genserve command;
 - no import cycle between modules, counting imports inside functions;
 - every file under 400 lines and every function under 60, unless a comment on its ``def`` line
   says why (``# long: ...``).
@@ -19,16 +20,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("models", "service", "tools")
+PACKAGES = ("models", "service")
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 CORE = {"models.base", "models.likelihood", "models.layers", "models.compiled"}
 # Rooms from the bottom up; each may import its own and the rooms below it.
-ORDER = ["core", "models.sampling", "models", "models.scoring", "service", "tools"]
+ORDER = ["core", "models.sampling", "models", "models.scoring", "models.tools", "service"]
 
 
 def modules() -> dict[str, Path]:
-    """Every module of the three packages by dotted name."""
+    """Every module of the packages by dotted name."""
     found = {}
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).rglob("*.py")):
@@ -42,7 +43,7 @@ def room(module: str) -> str:
     if module in CORE:
         return "core"
     parts = module.split(".")
-    if parts[0] == "models" and len(parts) > 1 and parts[1] in ("sampling", "scoring"):
+    if parts[0] == "models" and len(parts) > 1 and parts[1] in ("sampling", "scoring", "tools"):
         return ".".join(parts[:2])
     return parts[0]
 
@@ -78,6 +79,14 @@ def test_rooms_import_downwards_only() -> None:
         if ORDER.index(room(d)) > ORDER.index(room(m))
     ]
     assert not wrong, wrong
+
+
+def test_only_the_command_line_of_the_service_reaches_the_tools() -> None:
+    """The app never depends on the offline tools; service/cli.py only adds their subcommands."""
+    reaching = sorted(
+        m for m, deps in graph().items() if room(m) == "service" and any(room(d) == "models.tools" for d in deps)
+    )
+    assert reaching == ["service.cli"], reaching
 
 
 def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
@@ -138,10 +147,10 @@ def test_the_server_runs_without_the_tools_extras() -> None:
         "import sys\n"
         "for name in ('matplotlib', 'tqdm'):\n"
         "    sys.modules[name] = None  # any import of it raises ImportError\n"
-        "import tools.cli, service.app\n"
+        "import service.cli, service.app\n"
         "from service.settings import Settings\n"
         "app = service.app.create_app(Settings(model_dir='checkpoints'))\n"
         "assert '/score' in app.openapi()['paths']\n"
-        "tools.cli.build_parser().parse_args(['serve', '--port', '1'])\n"
+        "service.cli.build_parser().parse_args(['serve', '--port', '1'])\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -15,9 +15,9 @@ from models.scoring.dose import DoseFit, explain, fit_dose, ln_tails, log10_tail
 from models.scoring.scorer import Scorer
 from models.scoring.scores import DOSE, NLL
 from models.scoring.statistics import BOTH, UPPER, model_statistics, vae_terms
+from models.tools.score_sets import calibrate, score_images
 from models.vae import VAE, VAEConfig
 from tests.helpers import TINY_PIXELCNN, TINY_VAE
-from tools.score_sets import calibrate, score_images
 
 
 def gaussian_stats(n: int, seed: int, shift: dict[str, float] | None = None) -> dict[str, np.ndarray]:

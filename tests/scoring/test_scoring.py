@@ -30,9 +30,9 @@ from models.scoring.scores import (
     nll_score,
     pixel_anomaly,
 )
+from models.tools.score_sets import calibrate, score_images
 from models.vae import VAE, VAEConfig
 from tests.helpers import TINY_PIXELCNN, TINY_VAE, dataset_meta
-from tools.score_sets import calibrate, score_images
 
 D = 64  # 1 x 8 x 8
 

@@ -15,8 +15,8 @@ import torch
 from models.checkpoint import load_checkpoint, read_metadata, update_metadata
 from models.scoring.classify import class_posterior
 from models.scoring.scorer import load_scorer
+from models.tools.score_sets import calibrate, score_images
 from tests.service.helpers import b64, gray_png, png_bytes, post_json, running
-from tools.score_sets import calibrate, score_images
 
 pytestmark = pytest.mark.anyio
 

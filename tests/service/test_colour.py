@@ -15,9 +15,9 @@ import torch
 from models.checkpoint import META, read_metadata, update_metadata
 from models.image_convert import file_colour_fraction
 from models.scoring.scorer import load_scorer
+from models.tools.score_sets import calibrate
 from service.entries import RegistryError
 from tests.service.helpers import b64, png_bytes, running
-from tools.score_sets import calibrate
 
 pytestmark = pytest.mark.anyio
 

@@ -75,7 +75,7 @@ def start_server(
     returns once every model is ready."""
     port = free_port()
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENSERVE_MAX_BATCH_WAIT_MS": "1", **env}
-    cmd = [sys.executable, "-m", "tools.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
     proc = subprocess.Popen(
         [*cmd, "--models", ",".join(models), "--json-logs"], cwd=ROOT, env=full_env, stderr=subprocess.PIPE, text=True
     )

@@ -219,7 +219,7 @@ async def test_the_admin_routes_are_documented_only_where_enabled(make_settings:
 
 
 def test_serve_watch_flag_sets_the_poll_interval() -> None:
-    from tools.cli import build_parser
+    from service.cli import build_parser
 
     assert build_parser().parse_args(["serve", "--watch"]).watch == 5.0
     assert build_parser().parse_args(["serve", "--watch", "2"]).watch == 2.0

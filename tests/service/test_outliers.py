@@ -15,10 +15,10 @@ from models.checkpoint import save_checkpoint, update_metadata
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.scoring.coders import code_length_bits
 from models.scoring.scorer import load_scorer
+from models.tools.score_sets import calibrate
 from service.entries import RegistryError
 from tests.helpers import TINY_PIXELCNN, dataset_meta
 from tests.service.helpers import b64, decode_png, gray_png, png_bytes, running
-from tools.score_sets import calibrate
 
 pytestmark = pytest.mark.anyio
 

@@ -14,8 +14,8 @@ import torch
 from models.checkpoint import update_metadata
 from models.scoring.scorer import load_scorer
 from models.scoring.scores import DOSE
-from tools.score_sets import calibrate
-from tools.upload_suite import KINDS
+from models.tools.score_sets import calibrate
+from models.tools.upload_suite import KINDS
 
 pytestmark = pytest.mark.anyio
 

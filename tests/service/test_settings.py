@@ -10,10 +10,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from service.cli import main as genserve
 from service.entries import RegistryError
 from service.settings import Settings
 from tests.service.helpers import running, worker_of
-from tools.cli import main as genserve
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 

@@ -31,12 +31,12 @@ from PIL import Image
 from models.checkpoint import save_checkpoint, update_metadata
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.scoring.scorer import load_scorer
+from models.tools.score_sets import calibrate
 from service.web.router import STATIC_DIR
 from tests.helpers import TINY_PIXELCNN, dataset_meta
 from tests.service.helpers import b64, decode_png, gray_png, png_bytes, running
 from tests.service.test_e2e import start_server, stop_server
 from tests.service.test_outliers import calibration_images
-from tools.score_sets import calibrate
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("GENSERVE_CHROMIUM", "/usr/bin/chromium"))
@@ -139,7 +139,7 @@ async def test_score_returns_the_image_as_the_model_saw_it(make_settings):
 
 def fashion_png() -> bytes:
     """A Fashion-MNIST test image (Debian's dataset-fashion-mnist), or 8-bit noise where it is missing."""
-    from tools.data import DatasetNotFound, load_named
+    from models.tools.data import DatasetNotFound, load_named
 
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -621,8 +621,8 @@ def test_every_tab_fits_a_phone(browser, server):
 @pytest.mark.skipif(not SHOTS, reason="set GENSERVE_UI_SCREENSHOTS=1 to write docs/ui/*.png from the shipped models")
 def test_screenshots_of_every_tab(browser, tmp_path):
     """docs/ui/{tab}-{desktop,phone}.png from the shipped checkpoints: a Fashion-MNIST test image is in
-    distribution and uniform noise an outlier (the photograph's verdict is the model's to give);
-    16 samples; the same images classified."""
+    distribution, the colour photograph refused for its colour and uniform noise an outlier; 16
+    samples; the same images classified."""
     ckpt = ROOT / "checkpoints"
     models = tuple(sorted(p.name for p in ckpt.iterdir() if (p / "model.json").is_file()))
     proc, url, log = start_server(ckpt, models=models, GENSERVE_TORCH_THREADS="1")
@@ -649,6 +649,8 @@ def test_screenshots_of_every_tab(browser, tmp_path):
             upload(page, "#score-files", *uploads)
             page.wait_for_function("() => document.querySelectorAll('#score-results li[data-outlier]').length === 3")
             assert page.locator("#score-results li").nth(0).get_attribute("data-outlier") == "false"
+            assert page.locator("#score-results li").nth(1).get_attribute("data-outlier") == "true"
+            assert "trained on grayscale" in page.locator("#score-results li").nth(1).inner_text()
             assert page.locator("#score-results li").nth(2).get_attribute("data-outlier") == "true"
             shot(page, out / f"score-{device}.png")
             page.goto(f"{url}/#sample")

@@ -14,12 +14,12 @@ from models.checkpoint import read_metadata, save_checkpoint, sha256_file
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.scoring.scorer import COMPANION, load_scorer, stale_calibration
 from models.scoring.statistics import COMPANION_PREFIX, model_statistics, statistic_names
+from models.tools.cli import main
+from models.tools.companion import install_companion
+from models.tools.score_sets import dataset_statistics
 from models.vae import VAE, VAEConfig
 from tests.helpers import TINY_PIXELCNN, TINY_VAE, dataset_meta
 from tests.service.helpers import b64, gray_png, running
-from tools.cli import main
-from tools.companion import install_companion
-from tools.score_sets import dataset_statistics
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools import data
-from tools.data import (
+from models.tools import data
+from models.tools.data import (
     DatasetNotFound,
     load_dataset,
     load_folder,
@@ -232,7 +232,7 @@ def test_named_dataset_splits_from_data_dir(data_env: Path) -> None:
 
 def test_unsplit_subset_folder_serves_every_split(data_env: Path, caplog: pytest.LogCaptureFixture) -> None:
     imgs = make_named(data_env / "mnist-5k", "", 30)
-    with caplog.at_level("WARNING", logger="tools.data"):
+    with caplog.at_level("WARNING", logger="models.tools.data"):
         test = load_named("mnist", "test")
         full = load_named("mnist", "train-full")
     np.testing.assert_array_equal(test.images[:, 0].numpy(), imgs)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.tools import evaluate as evaluate_mod
+from models.tools.data import ImageDataset
+from models.tools.evaluate import evaluate
 from models.vae import VAE, VAEConfig
-from tools import evaluate as evaluate_mod
-from tools.data import ImageDataset
-from tools.evaluate import evaluate
 
 
 def _data(n: int = 10) -> ImageDataset:

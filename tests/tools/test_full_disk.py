@@ -20,9 +20,9 @@ from models import files
 from models.checkpoint import read_metadata, save_checkpoint, update_metadata
 from models.files import DiskFullError, atomic_write, atomic_write_bytes
 from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.tools.cli import main
+from models.tools.score_sets import save_cache
 from tests.helpers import TINY_PIXELCNN, dataset_meta
-from tools.cli import main
-from tools.score_sets import save_cache
 
 
 def disk_full_on_fsync(monkeypatch: pytest.MonkeyPatch) -> None:

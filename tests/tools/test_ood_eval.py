@@ -15,10 +15,10 @@ from models.checkpoint import read_metadata, save_checkpoint, sha256_file
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.scoring.classify import class_posterior
 from models.scoring.scorer import load_scorer
+from models.tools.cli import main
+from models.tools.ood_eval import auprc, auroc, fpr_at_tpr, load_eval_set
+from models.tools.score_sets import score_images
 from tests.helpers import TINY_PIXELCNN, dataset_meta
-from tools.cli import main
-from tools.ood_eval import auprc, auroc, fpr_at_tpr, load_eval_set
-from tools.score_sets import score_images
 
 SHAPE = (1, 8, 8)
 

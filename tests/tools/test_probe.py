@@ -12,10 +12,10 @@ import torch
 
 from models.checkpoint import save_checkpoint
 from models.pixelcnn import PixelCNN, PixelCNNConfig
+from models.tools.cli import main
+from models.tools.probe import encode_all, fit_logistic, predict, probe_accuracy
 from models.vae import VAE, VAEConfig
 from tests.helpers import TINY_PIXELCNN, TINY_VAE, dataset_meta
-from tools.cli import main
-from tools.probe import encode_all, fit_logistic, predict, probe_accuracy
 
 
 def blobs(n: int, seed: int, spread: float) -> tuple[torch.Tensor, torch.Tensor]:

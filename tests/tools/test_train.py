@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from models.tools import train as train_mod
+from models.tools.cli import main
+from models.tools.data import load_dataset, validation_indices
+from models.tools.train import STATE, STATE_META, TrainConfig, train
 from models.vae import VAE, VAEConfig
-from tools import train as train_mod
-from tools.cli import main
-from tools.data import load_dataset, validation_indices
-from tools.train import STATE, STATE_META, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_PIXELCNN = {"hidden": 4, "n_blocks": 1, "first_kernel": 3, "kernel": 3, "out_hidden": 8}
@@ -372,7 +372,7 @@ def test_ddp_on_cpu_with_two_processes(npz: str, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "tools.cli", *cli_train_args(npz, out),
+        "-m", "models.tools.cli", *cli_train_args(npz, out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,9 +13,9 @@ from PIL import Image
 
 from models.image_convert import file_colour_fraction, file_to_levels
 from models.scoring.colour import ColourCheck
+from models.tools.ood_eval import load_eval_set, suite_specs
+from models.tools.upload_suite import KINDS
 from service.uploads import decode_all
-from tools.ood_eval import load_eval_set, suite_specs
-from tools.upload_suite import KINDS
 
 SUITE = Path(__file__).resolve().parents[2] / "data" / "upload-suite"
 

@@ -1,4 +1,7 @@
-"""The ``genserve`` command: train, eval, serve, ... (``genserve --help``)."""
+"""The offline subcommands of ``genserve``: train, eval, calibrate, eval-ood, eval-classify, probe,
+build-upload-suite (``genserve --help``). ``serve`` is the service's own (service/cli.py), which
+builds the whole command from :func:`build_parser` and starts it with :func:`main`; the tools
+themselves import no web code, so ``python -m models.tools.cli`` runs them without the service."""
 
 from __future__ import annotations
 
@@ -6,16 +9,16 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from models.files import DiskFullError
-from service.cli import add_parser as add_serve_parser
-from tools.calibrate_cli import add_calibrate, device_name
+from models.tools.calibrate_cli import add_calibrate, device_name
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tools.train import TrainConfig, train
+    from models.tools.train import TrainConfig, train
 
     cfg: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     for key in ("data", "out", "epochs", "batch_size", "lr", "seed", "max_minutes", "device", "ema", "perturb"):
@@ -44,8 +47,8 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from models.checkpoint import load_checkpoint, update_metadata
-    from tools.data import load_dataset
-    from tools.evaluate import evaluate
+    from models.tools.data import load_dataset
+    from models.tools.evaluate import evaluate
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_checkpoint(args.model, device)
@@ -78,7 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_ood(args: argparse.Namespace) -> int:
-    from tools.ood_eval import run
+    from models.tools.ood_eval import run
 
     report = run(
         args.model,
@@ -103,7 +106,7 @@ def _eval_ood(args: argparse.Namespace) -> int:
 
 
 def _eval_classify(args: argparse.Namespace) -> int:
-    from tools.classify_eval import run
+    from models.tools.classify_eval import run
 
     report = run(
         args.model,
@@ -125,7 +128,7 @@ def _eval_classify(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from tools.probe import run
+    from models.tools.probe import run
 
     report = run(
         args.model,
@@ -257,14 +260,14 @@ def _add_probe(sub: Any) -> None:
 
 
 def _build_upload_suite(args: argparse.Namespace) -> int:
-    from tools.upload_suite import build
+    from models.tools.upload_suite import build
 
     build(args.out, args.kind)
     return 0
 
 
 def _add_build_upload_suite(sub: Any) -> None:
-    from tools.upload_suite import KINDS
+    from models.tools.upload_suite import KINDS
 
     p = sub.add_parser(
         "build-upload-suite",
@@ -275,7 +278,11 @@ def _add_build_upload_suite(sub: Any) -> None:
     p.set_defaults(func=_build_upload_suite)
 
 
-def build_parser() -> argparse.ArgumentParser:
+Command = Callable[[Any], None]  # adds one subcommand to genserve's subparsers
+
+
+def build_parser(extra: Sequence[Command] = ()) -> argparse.ArgumentParser:
+    """The genserve parser: the offline subcommands, and ``extra`` ones (the service adds ``serve``)."""
     parser = argparse.ArgumentParser(prog="genserve", description="Serve and train generative image models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,12 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_classify(sub)
     _add_probe(sub)
     _add_build_upload_suite(sub)
-    add_serve_parser(sub)
+    for add in extra:
+        add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extra: Sequence[Command] = ()) -> int:
+    args = build_parser(extra).parse_args(argv)
     args.command_line = " ".join(["genserve", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

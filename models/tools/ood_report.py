@@ -12,8 +12,8 @@ import torch
 
 from models.scoring.scorer import Scorer
 from models.scoring.scores import NLL, RATIO
-from tools.data import ImageDataset
-from tools.roc import roc_curve
+from models.tools.data import ImageDataset
+from models.tools.roc import roc_curve
 
 
 def _pct(v: float) -> str:

@@ -29,10 +29,10 @@ from models.base import DensityModel
 from models.checkpoint import ARCHITECTURES, build_model, save_checkpoint, update_metadata
 from models.files import atomic_write, atomic_write_bytes
 from models.likelihood import bits_per_dim
-from tools.data import ImageDataset
-from tools.evaluate import evaluate
-from tools.progress import progress
-from tools.train_config import EMA, RunState, TrainConfig, lr_at, new_state, perturb, split_data  # re-exported
+from models.tools.data import ImageDataset
+from models.tools.evaluate import evaluate
+from models.tools.progress import progress
+from models.tools.train_config import EMA, RunState, TrainConfig, lr_at, new_state, perturb, split_data  # re-exported
 
 logger = logging.getLogger(__name__)
 STATE = "train_state.safetensors"
@@ -300,7 +300,7 @@ class Trainer:
 
     def dataset_meta(self, model: DensityModel) -> dict[str, Any]:
         name = self.cfg.data.partition(":")[0]
-        from tools.data import NAMED
+        from models.tools.data import NAMED
 
         return {
             "spec": self.cfg.data,

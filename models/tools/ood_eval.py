@@ -37,10 +37,10 @@ import torch
 from models.image_convert import file_colour_fraction, file_to_levels
 from models.scoring.colour import ColourCheck, colour_check_for
 from models.scoring.scorer import Scorer, load_scorer
-from tools.data import NAMED, ImageDataset, load_dataset
-from tools.ood_report import markdown, plot_heatmaps, plot_hist, plot_roc
-from tools.roc import auprc, auroc, fpr_at_tpr
-from tools.score_sets import score_images
+from models.tools.data import NAMED, ImageDataset, load_dataset
+from models.tools.ood_report import markdown, plot_heatmaps, plot_hist, plot_roc
+from models.tools.roc import auprc, auroc, fpr_at_tpr
+from models.tools.score_sets import score_images
 
 logger = logging.getLogger(__name__)
 

@@ -366,7 +366,7 @@ def write_sources(out: Path) -> None:
     lines = [
         "# Real-upload suite: sources and licences",
         "",
-        "Built offline by `genserve build-upload-suite --out data/upload-suite` (tools/upload_suite.py) from",
+        "Built offline by `genserve build-upload-suite --out data/upload-suite` (models/tools/upload_suite.py) from",
         "installed packages; nothing here was downloaded from the web. One folder per kind:",
         "",
     ]

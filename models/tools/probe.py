@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from models.checkpoint import load_checkpoint
+from models.tools.data import load_dataset
 from models.vae import VAE
-from tools.data import load_dataset
 
 
 @torch.inference_mode()

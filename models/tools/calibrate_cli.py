@@ -1,5 +1,5 @@
 """``genserve calibrate``: outlier thresholds from held-out in-distribution data, written into
-model.json (the scoring itself is tools/score_sets.py)."""
+model.json (the scoring itself is models/tools/score_sets.py)."""
 
 from __future__ import annotations
 
@@ -100,11 +100,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from models.scoring.colour import ColourCheck
     from models.scoring.dose import DEFAULT_NEIGHBOURS
     from models.scoring.scorer import load_scorer
-    from tools.ood_eval import load_eval_set
-    from tools.score_sets import calibrate
+    from models.tools.ood_eval import load_eval_set
+    from models.tools.score_sets import calibrate
 
     if args.companion:
-        from tools.companion import install_companion
+        from models.tools.companion import install_companion
 
         install_companion(args.companion, args.model)
     scorer, meta = load_scorer(args.model, device_name(args.device), vae_score_k=args.vae_k)

@@ -29,8 +29,8 @@ from models.scoring.statistics import (
     own_statistics,
     statistic_names,
 )
+from models.tools.progress import progress
 from models.vae import VAE
-from tools.progress import progress
 
 logger = logging.getLogger(__name__)
 

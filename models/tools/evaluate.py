@@ -16,9 +16,9 @@ from torch import Tensor
 from models.base import DensityModel
 from models.files import atomic_write
 from models.likelihood import bits_per_dim
+from models.tools.data import ImageDataset
+from models.tools.progress import progress
 from models.vae import VAE
-from tools.data import ImageDataset
-from tools.progress import progress
 
 
 def _weights_digest(model: DensityModel) -> str:

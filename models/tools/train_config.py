@@ -2,7 +2,7 @@
 schedule, background-model perturbation, the train/valid/test split, the EMA of the weights and
 the state a run carries from step to step.
 
-Kept apart from the ``Trainer`` (``tools/train.py``), which re-exports every name here.
+Kept apart from the ``Trainer`` (``models/tools/train.py``), which re-exports every name here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from models.base import DensityModel
-from tools.data import ImageDataset, load_dataset, validation_indices
+from models.tools.data import ImageDataset, load_dataset, validation_indices
 
 
 @dataclass

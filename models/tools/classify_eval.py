@@ -23,8 +23,8 @@ from models.scoring.classify import posterior_from
 from models.scoring.coders import code_length_bits
 from models.scoring.scorer import ModelOutputs, Scorer, load_scorer
 from models.scoring.scores import DOSE, needs_code
-from tools.ood_eval import load_eval_set
-from tools.score_sets import model_outputs, score_images
+from models.tools.ood_eval import load_eval_set
+from models.tools.score_sets import model_outputs, score_images
 
 logger = logging.getLogger(__name__)
 
