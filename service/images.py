@@ -21,6 +21,7 @@ from models.image_convert import ALLOWED_FORMATS, MODES, convert_mode, to_levels
 from service.errors import BadRequest, PayloadTooLarge
 
 __all__ = ["ALLOWED_FORMATS", "MODES", "convert_mode", "to_levels"]
+CONVERTIBLE = "send it as grayscale or RGB(A), e.g. a PNG or JPEG"
 MODE_NAMES = {"L": "grayscale", "RGB": "RGB", "P": "palette", "1": "1-bit", "LA": "grayscale+alpha"}
 
 
@@ -103,7 +104,12 @@ def fit_to_model(
         arr = np.asarray(im, dtype=np.uint8)  # (H, W) or (H, W, C): taken exactly as stored
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         return np.ascontiguousarray(arr), False
-    return image_convert.to_model_array(im, shape)
+    try:
+        return image_convert.to_model_array(im, shape)
+    except (OSError, ValueError) as e:  # a mode Pillow cannot convert (a LAB TIFF)
+        raise BadRequest(
+            f"image {index} is {describe_mode(im.mode)}, which cannot be converted ({e}); {CONVERTIBLE}"
+        ) from e
 
 
 def fit_with_colour(
@@ -117,8 +123,10 @@ def fit_with_colour(
     load_pixels(im, index)
     try:
         return image_convert.to_model_array_and_colour(im, shape, tolerance)
-    except (OSError, ValueError) as e:  # a mode Pillow cannot take to RGB
-        raise BadRequest(f"image {index}: its colours could not be read ({e}); send a PNG or JPEG in RGB") from e
+    except (OSError, ValueError) as e:  # a mode Pillow cannot take to RGB (a LAB TIFF)
+        raise BadRequest(
+            f"image {index} is {describe_mode(im.mode)}, which cannot be converted ({e}); {CONVERTIBLE}"
+        ) from e
 
 
 def from_levels(images: np.ndarray, levels: int) -> np.ndarray:

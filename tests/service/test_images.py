@@ -61,6 +61,18 @@ def test_fit_to_model_converts_modes_and_sizes():
         images.fit_to_model(rgba, 2, shape=(1, 8, 8), model_name="m", resize=False)
 
 
+def test_a_mode_pillow_cannot_convert_is_a_clear_422_with_and_without_the_colour_check():
+    """A LAB TIFF decodes but Pillow cannot take it to RGB or grayscale: refused, never a 500."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).convert("LAB").save(buf, format="TIFF")
+    lab = images.open_image(buf.getvalue(), 3, max_pixels=100)
+    with pytest.raises(BadRequest, match=r"image 3 is LAB, which cannot be converted .*send it as grayscale or RGB"):
+        images.fit_to_model(lab, 3, shape=(1, 8, 8), model_name="m", resize=True)
+    lab = images.open_image(buf.getvalue(), 3, max_pixels=100)
+    with pytest.raises(BadRequest, match=r"image 3 is LAB, which cannot be converted"):
+        images.fit_with_colour(lab, 3, shape=(1, 8, 8), model_name="m", tolerance=32)
+
+
 def test_levels_round_trip():
     x = np.arange(256, dtype=np.uint8)
     assert images.to_levels(x, 256) is x

@@ -436,6 +436,40 @@ def test_drop_and_paste_score_files_and_an_explanation_is_shown_whatever_its_key
     assert "[[3,4],[5,6]]" in shown.inner_text()
 
 
+def test_real_answers_fit_a_phone_and_the_dose_explanation_lists_every_statistic(browser, server):
+    """The API's own answers (a colour photograph refused for its colour, noise refused by its
+    statistics, each with the dose explanation of every statistic) stay within a phone's width; the
+    explanation says what refused the image and marks the statistics that crossed."""
+    context = browser.new_context(viewport={"width": WIDTHS["phone"], "height": 800})
+    try:
+        page = context.new_page()
+        open_tab(page, f"{server}/", "score")
+        files = [("hopper.jpg", "image/jpeg", photo_jpeg()), ("noise.png", "image/png", gray_png(5))]
+        upload(page, "#score-files", *files)
+        page.wait_for_function("() => document.querySelectorAll('#score-results li[data-outlier]').length === 2")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= WIDTHS["phone"], f"the results are {width} px wide"
+        for i, (name, _, data) in enumerate(files):
+            want = api_score(f"{server}/", name, data).json()["results"][0]
+            e = want["explanation"]
+            item = page.locator("#score-results li").nth(i)
+            assert item.locator("table.stats tbody tr").count() == len(e["statistics"])
+            crossed = sorted(n for n, st in e["statistics"].items() if st["crossed"])
+            shown = sorted(t.split("\t")[0] for t in item.locator("table.stats tr.crossed").all_inner_texts())
+            assert shown == crossed
+            decided = item.locator(".explanation .decided").inner_text()
+            assert want["is_outlier"] and decided.startswith(f"refused by {', '.join(e['decided_by'])}")
+        assert (
+            page.locator("#score-results li")
+            .nth(0)
+            .locator(".explanation .decided")
+            .inner_text()
+            .startswith("refused by colour")
+        )
+    finally:
+        context.close()
+
+
 def test_a_text_file_is_refused_with_the_apis_own_message(page, server):
     text = b"not an image, just some notes\n"
     detail = api_score(f"{server}/", "notes.txt", text).json()["detail"]

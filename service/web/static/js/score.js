@@ -108,10 +108,41 @@ function render(li, m, scoreType, r, label) {
     );
   }
   else if (label) info.append(h("p", { class: "hint" }, "p(x|y) for a label has no calibration: no threshold, no percentile."));
-  if (r.explanation !== undefined && r.explanation !== null) info.append(explanation(r.explanation));
+  if (r.explanation !== undefined && r.explanation !== null) {
+    info.append(isDose(r.explanation) ? doseExplanation(r.explanation) : explanation(r.explanation));
+  }
   li.replaceChildren(li.firstChild, view, info);
   li.dataset.outlier = String(r.is_outlier);
   li.setAttribute("aria-busy", "false");
+}
+
+/** True for the dose score's explanation (per statistic: value, p_value, contribution, crossed). */
+function isDose(e) {
+  return typeof e === "object" && Array.isArray(e.decided_by) && typeof e.statistics === "object" && e.statistics !== null;
+}
+
+/** The dose explanation: what refused the image, then every statistic, largest share of the score first. */
+function doseExplanation(e) {
+  const box = h("details", { class: "explanation", open: true }, h("summary", {}, "Explanation"));
+  const verdict = e.decided_by.length ? `refused by ${e.decided_by.join(", ")}` : "no statistic over the threshold";
+  box.append(h("p", { class: "decided" }, verdict, h("span", { class: "hint" }, ` · most extreme: ${e.most_extreme}`)));
+  const head = h("tr", {}, ...["statistic", "value", "p", "share"].map((t) => h("th", { scope: "col" }, t)));
+  const body = h("tbody");
+  const rows = Object.entries(e.statistics).sort((a, b) => b[1].contribution - a[1].contribution);
+  for (const [name, st] of rows) {
+    body.append(
+      h(
+        "tr",
+        { class: st.crossed ? "crossed" : null, title: `${st.tail} tail` },
+        h("td", {}, name),
+        h("td", { class: "num" }, fmt(st.value)),
+        h("td", { class: "num" }, st.p_value.toExponential(1)),
+        h("td", { class: "num" }, fmt(st.contribution, 2)),
+      ),
+    );
+  }
+  box.append(h("table", { class: "stats" }, h("thead", {}, head), body));
+  return box;
 }
 
 /** The API's explanation, whatever its shape: text, or its keys and values. */
