@@ -6,6 +6,10 @@ forward pass (``PixelCNN.logits``: the convolutions of models/layers.py) and wit
 the two call by call so that the machine's drift falls on both alike. Prints images/s, GFLOP/s (the
 multiply-adds of the convolutions, counted from the config, times two) and the speed-up.
 
+``--peak`` also times plain float32 matrix products on the same threads (a 2048^3 one, and the
+vertical stack's convolution as one product at the largest batch), the ceiling any forward pass of
+this many FLOPs meets on the machine.
+
 ``--sample N`` also times the cached sampler drawing N images on the caller's threads (today's) and
 on one thread (``models.sampling.cached.CPU_THREADS = 1``, this branch's default), alternating,
 ``--sample-rounds`` times each, and checks that both draw the same images for the same seed.
@@ -102,6 +106,25 @@ def measure_sampling(model: PixelCNN, n: int, rounds: int) -> dict[str, Any]:
     }
 
 
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """GFLOP/s of torch.matmul on (m, k) @ (k, n) float32, best of ``repeats`` after a warm-up."""
+    a, b, c = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+    torch.matmul(a, b, out=c)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9
+
+
+def peak(model: PixelCNN, batch: int) -> dict[str, float]:
+    """Matrix-product rates: 2048^3, and the vertical convolution of a block as one product."""
+    cfg = model.config
+    vertical = (batch * cfg.height * cfg.width, (cfg.kernel // 2 + 1) * cfg.kernel * cfg.hidden, 2 * cfg.hidden)
+    return {"matmul_2048": matmul_gflops(2048, 2048, 2048), "vertical_conv_as_matmul": matmul_gflops(*vertical)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="checkpoints/pixelcnn-fmnist")
@@ -110,6 +133,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--sample", type=int, default=0, help="also time the cached sampler drawing this many images")
     p.add_argument("--sample-rounds", type=int, default=2)
+    p.add_argument("--peak", action="store_true", help="also time plain matrix products (the machine's ceiling)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -122,6 +146,8 @@ def main() -> None:
               "threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
     if args.sample:
         result["sampling"] = measure_sampling(model, args.sample, args.sample_rounds)
+    if args.peak:
+        result["peak_gflop_per_s"] = peak(model, max(args.batch))
     if args.json:
         print(json.dumps(result))  # noqa: T201 - the benchmark's output
         return
@@ -135,6 +161,15 @@ def main() -> None:
             f"| {r['batch']} | {r['masked_images_per_s']:.2f} | {r['fast_images_per_s']:.2f} "
             f"| {r['masked_gflop_per_s']:.1f} | {r['fast_gflop_per_s']:.1f} | {r['speedup']:.2f}x | {r['calls']} |"
         )
+    if args.peak:
+        pk = result["peak_gflop_per_s"]
+        lines += [
+            "",
+            f"matrix products on the same threads: 2048^3 {pk['matmul_2048']:.1f} GFLOP/s, the vertical "
+            f"convolution as one product at batch {max(args.batch)} {pk['vertical_conv_as_matmul']:.1f} GFLOP/s",
+        ]
+        lines += [f"  1.6x the masked pass at batch {r['batch']} would be {1.6 * r['masked_gflop_per_s']:.1f} GFLOP/s"
+                  for r in rows]  # fmt: skip
     if args.sample:
         smp = result["sampling"]
         lines += ["", f"cached sampling of {smp['n']} images (seconds per round, seed 0):"]
