@@ -169,10 +169,9 @@ async def receive(
 async def decode(
     data: list[bytes | str], entry: ModelEntry, settings: Settings, *, resize: bool, colour: bool = True
 ) -> Decoded:
-    """:func:`decode_all`, in the thread pool unless the upload is small and needs no conversion.
-    (A few KiB of PNG can hold millions of
-    flat pixels: converting them is work for the pool; without ``resize`` an image of the wrong size
-    is refused from its header, before its pixels are decoded.)"""
+    """:func:`decode_all`, in the thread pool unless the upload is small and needs no conversion. (A
+    few KiB of PNG can hold millions of flat pixels: converting them is work for the pool; without
+    ``resize`` an image of the wrong size is refused from its header, before its pixels are decoded.)"""
     small = not resize and sum(len(d) for d in data) <= INLINE_DECODE_BYTES
     return await run_off_loop(
         small, decode_all, data, entry, resize=resize, max_pixels=settings.max_image_pixels, colour=colour
