@@ -133,16 +133,20 @@ def _dtype(levels: int) -> torch.dtype:
 # ---- metrics (out-of-distribution = positive class, higher score = more anomalous) -------------------
 
 
-def _in_report(s_in: dict[str, np.ndarray], names: list[str], cal_scores: dict[str, Any]) -> dict[str, Any]:
+def _in_report(
+    s_in: dict[str, np.ndarray], names: list[str], cal_scores: dict[str, Any], refused: np.ndarray | None = None
+) -> dict[str, Any]:
     """Per score type on the in-distribution set (scores (N,) each): mean, std and, where calibrated,
-    the threshold and the false-positive rate observed at it."""
+    the threshold and the false-positive rate observed at it (files ``refused`` (N,) by the colour
+    check count as flagged, as /score flags them)."""
     in_report = {}
     for n in names:
         entry: dict[str, Any] = {"mean": float(s_in[n].mean()), "std": float(s_in[n].std())}
         if n in cal_scores:
             t = float(cal_scores[n]["threshold"])
+            over = s_in[n] > t
             entry["threshold"] = t
-            entry["observed_fpr_at_threshold"] = float((s_in[n] > t).mean())
+            entry["observed_fpr_at_threshold"] = float((over if refused is None else over | refused).mean())
         in_report[n] = entry
     return in_report
 
@@ -207,10 +211,8 @@ def evaluate_ood(
         )
 
     s_in = scores_of(in_data)
-    in_report = _in_report(s_in, names, cal_scores)
     check = colour_check_for(meta) if scorer.model.shape[0] == 1 else None
-    if in_data.colour is not None and check is not None and check.crossed(float(in_data.colour.max())):
-        logger.warning("%s: some in-distribution files are in colour; the observed FPR leaves them out", in_data.spec)
+    in_report = _in_report(s_in, names, cal_scores, _refused(check, in_data))
     outs: dict[str, Any] = {}
     raw_out: dict[str, dict[str, np.ndarray]] = {}
     for data in out_data:

@@ -184,6 +184,11 @@ def test_colour_check_in_calibration_and_eval_ood_of_files(tiny_model: Path, tmp
     over = dose > meta["calibration"]["scores"]["dose"]["threshold"]
     assert out["scores"]["dose"]["flagged_at_threshold"] == pytest.approx(float((over | (data.colour > 0.1)).mean()))
     assert out["scores"]["dose"]["flagged_by_score"] == pytest.approx(float(over.mean()))
+    # files as the in-distribution set: their false-positive rate is /score's too, colour refusals included
+    argv = ["eval-ood", "--model", str(tiny_model), "--in", f"files:{files}", "--out", test, "--scores", "dose"]
+    assert main([*argv, "--report-dir", str(report_dir), "--no-progress", "--cache", ""]) == 0
+    fpr = json.loads((report_dir / "m.json").read_text())["in"]["scores"]["dose"]["observed_fpr_at_threshold"]
+    assert fpr == pytest.approx(float((over | (data.colour > 0.1)).mean())) and fpr >= 0.5
 
 
 def test_calibrate_refuses_the_test_split(tiny_model: Path):
