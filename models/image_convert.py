@@ -24,11 +24,41 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
-# Formats we decode; anything else is refused rather than handed to a rarely used Pillow plugin.
-ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Formats we decode; anything else is refused rather than handed to a rarely used Pillow plugin. ICO
+# (favicons, Windows icons: the largest image in the file) and AVIF (where Pillow's build has libavif,
+# as its wheels do since 11.2) are what people upload besides the usual five.
+WANTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO", "AVIF")
 MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
+
+
+def _available(formats: tuple[str, ...]) -> tuple[str, ...]:
+    Image.init()
+    checks = {"WEBP": "webp", "AVIF": "avif"}  # plugins that need a library Pillow may be built without
+    return tuple(f for f in formats if f in Image.OPEN and (f not in checks or features.check(checks[f])))
+
+
+ALLOWED_FORMATS = _available(WANTED_FORMATS)
+
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis")
+
+
+def describe_unsupported(data: bytes) -> str | None:
+    """What ``data`` is, if it is a kind of file people send as an image that we do not decode (SVG,
+    PDF, HEIC, JPEG XL, Photoshop), with what to send instead; None otherwise. From the first bytes."""
+    head = data[:1024]
+    if b"<svg" in head.lower():
+        return "an SVG drawing (vector graphics): rasterize it to PNG first (e.g. rsvg-convert -w 256 in.svg > out.png)"
+    if head.lstrip()[:5] == b"%PDF-":
+        return "a PDF document: render its page to PNG first (e.g. pdftoppm -png -r 50 in.pdf page)"
+    if head[4:8] == b"ftyp" and any(brand in head[8:40] for brand in HEIF_BRANDS):
+        return "a HEIC/HEIF photo (as phones save them): export it as JPEG first"
+    if head[:2] == b"\xff\x0a" or head[4:12] == b"JXL \r\n\x87\n":
+        return "a JPEG XL image: convert it to PNG or JPEG first"
+    if head[:4] == b"8BPS":
+        return "a Photoshop document: export it as PNG first"
+    return None
 
 
 def decode_file(data: bytes) -> Image.Image:

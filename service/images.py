@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from models import image_convert
-from models.image_convert import ALLOWED_FORMATS, MODES, convert_mode, to_levels
+from models.image_convert import ALLOWED_FORMATS, MODES, convert_mode, describe_unsupported, to_levels
 from service.errors import BadRequest, PayloadTooLarge
 
 __all__ = ["ALLOWED_FORMATS", "MODES", "convert_mode", "to_levels"]
@@ -56,9 +56,10 @@ def open_image(data: bytes, index: int, *, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise PayloadTooLarge(f"image {index} has too many pixels; the limit is {max_pixels} (width x height)") from e
     except UnidentifiedImageError as e:  # Pillow's message names its BytesIO object: say what was sent instead
+        what = describe_unsupported(data)
         raise BadRequest(
-            f"image {index} could not be decoded as an image ({', '.join(ALLOWED_FORMATS)}): its {len(data)} "
-            "bytes are in none of these formats"
+            f"image {index} could not be decoded as an image ({', '.join(ALLOWED_FORMATS)}): "
+            + (f"it is {what}" if what else f"its {len(data)} bytes are in none of these formats")
         ) from e
     except (OSError, ValueError) as e:
         raise BadRequest(f"image {index} could not be decoded as an image ({', '.join(ALLOWED_FORMATS)}): {e}") from e

@@ -114,3 +114,45 @@ def test_calibration_lookup():
     assert calibration_for(meta, "other") == Calibration() and Calibration().is_outlier(9.0) is None
     assert default_score_type(meta) == "nll"
     assert default_score_type({"calibration": None}) == "complexity_guarded"  # uncalibrated: the recommended score
+
+
+def _saved(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_icons_and_avif_photos_decode_as_the_same_picture():
+    """Favicons (ICO, the largest size in the file) and AVIF photos are what people upload besides
+    PNG and JPEG: both decode, and a lossless ICO gives exactly the PNG's array."""
+    rng = np.random.default_rng(3)
+    rgba = np.concatenate([rng.integers(0, 256, (48, 48, 3), np.uint8), np.full((48, 48, 1), 255, np.uint8)], -1)
+    icon = Image.fromarray(rgba, "RGBA")
+    ico = _saved(icon, "ICO", sizes=[(16, 16), (48, 48)])
+    opened = images.open_image(ico, 0, max_pixels=10**6)
+    assert opened.format == "ICO" and opened.size == (48, 48)
+    from_ico, _ = images.fit_to_model(opened, 0, shape=(1, 8, 8), model_name="m", resize=True)
+    png = images.open_image(_saved(icon, "PNG"), 0, max_pixels=10**6)
+    from_png, _ = images.fit_to_model(png, 0, shape=(1, 8, 8), model_name="m", resize=True)
+    assert (from_ico == from_png).all()
+    if "AVIF" not in images.ALLOWED_FORMATS:
+        pytest.skip("this Pillow is built without libavif")
+    avif = images.open_image(_saved(icon.convert("RGB"), "AVIF", quality=90), 1, max_pixels=10**6)
+    arr, _ = images.fit_to_model(avif, 1, shape=(1, 8, 8), model_name="m", resize=True)
+    assert np.abs(arr.astype(int) - from_png.astype(int)).mean() < 8  # lossy, but the same picture
+
+
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8"/>', "it is an SVG drawing"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "it is a PDF document: render its page to PNG"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "it is a HEIC/HEIF photo"),
+        (b"\xff\x0a\xfa\x7f", "it is a JPEG XL image"),
+        (b"8BPS\x00\x01", "it is a Photoshop document"),
+        (b"these bytes are no image", "its 24 bytes are in none of these formats"),
+    ],
+)
+def test_files_we_do_not_decode_are_named_with_what_to_send(data: bytes, what: str):
+    with pytest.raises(BadRequest, match=r"image 2 could not be decoded as an image \(PNG, JPEG.*\): " + what):
+        images.open_image(data, 2, max_pixels=10**6)
