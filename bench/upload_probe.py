@@ -10,29 +10,47 @@ Kinds: ``symbolic`` (60 monochrome Adwaita UI glyphs, transparent background), `
 every opaque pixel white, or black), ``gray-suite`` (the suite's icons, emoji, logos and photos
 converted to gray, alpha kept: the colour check cannot see them).
 
+``--set 2`` (built in session 14, after the colour check): ``system-images`` (every image file of at
+least 16x16 pixels installed on this machine outside the suite's sources and this repository, one copy
+per content: documentation figures and screenshots, logos, toolkit images, test pictures; what it holds
+depends on the machine), ``dark-text`` (30 terminal and dark-mode editor screenshots: licence texts and
+Python sources in DejaVu Sans Mono, light gray on near-black), ``edges-white`` and ``edges-black``
+(line drawings: the edges of the suite's photos, white on black and black on white), ``tinted-photos``
+(the photos with a warm tint below the colour check's tolerance, as old prints), ``dark-photos`` (the
+photos in gray, underexposed: gamma 2.2, 60%).
+
     python bench/upload_probe.py --out /tmp/upload-probe --model checkpoints/pixelcnn-fmnist ...
+    python bench/upload_probe.py --set 2 --out /tmp/upload-probe-2 --model checkpoints/pixelcnn-fmnist ...
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.image_convert import decode_file
 from models.scoring.colour import colour_check_for
 from models.scoring.scorer import load_scorer
-from models.tools.ood_eval import load_eval_set
+from models.tools.ood_eval import SUFFIXES, load_eval_set
 from models.tools.score_sets import score_images
 
 SUITE = Path(__file__).resolve().parents[1] / "data" / "upload-suite"
 ICONS = Path("/usr/share/icons/Adwaita")
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
+MONO = Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf")
+# where installed images are looked for, and what is left out: the suite's sources, copies of this repository
+SYSTEM_ROOTS = ("/usr", "/root", "/opt")
+SKIP = ("/Adwaita/", "skimage/data", "upload-suite", "/.cache/", "/proc/", "/work/", "/tmp/")
 CHARS = "ABCDEFGHJKMNPQRSTUVWXYZ0123456789&?#@%$"
 
 
@@ -70,16 +88,79 @@ def silhouettes_and_gray(white: Path, black: Path, gray: Path) -> None:
                 im.convert("L").save(gray / f"{kind}-{p.stem}.png")
 
 
-def build(out: Path) -> list[Path]:
-    kinds = ["symbolic", "glyphs-black", "glyphs-white", "white-silhouettes", "black-silhouettes", "gray-suite"]
-    dirs = {k: out / k for k in kinds}
+def system_images(out: Path) -> None:
+    seen: set[str] = set()
+    found = sorted(
+        Path(d, f)
+        for root in SYSTEM_ROOTS
+        for d, _, files in os.walk(root)
+        for f in files
+        if f.lower().endswith(SUFFIXES)
+    )
+    for p in found:
+        if any(s in str(p) for s in SKIP) or not p.is_file():
+            continue
+        data = p.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        try:
+            if min(decode_file(data).size) < 16:
+                continue
+        except Exception:  # not an image we decode: /score would refuse it with a 422
+            continue
+        shutil.copyfile(p, out / f"{len(seen):04d}-{p.name}")
+
+
+def dark_text(out: Path) -> None:
+    rng = random.Random(1)
+    sources = [p for p in sorted(Path("/usr/share/common-licenses").iterdir()) if p.is_file()]
+    sources += sorted(Path(shutil.__file__).parent.joinpath("json").glob("*.py"))
+    for i in range(30):
+        lines = sources[i % len(sources)].read_text(errors="ignore").splitlines()
+        start = rng.randrange(max(1, len(lines) - 40))
+        size = rng.choice([12, 14, 16, 20])
+        w, h = rng.choice([(640, 400), (800, 450), (400, 300), (1024, 640)])
+        im = Image.new("L", (w, h), rng.choice([0, 18, 30, 40]))
+        draw, font, fill = ImageDraw.Draw(im), ImageFont.truetype(str(MONO), size), rng.choice([180, 200, 230, 255])
+        for j, line in enumerate(lines[start : start + h // (size + 4)]):
+            draw.text((8, 4 + j * (size + 4)), line[:200], fill=fill, font=font)
+        im.save(out / f"{i:02d}.png")
+
+
+def photo_variants(white: Path, black: Path, tinted: Path, dark: Path) -> None:
+    for p in sorted((SUITE / "photos").iterdir()):
+        gray = Image.open(p).convert("L")
+        edges = ImageOps.autocontrast(gray.filter(ImageFilter.FIND_EDGES), cutoff=1)
+        edges.save(white / f"{p.stem}.png")
+        ImageOps.invert(edges).save(black / f"{p.stem}.png")
+        a = np.asarray(gray, np.float32)
+        warm = np.stack([a, a * 0.95, a * 0.9], axis=-1) + np.array([12.0, 4.0, -8.0])  # chroma <= 24 + rounding
+        Image.fromarray(np.clip(warm, 0, 255).astype(np.uint8)).save(tinted / f"{p.stem}.jpg", quality=85)
+        Image.fromarray((255 * (a / 255) ** 2.2 * 0.6).astype(np.uint8)).save(dark / f"{p.stem}.jpg", quality=85)
+
+
+SETS = {
+    "1": ["symbolic", "glyphs-black", "glyphs-white", "white-silhouettes", "black-silhouettes", "gray-suite"],
+    "2": ["system-images", "dark-text", "edges-white", "edges-black", "tinted-photos", "dark-photos"],
+}
+
+
+def build(out: Path, which: str) -> list[Path]:
+    dirs = {k: out / k for k in SETS[which]}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
         for f in d.iterdir():
             f.unlink()
-    symbolic(dirs["symbolic"])
-    glyphs(dirs["glyphs-black"], dirs["glyphs-white"])
-    silhouettes_and_gray(dirs["white-silhouettes"], dirs["black-silhouettes"], dirs["gray-suite"])
+    if which == "1":
+        symbolic(dirs["symbolic"])
+        glyphs(dirs["glyphs-black"], dirs["glyphs-white"])
+        silhouettes_and_gray(dirs["white-silhouettes"], dirs["black-silhouettes"], dirs["gray-suite"])
+    else:
+        system_images(dirs["system-images"])
+        dark_text(dirs["dark-text"])
+        photo_variants(dirs["edges-white"], dirs["edges-black"], dirs["tinted-photos"], dirs["dark-photos"])
     return list(dirs.values())
 
 
@@ -88,8 +169,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/upload-probe", help="where the probe files are built")
     p.add_argument("--model", action="append", required=True, help="checkpoint folder (repeatable)")
     p.add_argument("--cache", default="runs/ood-cache", help="statistics cache ('' for none)")
+    p.add_argument("--set", default="1", choices=sorted(SETS), help="which probes (module docstring)")
     args = p.parse_args()
-    dirs = build(Path(args.out))
+    dirs = build(Path(args.out), args.set)
     print("| model | " + " | ".join(f"{d.name} ({len(list(d.iterdir()))})" for d in dirs) + " |")  # noqa: T201
     print("| --- |" + " --- |" * len(dirs))  # noqa: T201
     for folder in args.model:
