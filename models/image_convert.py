@@ -2,8 +2,11 @@
 offline evaluation of uploaded files (``genserve eval-ood --suite``). Pure functions of Pillow images,
 no service code, so both the service and the tools call the same lines.
 
-What a file goes through, in order (:func:`to_model_array`):
+What a file goes through, in order (:func:`decode_file`, then :func:`to_model_array`):
 
+0. **Large JPEGs** (over 4 million pixels, or ``GENSERVE_MAX_IMAGE_PIXELS`` if lower: a phone photo
+   of 12 or 48 megapixels) are decoded by libjpeg at 1/2, 1/4 or 1/8 of their size, the largest
+   within it (:func:`reduce_large_jpeg`); every other image decodes at full size.
 1. **EXIF orientation** is applied (``ImageOps.exif_transpose``): a phone photo is judged upright, as
    viewers show it, not as its sensor stored it.
 2. **16-bit grayscale** is scaled to 8 bits (the top byte), not clipped.
@@ -22,6 +25,7 @@ it on the file as decoded (after steps 1-4), for the colour check of :mod:`model
 from __future__ import annotations
 
 import io
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, features
@@ -61,9 +65,34 @@ def describe_unsupported(data: bytes) -> str | None:
     return None
 
 
-def decode_file(data: bytes) -> Image.Image:
-    """Decode image bytes (one of :data:`ALLOWED_FORMATS`); raises Pillow's errors unchanged."""
-    im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+Im = TypeVar("Im", bound=Image.Image)
+DEFAULT_MAX_PIXELS = 16_000_000  # width x height decoded at most (GENSERVE_MAX_IMAGE_PIXELS): a 5K screenshot
+JPEG_REDUCTION = 8  # libjpeg decodes at 1/2, 1/4 or 1/8 of the size, in the DCT domain
+JPEG_DECODE_PIXELS = 4_000_000  # larger JPEGs are decoded reduced to at most this (or 1/8 of their size)
+
+
+def reduce_large_jpeg(im: Im, max_pixels: int) -> Im:
+    """A JPEG of more than :data:`JPEG_DECODE_PIXELS` or ``max_pixels`` (a phone or camera photo) set to
+    decode at the largest of 1/2, 1/4, 1/8 of its size within both (Pillow's ``draft``: libjpeg
+    scales in the DCT domain, so the full-size pixels are never held, and a 12-megapixel photo
+    decodes in half the time). Anything else is left as it is; call before the pixels are decoded.
+    The model sees 28x28: 4 million pixels are plenty to stretch from."""
+    w, h = im.size
+    target = min(max_pixels, JPEG_DECODE_PIXELS)
+    if w * h <= target or im.format != "JPEG":
+        return im
+    for scale in (2, 4, JPEG_REDUCTION):
+        size = (-(-w // scale), -(-h // scale))
+        if size[0] * size[1] <= target or scale == JPEG_REDUCTION:
+            im.draft(im.mode, size)  # the smallest reduction that keeps at least ``size``: this one
+            break
+    return im
+
+
+def decode_file(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes (one of :data:`ALLOWED_FORMATS`), a large JPEG at a reduced scale as the
+    service decodes it (:func:`reduce_large_jpeg`); raises Pillow's errors unchanged."""
+    im = reduce_large_jpeg(Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS), max_pixels)
     im.load()
     return im
 
@@ -159,10 +188,13 @@ def to_levels(images: np.ndarray, levels: int) -> np.ndarray:
     return (images.astype(np.int64) * levels // 256).astype(np.uint8 if levels <= 256 else np.int64)
 
 
-def file_to_levels(data: bytes, shape: tuple[int, int, int], levels: int) -> np.ndarray:
+def file_to_levels(
+    data: bytes, shape: tuple[int, int, int], levels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """One uploaded file's bytes -> model levels (C, H, W): what ``/score`` with ``resize=true`` feeds
-    the model (decoding, :func:`to_model_array`, :func:`to_levels`)."""
-    arr, _ = to_model_array(decode_file(data), shape)
+    the model (decoding, :func:`to_model_array`, :func:`to_levels`) under ``GENSERVE_MAX_IMAGE_PIXELS``
+    = ``max_pixels``."""
+    arr, _ = to_model_array(decode_file(data, max_pixels), shape)
     return to_levels(arr, levels)
 
 

@@ -9,6 +9,7 @@ thread, and is answered by the route from the worker's tensors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -130,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="genserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.drift = drift_monitors

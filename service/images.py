@@ -31,7 +31,7 @@ def configure_pil(max_pixels: int) -> None:
     Pillow warns between 1x and 2x its limit and raises above 2x; the warning is turned into an
     error here so both paths end in :func:`open_image`'s 413.
     """
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = max_pixels * image_convert.JPEG_REDUCTION**2  # a JPEG may be reduced on decode
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
@@ -48,9 +48,11 @@ def decode_base64(text: str, index: int) -> bytes:
     return data
 
 
-def open_image(data: bytes, index: int, *, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, index: int, *, max_pixels: int, reduce: bool = False) -> Image.Image:
     """Open image bytes, refusing undecodable data and images over ``max_pixels``; the pixels are
-    decoded later, by :func:`fit_to_model`, once the header says the image is worth decoding."""
+    decoded later, by :func:`fit_to_model`, once the header says the image is worth decoding. With
+    ``reduce`` (``resize=true``) a larger JPEG is set to decode at 1/2, 1/4 or 1/8 of its size
+    (:func:`models.image_convert.reduce_large_jpeg`), so photos up to 64 times the limit are taken."""
     try:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -64,8 +66,14 @@ def open_image(data: bytes, index: int, *, max_pixels: int) -> Image.Image:
     except (OSError, ValueError) as e:
         raise BadRequest(f"image {index} could not be decoded as an image ({', '.join(ALLOWED_FORMATS)}): {e}") from e
     w, h = im.size  # from the header; no pixels decoded yet
-    if w * h > max_pixels:
-        raise PayloadTooLarge(f"image {index} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    if reduce:
+        im = image_convert.reduce_large_jpeg(im, max_pixels)
+    if im.width * im.height > max_pixels:
+        hint = "JPEG photos up to 64 times that are decoded at a reduced scale with resize=true"
+        raise PayloadTooLarge(
+            f"image {index} is {w}x{h} = {w * h} pixels; the limit is {max_pixels} (GENSERVE_MAX_IMAGE_PIXELS; "
+            f"{hint}): send a smaller image"
+        )
     return im
 
 

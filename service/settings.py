@@ -15,6 +15,8 @@ import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.image_convert import DEFAULT_MAX_PIXELS
+
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -110,7 +112,19 @@ class Settings(BaseSettings):
     max_sample_batch: int = Field(
         default=64, ge=1, description="images generated together in one batched sampling pass (several requests)"
     )
-    max_image_pixels: int = Field(default=4_000_000, ge=1, description="larger uploaded images are refused (413)")
+    max_image_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="width x height decoded at most: larger uploads are refused (413), except JPEGs with "
+        "resize=true, decoded at 1/2, 1/4 or 1/8 of their size (photos up to 64 times the limit)",
+    )
+    max_concurrent_decodes: int = Field(
+        default=4,
+        ge=1,
+        description="uploads decoded at once in the thread pool (those converted with resize=true, or over 64 KiB); "
+        "with max_image_pixels it bounds decoding memory (a 16-megapixel RGBA image takes about 220 MB "
+        "while converted); more wait their turn",
+    )
     api_keys: str = Field(default="", description="comma list of accepted API keys; empty = no auth")
     metrics_public: bool = Field(default=False, description="serve /metrics without an API key")
     cors_origins: str = Field(

@@ -3,6 +3,8 @@ multipart/form-data with one or more ``files``, decoded and checked against the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -139,7 +141,7 @@ def decode_all(
         raw = images.decode_base64(item, i) if isinstance(item, str) else item
         if not raw:
             raise BadRequest(f"image {i} is empty")
-        im = images.open_image(raw, i, max_pixels=max_pixels)
+        im = images.open_image(raw, i, max_pixels=max_pixels, reduce=resize)
         fraction = None
         if check is None:
             arr, changed = images.fit_to_model(im, i, shape=entry.shape, model_name=entry.name, resize=resize)
@@ -167,15 +169,25 @@ async def receive(
 
 
 async def decode(
-    data: list[bytes | str], entry: ModelEntry, settings: Settings, *, resize: bool, colour: bool = True
+    data: list[bytes | str],
+    entry: ModelEntry,
+    settings: Settings,
+    *,
+    resize: bool,
+    colour: bool = True,
+    slots: asyncio.Semaphore | None = None,
 ) -> Decoded:
     """:func:`decode_all`, in the thread pool unless the upload is small and needs no conversion. (A
     few KiB of PNG can hold millions of flat pixels: converting them is work for the pool; without
-    ``resize`` an image of the wrong size is refused from its header, before its pixels are decoded.)"""
+    ``resize`` an image of the wrong size is refused from its header, before its pixels are decoded.)
+    Work for the pool waits for one of ``slots`` (``GENSERVE_MAX_CONCURRENT_DECODES``), which bounds
+    the memory that decoding takes at once."""
     small = not resize and sum(len(d) for d in data) <= INLINE_DECODE_BYTES
-    return await run_off_loop(
-        small, decode_all, data, entry, resize=resize, max_pixels=settings.max_image_pixels, colour=colour
-    )
+    kwargs: dict[str, Any] = {"resize": resize, "max_pixels": settings.max_image_pixels, "colour": colour}
+    if small:
+        return decode_all(data, entry, **kwargs)
+    async with slots if slots is not None else contextlib.nullcontext():
+        return await run_off_loop(False, decode_all, data, entry, **kwargs)
 
 
 R = TypeVar("R")
@@ -199,7 +211,9 @@ class UploadCall:
     async def decode(self, data: list[bytes | str], entry: ModelEntry, parsed: Any, *, colour: bool = True) -> Decoded:
         """The images as levels (B, C, H, W), converted where ``resize`` is set in the query or the body;
         ``colour``: measure each file's colour for the model's colour check."""
-        return await decode(data, entry, self.settings, resize=bool(self.resize or parsed.resize), colour=colour)
+        resize = bool(self.resize or parsed.resize)
+        slots = self.request.app.state.decode_slots
+        return await decode(data, entry, self.settings, resize=resize, colour=colour, slots=slots)
 
     async def wait(self, work: Awaitable[R]) -> R:
         """The model's answer, unless the client goes away first (service/disconnect.py)."""

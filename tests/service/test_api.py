@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import shutil
@@ -367,14 +368,38 @@ async def test_score_bad_image_data_is_422_naming_the_index(client, image, detai
 
 async def test_score_decompression_bomb_is_413(make_settings):
     async with running(make_settings(max_image_pixels=1000)) as (_, client):
-        huge = png_bytes(np.zeros((100, 100), np.uint8))  # 10,000 pixels > 2 x limit: Pillow's own error
-        r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(huge)]})
+        huge = png_bytes(np.zeros((400, 400), np.uint8))  # 160,000 pixels > 2 x 64 x limit: Pillow's own error
+        r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(huge)], "resize": True})
         assert (
             r.status_code == 413
             and r.json()["detail"] == "image 0 has too many pixels; the limit is 1000 (width x height)"
         )
-        big = png_bytes(np.zeros((40, 40), np.uint8))  # 1,600 pixels: between 1x and 2x the limit
+        big = png_bytes(np.zeros((40, 40), np.uint8))  # 1,600 pixels: over the limit, refused from the header
         r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(big)], "resize": True})
+        assert r.status_code == 413 and r.json()["detail"].startswith(
+            "image 0 is 40x40 = 1600 pixels; the limit is 1000 (GENSERVE_MAX_IMAGE_PIXELS; JPEG photos up to 64"
+        )
+
+
+async def test_a_photo_over_the_pixel_limit_is_decoded_at_a_reduced_scale(make_settings):
+    """A JPEG over the limit (a phone photo) with resize=true is decoded by libjpeg at 1/2, 1/4 or 1/8 of
+    its size, whichever fits, and scored as the offline tools convert it; the same picture as a PNG, or
+    the JPEG without resize, is refused."""
+    from models.image_convert import file_to_levels
+
+    rng = np.random.default_rng(5)
+    pixels = np.repeat(np.repeat(rng.integers(0, 256, (25, 25, 3), dtype=np.uint8), 4, 0), 4, 1)  # 100x100
+    jpeg = png_bytes(pixels, "JPEG")  # 10,000 pixels: 1/4 of the size (625) is the largest that fits 1,000
+    async with running(make_settings(max_image_pixels=1000)) as (_, client):
+        body = {"model": "pixelcnn", "images": [b64(jpeg)], "resize": True, "score_type": "nll", "input_image": True}
+        r = await client.post("/score", json=body)
+        assert r.status_code == 200, r.text
+        seen = np.asarray(decode_png(r.json()["results"][0]["input_image"]))
+        assert (seen == file_to_levels(jpeg, (1, 8, 8), 256, max_pixels=1000)[0]).all()
+        assert not (seen == file_to_levels(jpeg, (1, 8, 8), 256, max_pixels=10**6)[0]).all()  # not the full decode
+        r = await client.post("/score", json={**body, "images": [b64(png_bytes(pixels))]})
+        assert r.status_code == 413
+        r = await client.post("/score", json={**body, "resize": False})
         assert r.status_code == 413
 
 
@@ -526,3 +551,32 @@ async def test_instrumented_gate_counts_calls(make_settings):
 
 def _jpeg() -> bytes:
     return png_bytes(np.full((8, 8), 128, np.uint8), fmt="JPEG")
+
+
+async def test_decodes_for_the_pool_wait_for_one_of_max_concurrent_decodes(make_settings, monkeypatch):
+    import threading
+    import time
+
+    from service import uploads
+
+    active, most, lock = 0, 0, threading.Lock()
+    decode_all = uploads.decode_all
+
+    def counted(*args, **kwargs):
+        nonlocal active, most
+        with lock:
+            active += 1
+            most = max(most, active)
+        time.sleep(0.05)
+        try:
+            return decode_all(*args, **kwargs)
+        finally:
+            with lock:
+                active -= 1
+
+    monkeypatch.setattr(uploads, "decode_all", counted)
+    body = {"model": "pixelcnn", "images": [b64(gray_png(size=(16, 16)))], "resize": True, "score_type": "nll"}
+    async with running(make_settings(max_concurrent_decodes=2)) as (_, client):
+        answers = await asyncio.gather(*[client.post("/score", json=body) for _ in range(6)])
+    assert [r.status_code for r in answers] == [200] * 6
+    assert most == 2  # six converted uploads at once, two decoded at a time
