@@ -60,6 +60,10 @@ step peer 150 peer.txt $PY bench/peer_bench.py --device "$DEV" --client "$CLIENT
 # gives one to the PixelRNN only): does taking the model's launches off the event loop's interpreter pay on a card?
 step peer-process 150 peer-process.txt env GENSERVE_MODEL_PROCESS=true $PY bench/peer_bench.py --device "$DEV" \
   --client "$CLIENT" --seconds 4 --rounds 1 --models pixelcnn-fmnist vae-fmnist
+# Thread workers with a 0.5 ms switch interval (GENSERVE_GIL_SWITCH_MS): the event loop and the model's
+# launches hand the interpreter lock back and forth sooner (on a 2-core CPU: docs/serving.md).
+step peer-switch 150 peer-switch.txt env GENSERVE_GIL_SWITCH_MS=0.5 $PY bench/peer_bench.py --device "$DEV" \
+  --client "$CLIENT" --seconds 4 --rounds 1 --models pixelcnn-fmnist vae-fmnist
 for model in pixelcnn-fmnist vae-fmnist; do
   step throughput 50 throughput.txt $PY bench/throughput.py --model "$model" --device "$DEV" --seconds 4 --client "$CLIENT"
 done

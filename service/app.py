@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import math
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -113,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     drift_monitors = DriftMonitors(settings, metrics)
     lifecycle = Lifecycle(registry, drift_monitors)
     images.configure_pil(settings.max_image_pixels)
+    if settings.gil_switch_ms is not None:  # process-wide, like Pillow's limit above
+        sys.setswitchinterval(settings.gil_switch_ms / 1000)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if settings.json_logs:

@@ -135,6 +135,14 @@ class Settings(BaseSettings):
     json_logs: bool = Field(default=False, description="log one JSON object per line")
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads for CPU inference")
     warmup: bool = Field(default=True, description="run one forward pass per worker before reporting ready")
+    gil_switch_ms: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="the interpreter's switch interval (sys.setswitchinterval), in ms; unset keeps Python's 5 ms. "
+        "A thread that wants the interpreter lock waits up to this long for the thread holding it, so the "
+        "event loop and a thread worker's model glue hand it back and forth sooner (docs/serving.md)",
+    )
     model_process: str = Field(
         default="auto",
         description="run a worker's model in a process of its own, fed through a pipe (service/model_process.py): "

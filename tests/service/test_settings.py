@@ -59,6 +59,8 @@ def test_auto_devices_fall_back_to_cpu(tmp_path: Path):
         ("cors_origins", "https://app.example.com/", "GENSERVE_CORS_ORIGINS entry 'https://app.example.com/' is not"),
         ("cors_origins", "app.example.com", "with no path or trailing slash, as browsers send it"),
         ("cors_origins", "ftp://x", "is not an origin"),
+        ("gil_switch_ms", 0, "greater than 0"),
+        ("max_concurrent_decodes", 0, "greater than or equal to 1"),
     ],
 )
 def test_bad_values_refuse_to_start(tmp_path: Path, field, value, message):
@@ -119,3 +121,16 @@ async def test_compile_and_cuda_graphs_change_nothing_on_a_cpu_worker(make_setti
         model = worker_of(app, "pixelcnn").model
         assert model.compiled_log_prob is None and model.sample_cuda_graphs is False
         assert model.fast is not None  # the CPU fast forward stays
+
+
+def test_the_switch_interval_is_set_only_when_asked(tmp_path: Path, monkeypatch):
+    import sys
+
+    from service.app import create_app
+
+    intervals: list[float] = []
+    monkeypatch.setattr(sys, "setswitchinterval", intervals.append)  # nothing process-wide in a test
+    create_app(Settings(model_dir=tmp_path))
+    assert intervals == []  # unset: Python's own 5 ms stays
+    create_app(Settings(model_dir=tmp_path, gil_switch_ms=0.5))
+    assert intervals == [0.0005]
