@@ -25,10 +25,11 @@ it on the file as decoded (after steps 1-4), for the colour check of :mod:`model
 from __future__ import annotations
 
 import io
+import struct
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps, features
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError, features
 
 # Formats we decode; anything else is refused rather than handed to a rarely used Pillow plugin. ICO
 # (favicons, Windows icons: the largest image in the file) and AVIF (where Pillow's build has libavif,
@@ -79,20 +80,36 @@ def reduce_large_jpeg(im: Im, max_pixels: int) -> Im:
     The model sees 28x28: 4 million pixels are plenty to stretch from."""
     w, h = im.size
     target = min(max_pixels, JPEG_DECODE_PIXELS)
-    if w * h <= target or im.format != "JPEG":
+    if w * h <= target or not isinstance(im, JpegImagePlugin.JpegImageFile):  # MPO photos are JPEGs too
         return im
     for scale in (2, 4, JPEG_REDUCTION):
-        size = (-(-w // scale), -(-h // scale))
-        if size[0] * size[1] <= target or scale == JPEG_REDUCTION:
-            im.draft(im.mode, size)  # the smallest reduction that keeps at least ``size``: this one
+        if (-(-w // scale)) * (-(-h // scale)) <= target or scale == JPEG_REDUCTION:  # libjpeg rounds up
+            im.draft(im.mode, (max(1, w // scale), max(1, h // scale)))  # Pillow picks the scale w // size: this one
             break
     return im
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def open_file(data: bytes) -> ImageFile.ImageFile:
+    """Open image bytes (one of :data:`ALLOWED_FORMATS`) without decoding the pixels. Every format but
+    JPEG goes through ``Image.open`` and so through Pillow's decompression-bomb check
+    (``Image.MAX_IMAGE_PIXELS``, which also guards the frames an ICO file reveals only when loaded); a
+    JPEG is opened by its own plugin, without that check, so that a large one can first be reduced
+    (:func:`reduce_large_jpeg`): the caller checks its size (the service: before decoding)."""
+    if data[:3] != JPEG_MAGIC:
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    try:
+        return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    except (SyntaxError, IndexError, TypeError, struct.error) as e:  # what Image.open calls unidentified
+        raise UnidentifiedImageError(f"cannot identify image file ({e})") from e
 
 
 def decode_file(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes (one of :data:`ALLOWED_FORMATS`), a large JPEG at a reduced scale as the
     service decodes it (:func:`reduce_large_jpeg`); raises Pillow's errors unchanged."""
-    im = reduce_large_jpeg(Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS), max_pixels)
+    im = reduce_large_jpeg(open_file(data), max_pixels)
     im.load()
     return im
 

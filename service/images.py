@@ -31,7 +31,7 @@ def configure_pil(max_pixels: int) -> None:
     Pillow warns between 1x and 2x its limit and raises above 2x; the warning is turned into an
     error here so both paths end in :func:`open_image`'s 413.
     """
-    Image.MAX_IMAGE_PIXELS = max_pixels * image_convert.JPEG_REDUCTION**2  # a JPEG may be reduced on decode
+    Image.MAX_IMAGE_PIXELS = max_pixels  # JPEGs are opened without it, to be reduced first (open_image)
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
@@ -54,7 +54,7 @@ def open_image(data: bytes, index: int, *, max_pixels: int, reduce: bool = False
     ``reduce`` (``resize=true``) a larger JPEG is set to decode at 1/2, 1/4 or 1/8 of its size
     (:func:`models.image_convert.reduce_large_jpeg`), so photos up to 64 times the limit are taken."""
     try:
-        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        im = image_convert.open_file(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise PayloadTooLarge(f"image {index} has too many pixels; the limit is {max_pixels} (width x height)") from e
     except UnidentifiedImageError as e:  # Pillow's message names its BytesIO object: say what was sent instead
@@ -78,9 +78,12 @@ def open_image(data: bytes, index: int, *, max_pixels: int, reduce: bool = False
 
 
 def load_pixels(im: Image.Image, index: int) -> None:
-    """Decode an opened image's pixels, refusing truncated or corrupt data (400)."""
+    """Decode an opened image's pixels, refusing truncated or corrupt data (400) and a frame larger
+    than its header said (413: an ICO's embedded PNG is sized only when it is loaded)."""
     try:
         im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise PayloadTooLarge(f"image {index} holds more pixels than its header says: {e}") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise BadRequest(f"image {index} is truncated or corrupt: {e}") from e
 

@@ -368,16 +368,19 @@ async def test_score_bad_image_data_is_422_naming_the_index(client, image, detai
 
 async def test_score_decompression_bomb_is_413(make_settings):
     async with running(make_settings(max_image_pixels=1000)) as (_, client):
-        huge = png_bytes(np.zeros((400, 400), np.uint8))  # 160,000 pixels > 2 x 64 x limit: Pillow's own error
+        huge = png_bytes(np.zeros((100, 100), np.uint8))  # 10,000 pixels > 2 x limit: Pillow's own error
         r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(huge)], "resize": True})
         assert (
             r.status_code == 413
             and r.json()["detail"] == "image 0 has too many pixels; the limit is 1000 (width x height)"
         )
-        big = png_bytes(np.zeros((40, 40), np.uint8))  # 1,600 pixels: over the limit, refused from the header
+        big = png_bytes(np.zeros((40, 40), np.uint8))  # 1,600 pixels: between 1x and 2x the limit
         r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(big)], "resize": True})
+        assert r.status_code == 413
+        big_jpeg = png_bytes(np.zeros((200, 200), np.uint8), "JPEG")  # JPEGs skip Pillow's check: ours refuses
+        r = await client.post("/score", json={"model": "pixelcnn", "images": [b64(big_jpeg)]})
         assert r.status_code == 413 and r.json()["detail"].startswith(
-            "image 0 is 40x40 = 1600 pixels; the limit is 1000 (GENSERVE_MAX_IMAGE_PIXELS; JPEG photos up to 64"
+            "image 0 is 200x200 = 40000 pixels; the limit is 1000 (GENSERVE_MAX_IMAGE_PIXELS; JPEG photos up to 64"
         )
 
 

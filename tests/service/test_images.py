@@ -156,3 +156,32 @@ def test_icons_and_avif_photos_decode_as_the_same_picture():
 def test_files_we_do_not_decode_are_named_with_what_to_send(data: bytes, what: str):
     with pytest.raises(BadRequest, match=r"image 2 could not be decoded as an image \(PNG, JPEG.*\): " + what):
         images.open_image(data, 2, max_pixels=10**6)
+
+
+def test_an_icon_frame_larger_than_its_directory_says_is_refused_before_it_is_decoded(monkeypatch):
+    """An ICO's directory gives each frame's size, but the embedded PNG has its own header: one whose
+    directory entry says 16x16 over a 64x64 PNG meets Pillow's check (Image.MAX_IMAGE_PIXELS, which
+    JPEGs alone skip) when the frame is opened: a 413, not a decoding of whatever size it claims."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the service sets it to GENSERVE_MAX_IMAGE_PIXELS
+    ico = bytearray(_saved(Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA"), "ICO", sizes=[(64, 64)]))
+    assert ico[6:8] == bytes([64, 64])  # the first directory entry's width and height
+    ico[6:8] = bytes([16, 16])
+    with pytest.raises(PayloadTooLarge, match="image 4 has too many pixels; the limit is 1000"):
+        images.open_image(bytes(ico), 4, max_pixels=1000, reduce=True)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**6)
+    with pytest.warns(UserWarning, match="Image was not the expected size"):  # Pillow's, logged in the service
+        im = images.open_image(bytes(ico), 4, max_pixels=10**6, reduce=True)
+        arr, _ = images.fit_to_model(im, 4, shape=(1, 8, 8), model_name="m", resize=True)
+    assert arr.shape == (1, 8, 8)  # within the limit the icon is taken, at the frame's real size
+
+
+def test_a_large_jpeg_is_opened_without_decoding_and_reduced_only_with_resize():
+    big = _saved(Image.fromarray(np.zeros((200, 300, 3), np.uint8)), "JPEG")  # 60,000 pixels
+    im = images.open_image(big, 0, max_pixels=1000, reduce=True)
+    assert im.size == (38, 25)  # 1/8 of 300x200, rounded up: the first that fits 1,000
+    with pytest.raises(PayloadTooLarge, match=r"image 0 is 300x200 = 60000 pixels; the limit is 1000"):
+        images.open_image(big, 0, max_pixels=1000, reduce=False)
+    with pytest.raises(PayloadTooLarge, match=r"image 0 is 300x200 = 60000 pixels; the limit is 500"):
+        images.open_image(big, 0, max_pixels=500, reduce=True)  # even 1/8 (950 pixels) is over
+    with pytest.raises(BadRequest, match="image 1 could not be decoded as an image"):
+        images.open_image(b"\xff\xd8\xff" + b"\x00" * 40, 1, max_pixels=1000)  # a JPEG's magic and nothing else
