@@ -11,9 +11,11 @@ What a file goes through, in order (:func:`decode_file`, then :func:`to_model_ar
    viewers show it, not as its sensor stored it.
 2. **16-bit grayscale** is scaled to 8 bits (the top byte), not clipped.
 3. **Palettes** are expanded to RGBA first, so palette transparency survives.
-4. **Alpha** is composited over black: a transparent pixel is background, and the background of
-   Fashion-MNIST (white garments on black) is black. (Pillow's plain ``convert`` would drop alpha and
-   keep whatever colour the transparent pixels happen to store.)
+4. **Alpha** is composited over white, as browsers and image viewers show a transparent image on a
+   page: an icon, logo, sticker or cut-out is judged as it appears, not as an object on Fashion-MNIST's
+   black background (the training images are opaque). A grayscale garment cut out of its background
+   is therefore judged on white; flatten it onto black to have it judged as a Fashion-MNIST image.
+   (Pillow's plain ``convert`` would drop alpha and keep whatever colour transparent pixels store.)
 5. **Colour to grayscale** is Pillow's ITU-R 601-2 luma, L = (299 R + 587 G + 114 B) / 1000.
 6. **Size**: stretched to the model's H x W with Lanczos resampling; the aspect ratio is *not* kept
    (a 600x300 banner becomes a 28x28 square), as ``resize=true`` has always documented.
@@ -115,15 +117,15 @@ def decode_file(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
 
 
 def convert_mode(im: Image.Image, mode: str) -> Image.Image:
-    """``im`` in Pillow mode ``mode`` ("L" or "RGB"): 16-bit scaled, palettes expanded, alpha over black."""
+    """``im`` in Pillow mode ``mode`` ("L" or "RGB"): 16-bit scaled, palettes expanded, alpha over white."""
     if im.mode.startswith("I;16"):
         im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
     elif im.mode == "P":
         im = im.convert("RGBA")  # keeps palette transparency without Pillow's warning
     if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
         rgba = im.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(black, rgba).convert("RGB")
+        page = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(page, rgba).convert("RGB")
     return im if im.mode == mode else im.convert(mode)
 
 
@@ -189,8 +191,9 @@ COLOURLESS_MODES = ("1", "L", "LA", "La", "I", "F")  # and every "I;16*": no col
 def colour_fraction(im: Image.Image, tolerance: int) -> float:
     """The fraction (0..1) of the image's pixels whose chroma, max(R, G, B) - min(R, G, B) in 8-bit
     levels, exceeds ``tolerance`` (0..254), measured at the file's own resolution after palettes are
-    expanded and alpha is composited over black (so a transparent pixel counts as the black background
-    the model sees). 0.0 for images without colour channels (grayscale, 16-bit, bilevel)."""
+    expanded and alpha is composited over white (so a transparent pixel counts as the white page the
+    model sees; a colour at opacity a keeps a times its chroma, over white as over black). 0.0 for
+    images without colour channels (grayscale, 16-bit, bilevel)."""
     if not 0 <= tolerance < 255:
         raise ValueError(f"colour tolerance must lie in 0..254 levels, got {tolerance}")
     if im.mode in COLOURLESS_MODES or im.mode.startswith("I;16"):

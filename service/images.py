@@ -98,7 +98,7 @@ def fit_to_model(
     """The image as uint8 (C, H, W) for a model of ``shape``; returns (array, converted?).
 
     Without ``resize`` a different size or mode is refused (422). With it, the image goes through
-    :func:`models.image_convert.to_model_array` (EXIF orientation applied, alpha over black, converted
+    :func:`models.image_convert.to_model_array` (EXIF orientation applied, alpha over white, converted
     to the model's mode, stretched to its H x W with Lanczos; the aspect ratio is not kept): the same
     function the offline evaluation of uploaded files calls.
     """

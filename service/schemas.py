@@ -197,7 +197,7 @@ class ColourResult(BaseModel):
 
     fraction: float = Field(
         description="fraction (0..1) of the file's pixels whose chroma max(R,G,B) - min(R,G,B) exceeds tolerance, "
-        "measured after alpha is composited over black"
+        "measured after alpha is composited over white"
     )
     tolerance: int = Field(description="chroma, in 8-bit levels, up to which a pixel counts as gray")
     max_fraction: float = Field(description="the largest fraction of coloured pixels accepted")

@@ -82,12 +82,12 @@ def png(im: Image.Image, **kwargs: object) -> bytes:
     return buf.getvalue()
 
 
-def test_alpha_is_background_and_exif_rotation_is_applied():
-    rgba = np.zeros((8, 8, 4), np.uint8)
-    rgba[..., :3] = 255  # white, but fully transparent except the top row
+def test_alpha_is_shown_on_white_and_exif_rotation_is_applied():
+    rgba = np.zeros((8, 8, 4), np.uint8)  # black, but fully transparent except the top row
     rgba[0, :, 3] = 255
+    rgba[1, :, 3] = 128  # half transparent: half way from white to black
     got = file_to_levels(png(Image.fromarray(rgba)), (1, 8, 8), 256)[0]
-    assert (got[0] == 255).all() and (got[1:] == 0).all()
+    assert (got[0] == 0).all() and (np.abs(got[1].astype(int) - 127) <= 1).all() and (got[2:] == 255).all()
     tall = np.zeros((8, 8), np.uint8)
     tall[0] = 200  # a bright top row, stored upside down with EXIF orientation 3 (rotate 180)
     exif = Image.Exif()
