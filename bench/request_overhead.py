@@ -9,6 +9,7 @@ time: another process on the machine does not inflate it), the thread-pool hand-
 and wall requests/s (which a loaded machine does inflate).
 
     python bench/request_overhead.py --requests 2000 [--json]
+    python bench/request_overhead.py --save-tiny runs/tiny    # the same model for bench/peer_bench.py --model-dir
 """
 
 from __future__ import annotations
@@ -124,7 +125,11 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--save-tiny", metavar="DIR", help="only write the tiny checkpoint to DIR/tiny (for the peer bench)")
     args = p.parse_args()
+    if args.save_tiny:
+        tiny_store(Path(args.save_tiny))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tiny_store(Path(tmp))
         result = asyncio.run(run(args, Path(tmp)))
