@@ -63,7 +63,7 @@ def open_image(data: bytes, index: int, *, max_pixels: int, reduce: bool = False
             f"image {index} could not be decoded as an image ({', '.join(ALLOWED_FORMATS)}): "
             + (f"it is {what}" if what else f"its {len(data)} bytes are in none of these formats")
         ) from e
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a decoder's error on a client's bytes (libavif raises RuntimeError)
         raise BadRequest(f"image {index} could not be decoded as an image ({', '.join(ALLOWED_FORMATS)}): {e}") from e
     w, h = im.size  # from the header; no pixels decoded yet
     if reduce:
@@ -84,7 +84,7 @@ def load_pixels(im: Image.Image, index: int) -> None:
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise PayloadTooLarge(f"image {index} holds more pixels than its header says: {e}") from e
-    except (OSError, ValueError, SyntaxError) as e:
+    except Exception as e:  # whatever a decoder raises on corrupt bytes (a TIFF's TypeError, an AVIF's RuntimeError)
         raise BadRequest(f"image {index} is truncated or corrupt: {e}") from e
 
 
