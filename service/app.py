@@ -106,6 +106,18 @@ def include_routers(app: FastAPI, settings: Settings) -> None:
     app.include_router(admin.router, include_in_schema=bool(settings.admin_key_list))
 
 
+def configure_process(settings: Settings) -> None:
+    """The settings that hold for the whole process, not one app: Pillow's pixel limit, the
+    interpreter's switch interval, torch's CPU threads, the log format."""
+    images.configure_pil(settings.max_image_pixels)
+    if settings.gil_switch_ms is not None:
+        sys.setswitchinterval(settings.gil_switch_ms / 1000)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if settings.json_logs:
+        configure_json_logs()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app with its own registry and metrics; nothing loads until the lifespan starts."""
     settings = settings or Settings()
@@ -113,13 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = ModelRegistry(settings, metrics)
     drift_monitors = DriftMonitors(settings, metrics)
     lifecycle = Lifecycle(registry, drift_monitors)
-    images.configure_pil(settings.max_image_pixels)
-    if settings.gil_switch_ms is not None:  # process-wide, like Pillow's limit above
-        sys.setswitchinterval(settings.gil_switch_ms / 1000)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    if settings.json_logs:
-        configure_json_logs()
+    configure_process(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
