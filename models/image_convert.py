@@ -9,7 +9,9 @@ What a file goes through, in order (:func:`decode_file`, then :func:`to_model_ar
    within it (:func:`reduce_large_jpeg`); every other image decodes at full size.
 1. **EXIF orientation** is applied (``ImageOps.exif_transpose``): a phone photo is judged upright, as
    viewers show it, not as its sensor stored it.
-2. **16-bit grayscale** is scaled to 8 bits (the top byte), not clipped.
+2. **16-bit grayscale** is scaled to 8 bits (the top byte), not clipped; 32-bit integer and
+   floating-point pixels by their range (integers up to 255 as 8-bit, up to 65535 as 16-bit; floats
+   up to 1 as intensities, up to 255 as 8-bit; beyond: refused, :func:`wide_to_8bit`).
 3. **Palettes** are expanded to RGBA first, so palette transparency survives.
 4. **Alpha** is composited over white, as browsers and image viewers show a transparent image on a
    page: an icon, logo, sticker or cut-out is judged as it appears, not as an object on Fashion-MNIST's
@@ -116,10 +118,36 @@ def decode_file(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
     return im
 
 
-def convert_mode(im: Image.Image, mode: str) -> Image.Image:
-    """``im`` in Pillow mode ``mode`` ("L" or "RGB"): 16-bit scaled, palettes expanded, alpha over white."""
+def wide_to_8bit(im: Image.Image) -> Image.Image:
+    """A grayscale image of more than 8 bits per pixel as 8-bit "L". 16-bit pixels ("I;16*") keep
+    their top byte. 32-bit integer ("I") and floating-point ("F") pixels carry no range of their own,
+    so it is read from the values: integers within 0..255 are 8-bit values (what Pillow's own
+    ``convert("I")`` of an 8-bit image holds) and within 0..65535 16-bit ones (top byte); floats
+    within 0..1 are intensities (the convention of float images), scaled by 255, and within 0..255
+    8-bit values (Pillow's ``convert("F")``), rounded. Raises ValueError beyond those ranges or for
+    values that are not finite: what they mean is not defined, so nothing is guessed."""
     if im.mode.startswith("I;16"):
-        im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+    if im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"32-bit integer pixels from {lo} to {hi}, outside 0..65535")
+        return Image.fromarray((a if hi <= 255 else a >> 8).astype(np.uint8))
+    f = np.asarray(im, dtype=np.float64)
+    if f.size and not np.isfinite(f).all():
+        raise ValueError(f"{int((~np.isfinite(f)).sum())} floating-point pixels are not finite numbers")
+    f_lo, f_hi = (float(f.min()), float(f.max())) if f.size else (0.0, 0.0)
+    if f_lo < 0.0 or f_hi > 255.0:
+        raise ValueError(f"floating-point pixels from {f_lo:g} to {f_hi:g}, outside 0..1 (or 0..255)")
+    return Image.fromarray(np.round(f * 255.0 if f_hi <= 1.0 else f).astype(np.uint8))
+
+
+def convert_mode(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` in Pillow mode ``mode`` ("L" or "RGB"): 16-bit, 32-bit and float pixels scaled
+    (:func:`wide_to_8bit`), palettes expanded, alpha over white."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        im = wide_to_8bit(im)
     elif im.mode == "P":
         im = im.convert("RGBA")  # keeps palette transparency without Pillow's warning
     if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):

@@ -22,7 +22,16 @@ from service.errors import BadRequest, PayloadTooLarge
 
 __all__ = ["ALLOWED_FORMATS", "MODES", "convert_mode", "to_levels"]
 CONVERTIBLE = "send it as grayscale or RGB(A), e.g. a PNG or JPEG"
-MODE_NAMES = {"L": "grayscale", "RGB": "RGB", "P": "palette", "1": "1-bit", "LA": "grayscale+alpha"}
+MODE_NAMES = {
+    "L": "grayscale",
+    "RGB": "RGB",
+    "P": "palette",
+    "1": "1-bit",
+    "LA": "grayscale+alpha",
+    "I;16": "16-bit grayscale",
+    "I": "32-bit integer grayscale",
+    "F": "floating-point grayscale",
+}
 
 
 def configure_pil(max_pixels: int) -> None:

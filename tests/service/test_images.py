@@ -219,3 +219,41 @@ def test_corrupt_files_of_every_format_are_a_4xx_never_an_unexpected_error():
         except ServiceError as e:
             outcomes.add(type(e).__name__)
     assert outcomes >= {"decoded", "BadRequest"}
+
+
+def _tiff(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_wide_grayscale_files_convert_by_their_range_and_out_of_range_ones_are_a_clear_422():
+    """32-bit integer and float pixels carry no range: 16-bit values saved as 32-bit integers read as
+    16-bit (they were clipped to white), floats in 0..1 are scaled by 255 (they were clipped to black),
+    and Pillow's own 8-bit conversions to "I" and "F" (values 0..255) convert back exactly; values
+    whose meaning is not defined are refused with a 422."""
+    ramp = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
+    eight = np.arange(0, 256, 4, dtype=np.uint8).reshape(8, 8)
+    unit = np.linspace(0.0, 1.0, 64).reshape(8, 8).astype(np.float32)
+    cases = (
+        (ramp, (ramp >> 8).astype(np.uint8)),
+        (ramp.astype(np.int32), (ramp >> 8).astype(np.uint8)),
+        (unit, np.round(unit.astype(np.float64) * 255).astype(np.uint8)),
+        (np.asarray(Image.fromarray(eight).convert("I")), eight),
+        (np.asarray(Image.fromarray(eight).convert("F")), eight),
+    )
+    for a, want in cases:
+        im = images.open_image(_tiff(a), 0, max_pixels=100)
+        arr, converted = images.fit_to_model(im, 0, shape=(1, 8, 8), model_name="m", resize=True)
+        assert converted and np.array_equal(arr[0], want), a.dtype
+        im = images.open_image(_tiff(a), 0, max_pixels=100)
+        arr, _, colour = images.fit_with_colour(im, 0, shape=(1, 8, 8), model_name="m", tolerance=32)
+        assert colour == 0.0 and np.array_equal(arr[0], want)
+    for a, said in (
+        (unit * 300, r"floating-point grayscale, which cannot be converted \(floating-point pixels from 0 to 300"),
+        (np.full((8, 8), np.nan, np.float32), "floating-point grayscale, which cannot be converted"),
+        (np.full((8, 8), 70000, np.int32), r"32-bit integer grayscale, which cannot be converted .*outside 0\.\.65535"),
+    ):
+        im = images.open_image(_tiff(a), 4, max_pixels=100)
+        with pytest.raises(BadRequest, match=r"image 4 is " + said):
+            images.fit_to_model(im, 4, shape=(1, 8, 8), model_name="m", resize=True)
