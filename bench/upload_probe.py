@@ -19,6 +19,13 @@ Python sources in DejaVu Sans Mono, light gray on near-black), ``edges-white`` a
 (the photos with a warm tint below the colour check's tolerance, as old prints), ``dark-photos`` (the
 photos in gray, underexposed: gamma 2.2, 60%).
 
+``--set 3`` (session 15): other desktop icon themes and wallpapers, from Debian packages installed for
+it (``apt-get install tango-icon-theme oxygen-icon-theme gnome-icon-theme gnome-backgrounds``; the suite's
+icons are Adwaita's): ``theme-icons-large`` (30 full-colour icons of 32 or 48 px from each theme),
+``theme-icons-small`` (16 or 22 px), ``theme-icons-256`` (256 px, oxygen and gnome), ``gray-theme-icons``
+(the large ones in gray, alpha kept: the colour check cannot see them), ``wallpapers`` (gnome-backgrounds'
+WebP images).
+
     python bench/upload_probe.py --out /tmp/upload-probe --model checkpoints/pixelcnn-fmnist ...
     python bench/upload_probe.py --set 2 --out /tmp/upload-probe-2 --model checkpoints/pixelcnn-fmnist ...
 """
@@ -48,9 +55,17 @@ SUITE = Path(__file__).resolve().parents[1] / "data" / "upload-suite"
 ICONS = Path("/usr/share/icons/Adwaita")
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 MONO = Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf")
+# set 3's sources (Debian packages installed for it: tango-icon-theme, oxygen-icon-theme, gnome-icon-theme,
+# gnome-backgrounds), kept out of set 2's scan so that set 2 stays what it was
+THEME_ROOTS = (
+    "/usr/share/icons/Tango/",
+    "/usr/share/icons/oxygen/",
+    "/usr/share/icons/gnome/",
+    "/usr/share/backgrounds/gnome/",
+)
 # where installed images are looked for, and what is left out: the suite's sources, copies of this repository
 SYSTEM_ROOTS = ("/usr", "/root", "/opt")
-SKIP = ("/Adwaita/", "skimage/data", "upload-suite", "/.cache/", "/proc/", "/work/", "/tmp/")
+SKIP = ("/Adwaita/", "skimage/data", "upload-suite", "/.cache/", "/proc/", "/work/", "/tmp/", *THEME_ROOTS)
 CHARS = "ABCDEFGHJKMNPQRSTUVWXYZ0123456789&?#@%$"
 
 
@@ -141,9 +156,40 @@ def photo_variants(white: Path, black: Path, tinted: Path, dark: Path) -> None:
         Image.fromarray((255 * (a / 255) ** 2.2 * 0.6).astype(np.uint8)).save(dark / f"{p.stem}.jpg", quality=85)
 
 
+def theme_icons(out: Path, sizes: tuple[int, ...], per_theme: int, *, seed: int, gray: Path | None = None) -> None:
+    """``per_theme`` icons of the given pixel sizes from each of set 3's icon themes (one copy per
+    content, symbolic glyphs left out); ``gray``: also each converted to gray, alpha kept."""
+    seen: set[str] = set()
+    for theme in THEME_ROOTS[:3]:
+        found = sorted(p for n in sizes for p in Path(theme).rglob(f"{n}x{n}/**/*.png") if "symbolic" not in p.name)
+        picked = 0
+        for p in random.Random(seed).sample(found, len(found)):
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            name = f"{Path(theme).name}-{p.parent.parent.name}-{p.name}"
+            shutil.copyfile(p, out / name)
+            if gray is not None:
+                rgba = np.asarray(Image.open(p).convert("RGBA"))
+                luma = np.asarray(Image.fromarray(rgba).convert("L"))
+                Image.fromarray(np.stack([luma, rgba[..., 3]], axis=-1), "LA").save(gray / name)
+            picked += 1
+            if picked == per_theme:
+                break
+
+
+def wallpapers(out: Path) -> None:
+    """The raster desktop backgrounds of gnome-backgrounds (WebP; its SVGs are not decoded by /score)."""
+    for p in sorted(Path(THEME_ROOTS[3]).iterdir()):
+        if p.suffix.lower() in SUFFIXES:
+            shutil.copyfile(p, out / p.name)
+
+
 SETS = {
     "1": ["symbolic", "glyphs-black", "glyphs-white", "white-silhouettes", "black-silhouettes", "gray-suite"],
     "2": ["system-images", "dark-text", "edges-white", "edges-black", "tinted-photos", "dark-photos"],
+    "3": ["theme-icons-large", "theme-icons-small", "theme-icons-256", "gray-theme-icons", "wallpapers"],
 }
 
 
@@ -157,10 +203,15 @@ def build(out: Path, which: str) -> list[Path]:
         symbolic(dirs["symbolic"])
         glyphs(dirs["glyphs-black"], dirs["glyphs-white"])
         silhouettes_and_gray(dirs["white-silhouettes"], dirs["black-silhouettes"], dirs["gray-suite"])
-    else:
+    elif which == "2":
         system_images(dirs["system-images"])
         dark_text(dirs["dark-text"])
         photo_variants(dirs["edges-white"], dirs["edges-black"], dirs["tinted-photos"], dirs["dark-photos"])
+    else:
+        theme_icons(dirs["theme-icons-large"], (32, 48), 30, seed=3, gray=dirs["gray-theme-icons"])
+        theme_icons(dirs["theme-icons-small"], (16, 22), 30, seed=4)
+        theme_icons(dirs["theme-icons-256"], (256,), 20, seed=5)
+        wallpapers(dirs["wallpapers"])
     return list(dirs.values())
 
 

@@ -31,9 +31,10 @@ def add_calibrate(sub: Any) -> None:
     c.add_argument(
         "--confidence",
         type=float,
-        default=0.9,
+        default=0.0,
         help="pick each threshold so that its false-positive rate is at most --fpr with this probability over the "
-        "draw of the calibration images (default 0.9; 0: the conformal threshold, whose rate is about --fpr)",
+        "draw of the calibration images, a higher threshold (e.g. 0.9); default 0: the conformal threshold, whose "
+        "rate is --fpr on average",
     )
     c.add_argument(
         "--neighbours",

@@ -147,6 +147,23 @@ def test_calibrate_then_eval_ood_end_to_end(tiny_model: Path, tmp_path: Path, ca
         assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_calibrate_defaults_to_the_conformal_threshold_and_confidence_raises_it(tiny_model: Path, tmp_path: Path):
+    """Without --confidence every threshold is the conformal k-th smallest score, k = ceil((n+1)(1-fpr)),
+    so its false-positive rate is the target on average; --confidence 0.9 leaves fewer scores above."""
+    valid = npz(tmp_path / "valid.npz", 200, 0, high=64)
+    argv = ["calibrate", "--model", str(tiny_model), "--data", valid, "--fpr", "0.05", "--no-progress", "--cache", ""]
+    assert main(argv) == 0
+    cal = read_metadata(tiny_model)["calibration"]
+    assert cal["confidence"] is None and cal["method"].startswith("threshold = k-th smallest score")
+    nll = cal["scores"]["nll"]
+    k = math.ceil((nll["n"] + 1) * (1 - 0.05))
+    assert nll["n"] == 200 and nll["above"] == nll["n"] - k == 9
+    assert main([*argv, "--confidence", "0.9"]) == 0
+    confident = read_metadata(tiny_model)["calibration"]["scores"]["nll"]
+    assert confident["confidence"] == 0.9 and confident["above"] < nll["above"]
+    assert confident["threshold"] > nll["threshold"]
+
+
 def test_colour_check_in_calibration_and_eval_ood_of_files(tiny_model: Path, tmp_path: Path):
     """calibrate writes the colour check (options, --no-colour-check); eval-ood flags the colour files
     of a files: set as /score does, whatever their score, and reports the share flagged by the score."""
