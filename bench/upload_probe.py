@@ -20,11 +20,12 @@ Python sources in DejaVu Sans Mono, light gray on near-black), ``edges-white`` a
 photos in gray, underexposed: gamma 2.2, 60%).
 
 ``--set 3`` (session 15): other desktop icon themes and wallpapers, from Debian packages installed for
-it (``apt-get install tango-icon-theme oxygen-icon-theme gnome-icon-theme gnome-backgrounds``; the suite's
-icons are Adwaita's): ``theme-icons-large`` (30 full-colour icons of 32 or 48 px from each theme),
-``theme-icons-small`` (16 or 22 px), ``theme-icons-256`` (256 px, oxygen and gnome), ``gray-theme-icons``
-(the large ones in gray, alpha kept: the colour check cannot see them), ``wallpapers`` (gnome-backgrounds'
-WebP images).
+it (``apt-get install tango-icon-theme oxygen-icon-theme gnome-icon-theme gnome-backgrounds ukui-wallpapers
+lomiri-wallpapers-20.04``; the suite's icons are Adwaita's): ``theme-icons-large`` (30 full-colour icons of
+32 or 48 px from each theme), ``theme-icons-small`` (16 or 22 px), ``theme-icons-256`` (256 px, oxygen and
+gnome), ``gray-theme-icons`` (the large ones in gray, alpha kept: the colour check cannot see them),
+``wallpapers`` (every raster image under /usr/share/backgrounds: photos, paintings, abstract art),
+``gray-wallpapers`` (the same in gray).
 
     python bench/upload_probe.py --out /tmp/upload-probe --model checkpoints/pixelcnn-fmnist ...
     python bench/upload_probe.py --set 2 --out /tmp/upload-probe-2 --model checkpoints/pixelcnn-fmnist ...
@@ -56,12 +57,13 @@ ICONS = Path("/usr/share/icons/Adwaita")
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 MONO = Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf")
 # set 3's sources (Debian packages installed for it: tango-icon-theme, oxygen-icon-theme, gnome-icon-theme,
-# gnome-backgrounds), kept out of set 2's scan so that set 2 stays what it was
+# gnome-backgrounds, ukui-wallpapers, lomiri-wallpapers-20.04), kept out of set 2's scan so that set 2 stays
+# what it was
 THEME_ROOTS = (
     "/usr/share/icons/Tango/",
     "/usr/share/icons/oxygen/",
     "/usr/share/icons/gnome/",
-    "/usr/share/backgrounds/gnome/",
+    "/usr/share/backgrounds/",
 )
 # where installed images are looked for, and what is left out: the suite's sources, copies of this repository
 SYSTEM_ROOTS = ("/usr", "/root", "/opt")
@@ -180,16 +182,24 @@ def theme_icons(out: Path, sizes: tuple[int, ...], per_theme: int, *, seed: int,
 
 
 def wallpapers(out: Path) -> None:
-    """The raster desktop backgrounds of gnome-backgrounds (WebP; its SVGs are not decoded by /score)."""
-    for p in sorted(Path(THEME_ROOTS[3]).iterdir()):
-        if p.suffix.lower() in SUFFIXES:
-            shutil.copyfile(p, out / p.name)
+    """The raster desktop backgrounds installed (photos, paintings, abstract art: GNOME's WebP images,
+    UKUI's and Lomiri's JPEGs and PNGs; SVGs are not decoded by /score)."""
+    for p in sorted(Path(THEME_ROOTS[3]).rglob("*")):
+        if p.is_file() and p.suffix.lower() in SUFFIXES:
+            shutil.copyfile(p, out / f"{p.parent.name}-{p.name}")
 
 
 SETS = {
     "1": ["symbolic", "glyphs-black", "glyphs-white", "white-silhouettes", "black-silhouettes", "gray-suite"],
     "2": ["system-images", "dark-text", "edges-white", "edges-black", "tinted-photos", "dark-photos"],
-    "3": ["theme-icons-large", "theme-icons-small", "theme-icons-256", "gray-theme-icons", "wallpapers"],
+    "3": [
+        "theme-icons-large",
+        "theme-icons-small",
+        "theme-icons-256",
+        "gray-theme-icons",
+        "wallpapers",
+        "gray-wallpapers",
+    ],
 }
 
 
@@ -212,6 +222,8 @@ def build(out: Path, which: str) -> list[Path]:
         theme_icons(dirs["theme-icons-small"], (16, 22), 30, seed=4)
         theme_icons(dirs["theme-icons-256"], (256,), 20, seed=5)
         wallpapers(dirs["wallpapers"])
+        for p in sorted(dirs["wallpapers"].iterdir()):
+            Image.open(p).convert("L").save(dirs["gray-wallpapers"] / f"{p.stem}.png")
     return list(dirs.values())
 
 
