@@ -229,6 +229,13 @@ def colour_fraction(im: Image.Image, tolerance: int) -> float:
     return _chroma_fraction(convert_mode(im, "RGB"), tolerance)
 
 
+def from_levels(images: np.ndarray, levels: int) -> np.ndarray:
+    """Integer levels 0..levels-1 -> 8-bit values 0..255 (identity for levels=256)."""
+    if levels == 256:
+        return images.astype(np.uint8)
+    return np.round(images.astype(np.float64) * 255.0 / (levels - 1)).clip(0, 255).astype(np.uint8)
+
+
 def to_levels(images: np.ndarray, levels: int) -> np.ndarray:
     """8-bit values 0..255 -> integer levels 0..levels-1 (identity for levels=256)."""
     if levels == 256:

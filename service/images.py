@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from models import image_convert
-from models.image_convert import ALLOWED_FORMATS, MODES, convert_mode, describe_unsupported, to_levels
+from models.image_convert import ALLOWED_FORMATS, MODES, convert_mode, describe_unsupported, from_levels, to_levels
 from service.errors import BadRequest, PayloadTooLarge
 
-__all__ = ["ALLOWED_FORMATS", "MODES", "convert_mode", "to_levels"]
+__all__ = ["ALLOWED_FORMATS", "MODES", "convert_mode", "from_levels", "to_levels"]
 CONVERTIBLE = "send it as grayscale or RGB(A), e.g. a PNG or JPEG"
 MODE_NAMES = {
     "L": "grayscale",
@@ -148,13 +148,6 @@ def fit_with_colour(
         raise BadRequest(
             f"image {index} is {describe_mode(im.mode)}, which cannot be converted ({e}); {CONVERTIBLE}"
         ) from e
-
-
-def from_levels(images: np.ndarray, levels: int) -> np.ndarray:
-    """Integer levels 0..levels-1 -> 8-bit values 0..255 (identity for levels=256)."""
-    if levels == 256:
-        return images.astype(np.uint8)
-    return np.round(images.astype(np.float64) * 255.0 / (levels - 1)).clip(0, 255).astype(np.uint8)
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -26,7 +26,7 @@ def add_calibrate(sub: Any) -> None:
         "threshold for the target false-positive rate in the checkpoint's calibration (weights untouched).",
     )
     c.add_argument("--model", required=True, help="checkpoint folder (its background/ companion is used too)")
-    c.add_argument("--data", help="held-out in-distribution data (default: the training data set's valid split)")
+    add_data_options(c)
     c.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     c.add_argument(
         "--confidence",
@@ -54,7 +54,6 @@ def add_calibrate(sub: Any) -> None:
     )
     c.add_argument("--default", help="default score type (default: complexity, the evaluation's choice)")
     c.add_argument("--vae-k", type=int, help="IWAE samples behind a VAE's scores (default 1)")
-    c.add_argument("--limit", type=int, help="calibrate on a seeded random subset of this many images")
     c.add_argument(
         "--keep",
         action="append",
@@ -75,6 +74,19 @@ def add_calibrate(sub: Any) -> None:
     c.add_argument("--no-progress", action="store_true")
     add_colour_options(c)
     c.set_defaults(func=calibrate_command)
+
+
+def add_data_options(c: Any) -> None:
+    """calibrate's options for the images it calibrates on."""
+    c.add_argument("--data", help="held-out in-distribution data (default: the training data set's valid split)")
+    c.add_argument("--limit", type=int, help="calibrate on a seeded random subset of this many images")
+    c.add_argument(
+        "--reencode",
+        action="store_true",
+        help="calibrate on the images re-encoded as a pipeline may send them (a third each kept exact, saved as "
+        "JPEG at quality 70-95, upscaled 2-4x), each decoded as /score decodes an upload, so that re-encoded "
+        "in-distribution images pass the gate (models/tools/reencode.py)",
+    )
 
 
 def add_colour_options(c: Any) -> None:
@@ -115,6 +127,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
     if spec.endswith(":test"):
         raise ValueError(f"calibrate on held-out validation data, never the test set ({spec}); e.g. NAME:valid")
     data = load_eval_set(spec, shape=scorer.model.shape, levels=scorer.model.levels, limit=args.limit)
+    if args.reencode:
+        from models.tools.reencode import reencode
+
+        data.images = reencode(data.images, scorer.model.levels)
+        spec = f"{spec}, re-encoded (a third each exact, JPEG quality 70-95, upscaled 2-4x: --reencode)"
     previous = (meta.get("calibration") or {}).get("scores") or {}
     keep = {}
     for name in args.keep or []:
