@@ -164,7 +164,8 @@ class _RowLSTMStepper:
         self.image[:, c, i, j] = value
         self.win0[:, c, -1] = value
 
-    def end_row(self, i: int) -> None:
+    def end_row(self, i: int, threads: int = 1) -> None:
+        """Row i is complete (``threads`` unused: a Row LSTM's row step is one small product per layer)."""
         self.h_prev, self.h_cur = self.h_cur, self.h_prev
         self.c_prev, self.c_cur = self.c_cur, self.c_prev
         self._start_row(self.image[:, :, i])

@@ -63,3 +63,18 @@ def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None
     # the sampling model is served by the second server only (every model in the folder)
     assert first["sample_seconds"] is None and second["sample_seconds"] > 0
     assert second["score_ms_p95_while_sampling"] >= second["score_ms_median_while_sampling"] > 0
+
+
+@pytest.mark.slow
+def test_sampling_ab_times_both_trees_and_compares_their_images(model_dir: Path) -> None:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)  # the baseline's source
+    if head.returncode != 0:
+        pytest.skip("not a git checkout: the bench unpacks its baseline with git archive")
+    r = run_json(
+        "bench/sampling_ab.py", "--model", str(model_dir / "pixelcnn-cond"), "--n", "3", "--rounds", "2",
+        "--baseline", "HEAD", "--labels", "--row-threads", "2",
+    )  # fmt: skip
+    assert r["model"] == "pixelcnn-cond" and r["n"] == 3 and r["baseline"] == "HEAD"
+    assert len(r["rounds"]["baseline"]) == len(r["rounds"]["this tree"]) == 2
+    assert r["speedup"] == pytest.approx(r["median_seconds"]["baseline"] / r["median_seconds"]["this tree"], abs=0.02)
+    assert r["identical_images"] is True  # HEAD's sampler and this tree's draw the same images

@@ -163,3 +163,75 @@ def test_a_cpu_generation_runs_on_one_thread_and_gives_the_count_back() -> None:
     finally:
         cached.CPU_THREADS = 1
     assert torch.equal(out.images, again.images)
+
+
+def test_split_batch_covers_every_image_once_on_one_torch_thread_each() -> None:
+    import threading
+
+    from models.sampling.cached import split_batch
+
+    torch.set_num_threads(2)
+    seen: list[tuple[int, int, int, bool, int]] = []
+    lock = threading.Lock()
+
+    def share(rows: slice) -> None:
+        with lock:
+            seen.append(
+                (rows.start, rows.stop, torch.get_num_threads(), torch.is_grad_enabled(), threading.get_ident())
+            )
+
+    with torch.no_grad():
+        split_batch(share, 10, 3)
+    assert sorted((a, b) for a, b, *_ in seen) == [(0, 3), (3, 6), (6, 10)]
+    assert all(grad is False for *_, grad, _ in seen)  # the caller's autograd mode on every thread
+    me = threading.get_ident()
+    assert [a for a, *_, ident in seen if ident == me] == [0]  # the first share here, the others on helpers
+    assert all(t == 1 for a, _, t, _, _ in seen if a != 0)  # helpers: one torch thread each
+    assert torch.get_num_threads() == 2
+    seen.clear()
+    split_batch(share, 2, 4)  # never more shares than images
+    assert sorted((a, b) for a, b, *_ in seen) == [(0, 1), (1, 2)]
+
+
+def test_split_batch_waits_for_every_share_and_raises_the_first_error() -> None:
+    import time
+
+    from models.sampling.cached import split_batch
+
+    done: list[int] = []
+
+    def share(rows: slice) -> None:
+        if rows.start == 0:
+            raise ValueError("this thread's share failed")
+        time.sleep(0.05)
+        done.append(rows.start)
+
+    with pytest.raises(ValueError, match="this thread's share"):
+        split_batch(share, 4, 2)
+    assert done == [2]  # the helper's share finished before the error came back
+
+    def helper_fails(rows: slice) -> None:
+        if rows.start != 0:
+            raise KeyError("a helper's share failed")
+
+    with pytest.raises(KeyError):
+        split_batch(helper_fails, 4, 2)
+
+
+@pytest.mark.parametrize("n_classes", [None, 3])
+def test_row_steps_split_over_threads_draw_the_same_images(n_classes: int | None) -> None:
+    from models.sampling import cached
+
+    model = random_model(seed=4, in_channels=3, n_classes=n_classes)
+    y = torch.tensor([0, 2, 1, 1, 0]) if n_classes else None
+    draws = []
+    for threads in (1, 2, 3):
+        cached.ROW_THREADS = threads
+        try:
+            with torch.inference_mode():
+                draws.append(sample_cached(model, 5, generator=torch.Generator().manual_seed(7), y=y))
+        finally:
+            cached.ROW_THREADS = None
+    for out in draws[1:]:
+        assert torch.equal(out.images, draws[0].images)
+        assert torch.allclose(out.log_prob, draws[0].log_prob)  # type: ignore[arg-type]
