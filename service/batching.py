@@ -38,8 +38,8 @@ from typing import Any, TypeVar
 import torch
 
 from models.base import DensityModel
-from models.sampling.cached import torch_threads
 from models.scoring.scorer import Scorer
+from models.threads import torch_threads
 from service.arrivals import Arrivals
 from service.compute import ComputeThread
 from service.errors import Unavailable

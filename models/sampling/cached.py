@@ -9,11 +9,8 @@ exact log-probability of what was drawn, progress reports, and cancelled parts l
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 import torch
@@ -27,6 +24,7 @@ from models.base import (
     draw_categorical,
 )
 from models.likelihood import to_unit_range
+from models.threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +152,7 @@ class Stepper(Protocol):
 
     def end_row(self, i: int, threads: int) -> None:
         """Row i is complete: update whatever the next row reads (on up to ``threads`` threads:
-        :func:`split_batch`)."""
+        :func:`models.threads.split_batch`)."""
         ...
 
     def select(self, idx: Tensor) -> None:
@@ -174,61 +172,6 @@ CPU_THREADS: int | None = 1
 # of the images through the whole row step, one hand-off per row rather than OpenMP's barrier per
 # operation, which a busy machine turns into a wait for a core at every one (docs/sampling.md).
 ROW_THREADS: int | None = None
-
-_row_pool: ThreadPoolExecutor | None = None
-_row_pool_lock = threading.Lock()
-
-
-def _helpers(k: int) -> ThreadPoolExecutor:
-    """The shared pool of helper threads for :func:`split_batch`, grown to at least ``k``."""
-    global _row_pool
-    with _row_pool_lock:
-        if _row_pool is None or _row_pool._max_workers < k:
-            _row_pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="genserve-rows")
-        return _row_pool
-
-
-def _on_one_thread(fn: Callable[[slice], None], rows: slice, grad: bool, inference: bool) -> None:
-    """``fn(rows)`` on a helper thread, in the caller's autograd modes (they are per thread)."""
-    with torch_threads(1), torch.inference_mode(inference), torch.set_grad_enabled(grad):
-        fn(rows)
-
-
-def split_batch(fn: Callable[[slice], None], n: int, workers: int) -> None:
-    """``fn(rows)`` for up to ``workers`` contiguous slices of a batch of n images, the first on
-    this thread and the others on helper threads of one torch thread each; returns when all are
-    done (the first error raised, once all are). ``fn`` must only touch its own rows."""
-    k = max(1, min(workers, n))
-    bounds = [n * p // k for p in range(k + 1)]
-    parts = [slice(bounds[p], bounds[p + 1]) for p in range(k)]
-    if k == 1:
-        fn(parts[0])
-        return
-    pool = _helpers(k - 1)
-    modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    futures = [pool.submit(_on_one_thread, fn, rows, *modes) for rows in parts[1:]]
-    try:
-        fn(parts[0])
-    finally:
-        for f in futures:
-            f.exception()  # wait for every helper, even if this thread's share failed
-    for f in futures:
-        f.result()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` inside the block, the previous count after it (nothing to do if
-    n is None or already the count). Changing the count costs milliseconds: not per step."""
-    prev = torch.get_num_threads()
-    if n is None or n == prev:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _report_row(

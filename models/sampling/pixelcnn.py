@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from models.base import RowCallback, SampleOutput, SamplePart, StepCallback
 from models.layers import Conv1x1, GatedBlock, HorizontalConv
-from models.sampling.cached import LogitsHook, SampledModel, StepGraphs, masked_matrix, run_parts, split_batch
+from models.sampling.cached import LogitsHook, SampledModel, StepGraphs, masked_matrix, run_parts
+from models.threads import split_batch
 
 
 class _Config(Protocol):
@@ -287,7 +288,7 @@ class _PixelCNNStepper:
 
     def _row_step(self, i: int, rows: slice) -> None:
         """Row i is complete: every layer's vertical output for row i and the links for row i+1,
-        for the images ``rows`` (:func:`models.sampling.cached.split_batch` shares them out)."""
+        for the images ``rows`` (:func:`models.threads.split_batch` shares them out)."""
         below = self.xin[rows]
         for li, layer in enumerate(self.layers):
             conv = layer.block.v_conv

@@ -168,7 +168,7 @@ def test_a_cpu_generation_runs_on_one_thread_and_gives_the_count_back() -> None:
 def test_split_batch_covers_every_image_once_on_one_torch_thread_each() -> None:
     import threading
 
-    from models.sampling.cached import split_batch
+    from models.threads import split_batch
 
     torch.set_num_threads(2)
     seen: list[tuple[int, int, int, bool, int]] = []
@@ -196,7 +196,7 @@ def test_split_batch_covers_every_image_once_on_one_torch_thread_each() -> None:
 def test_split_batch_waits_for_every_share_and_raises_the_first_error() -> None:
     import time
 
-    from models.sampling.cached import split_batch
+    from models.threads import split_batch
 
     done: list[int] = []
 

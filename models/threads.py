@@ -1,0 +1,76 @@
+"""Spreading CPU work over threads: torch's own (OpenMP) threads, or a batch's images shared out.
+
+torch parallelises each operation over its OpenMP threads, with a barrier at its end. For large
+operations on an idle machine that is the fastest; for many small ones, or on a machine whose cores
+are busy with other work, every barrier waits for a helper thread that has lost its core. Sharing
+out a batch's *images* instead (:func:`split_batch`) hands work over once per share: each thread
+runs the whole computation for its images on one torch thread (docs/sampling.md, "Session 16").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _helpers(k: int) -> ThreadPoolExecutor:
+    """The shared pool of helper threads for :func:`split_batch`, of at least ``k`` threads (a
+    larger one replaces it; its threads end once their work is done)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < k:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=k, thread_name_prefix="genserve-share"), k
+        return _pool
+
+
+def _on_one_thread(fn: Callable[[slice], None], rows: slice, grad: bool, inference: bool) -> None:
+    """``fn(rows)`` on a helper thread, in the caller's autograd modes (they are per thread)."""
+    with torch_threads(1), torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        fn(rows)
+
+
+def split_batch(fn: Callable[[slice], None], n: int, workers: int) -> None:
+    """``fn(rows)`` for up to ``workers`` contiguous slices of a batch of n images, the first on
+    this thread and the others on helper threads of one torch thread each; returns when all are
+    done (the first error raised, once all are). ``fn`` must only touch its own rows."""
+    k = max(1, min(workers, n))
+    bounds = [n * p // k for p in range(k + 1)]
+    parts = [slice(bounds[p], bounds[p + 1]) for p in range(k)]
+    if k == 1:
+        fn(parts[0])
+        return
+    pool = _helpers(k - 1)
+    modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    futures = [pool.submit(_on_one_thread, fn, rows, *modes) for rows in parts[1:]]
+    try:
+        fn(parts[0])
+    finally:
+        for f in futures:
+            f.exception()  # wait for every helper, even if this thread's share failed
+    for f in futures:
+        f.result()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside the block, the previous count after it (nothing to do if
+    n is None or already the count). Changing the count costs milliseconds: not per step."""
+    prev = torch.get_num_threads()
+    if n is None or n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
