@@ -251,9 +251,9 @@ class _PixelCNNStepper:
         x_col: Tensor | None = None
         for li, layer in enumerate(self.layers):
             if li == 0:
-                window = self.xcols[:, o : o + self.kw0].reshape(n, -1)
+                window = self.xcols[:, o : o + self.kw0].view(n, -1)  # a view, never a copy
             else:
-                window = self.hcols[li - 1, :, o : o + self.kw].reshape(n, -1)
+                window = self.hcols[li - 1, :, o : o + self.kw].view(n, -1)
             out = self.h_last if li == last else self.hcols[li, :, o + self.kw - 1]
             plan.append((window, link[li], out, None if layer.first else x_col))
             x_col = out
