@@ -104,7 +104,7 @@ def main() -> None:
         "baseline": args.baseline,
         "busy": args.busy,
         "rounds": {k: [round(t, 3) for t in v] for k, v in times.items()},
-        "median_seconds": {k: round(v, 3) for k, v in med.items()},
+        "median_seconds": {k: round(v, 4) for k, v in med.items()},
         "speedup": round(med["baseline"] / med["this tree"], 2),
         "identical_images": identical,
     }

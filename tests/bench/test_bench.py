@@ -76,5 +76,6 @@ def test_sampling_ab_times_both_trees_and_compares_their_images(model_dir: Path)
     )  # fmt: skip
     assert r["model"] == "pixelcnn-cond" and r["n"] == 3 and r["baseline"] == "HEAD"
     assert len(r["rounds"]["baseline"]) == len(r["rounds"]["this tree"]) == 2
-    assert r["speedup"] == pytest.approx(r["median_seconds"]["baseline"] / r["median_seconds"]["this tree"], abs=0.02)
+    ratio = r["median_seconds"]["baseline"] / r["median_seconds"]["this tree"]  # of medians rounded to 0.1 ms
+    assert r["speedup"] == pytest.approx(ratio, rel=0.05, abs=0.01)
     assert r["identical_images"] is True  # HEAD's sampler and this tree's draw the same images
