@@ -74,12 +74,19 @@ def masked_matrix(conv: MaskedConv) -> Tensor:
     return w.reshape(w.shape[0], -1).t().contiguous()
 
 
-def next_column(*windows: Tensor) -> None:
-    """Move column windows (..., k) on by one pixel, in place: every column one to the left, the
-    last (the new pixel's, written by the next step or draw) zero. The tensors keep their addresses."""
-    for w in windows:
-        w[..., :-1] = w[..., 1:].clone()
-        w[..., -1] = 0
+def column_matrix(conv: MaskedConv) -> Tensor:
+    """A 1 x k masked conv's weight as a matrix (k*in_ch, out_ch), rows in (column, channel) order:
+    a channels-last window (n, k, in_ch) flattened times this matrix is the conv's output."""
+    w = (conv.weight * conv.mask)[:, :, 0]  # (out, in, k)
+    return w.permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
+
+
+def shift_columns(*buffers: Tensor) -> None:
+    """Move channels-last column buffers (layers, n, k, channels) on by one pixel, in place: every
+    column one to the left, the last (the new pixel's) zero. The tensors keep their addresses."""
+    for cols in buffers:
+        cols[:, :, :-1] = cols[:, :, 1:].clone()
+        cols[:, :, -1] = 0
 
 
 def capture_cuda_graph(step: Callable[[], Tensor], state: list[Tensor]) -> tuple[Callable[[], None], Tensor]:

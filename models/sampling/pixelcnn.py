@@ -26,8 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import RowCallback, SampleOutput, SamplePart, StepCallback
-from models.layers import Conv1x1, GatedBlock, HorizontalConv
-from models.sampling.cached import LogitsHook, SampledModel, StepGraphs, masked_matrix, run_parts
+from models.layers import Conv1x1, GatedBlock
+from models.sampling.cached import (
+    LogitsHook,
+    SampledModel,
+    StepGraphs,
+    column_matrix,
+    masked_matrix,
+    run_parts,
+    shift_columns,
+)
 from models.threads import split_batch
 
 
@@ -57,13 +65,6 @@ class PixelCNN(SampledModel, Protocol):
     def out2(self) -> Conv1x1: ...
 
 
-def _column_matrix(conv: HorizontalConv) -> Tensor:
-    """A 1 x kw masked conv's weight as a matrix (kw*in_ch, out_ch), rows in (column, channel)
-    order: a channels-last window (n, kw, in_ch) flattened times this matrix is the conv's output."""
-    w = (conv.weight * conv.mask)[:, :, 0]  # (out, in, kw)
-    return w.permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
-
-
 class _Layer:
     """Matrices of one gated block, prepared once per sampling call.
 
@@ -81,7 +82,7 @@ class _Layer:
         self.hidden = h
         w = block.h_res.weight
         self.half = torch.cat([torch.ones(h), torch.full((h,), 0.5)]).to(w.device, w.dtype)  # (2h,)
-        self.h_w = torch.cat([_column_matrix(block.h_conv_a), _column_matrix(block.h_conv_b)], dim=1) * self.half
+        self.h_w = torch.cat([column_matrix(block.h_conv_a), column_matrix(block.h_conv_b)], dim=1) * self.half
         self.res_w = torch.cat([0.5 * masked_matrix(block.h_res), block.h_res.bias[None]])  # (h+1, h)
         self.skip_w = torch.cat([0.5 * masked_matrix(block.h_skip), block.h_skip.bias[None]])  # (h+1, h)
         v_to_h = block.v_to_h.weight[:, :, 0, 0]  # (2h, 2h)
@@ -262,9 +263,7 @@ class _PixelCNNStepper:
     def _shift_step(self, shift: bool) -> Tensor:
         """The CUDA-graph step: shift the one-window buffers to a new pixel if ``shift``, then step."""
         if shift:
-            for cols in (self.xcols[None], self.hcols):  # (layers, n, kw, channels)
-                cols[:, :, :-1] = cols[:, :, 1:].clone()
-                cols[:, :, -1] = 0
+            shift_columns(self.xcols[None], self.hcols)
         return self._pixel_step(0)
 
     def _pixel_step(self, o: int) -> Tensor:
