@@ -10,6 +10,7 @@ runs the whole computation for its images on one torch thread (docs/sampling.md,
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,15 @@ def _helpers(k: int) -> ThreadPoolExecutor:
                 _pool.shutdown(wait=False)
             _pool, _pool_size = ThreadPoolExecutor(max_workers=k, thread_name_prefix="genserve-share"), k
         return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's helper threads do not exist here; start a pool afresh."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _on_one_thread(fn: Callable[[slice], None], rows: slice, grad: bool, inference: bool) -> None:

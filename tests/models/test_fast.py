@@ -235,3 +235,29 @@ def test_row_steps_split_over_threads_draw_the_same_images(n_classes: int | None
     for out in draws[1:]:
         assert torch.equal(out.images, draws[0].images)
         assert torch.allclose(out.log_prob, draws[0].log_prob)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_split_batch_works_in_a_forked_child_of_a_process_that_used_it() -> None:
+    import os
+    import time
+    import warnings
+
+    from models.threads import split_batch
+
+    split_batch(lambda rows: None, 4, 2)  # the parent now holds a helper thread
+    with warnings.catch_warnings():  # Python 3.12+ warns about forking a process that holds threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: its helper threads must be new ones, or the share would wait forever
+        seen: list[int] = []
+        split_batch(lambda rows: seen.append(rows.start), 4, 2)
+        os._exit(0 if sorted(seen) == [0, 2] else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("split_batch in the forked child waited for a helper thread that does not exist there")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
