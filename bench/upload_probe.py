@@ -27,6 +27,13 @@ gnome), ``gray-theme-icons`` (the large ones in gray, alpha kept: the colour che
 ``wallpapers`` (every raster image under /usr/share/backgrounds: photos, paintings, abstract art),
 ``gray-wallpapers`` (the same in gray).
 
+``--set 4`` (session 17): clip-art and game graphics, from Debian packages installed for it (``apt-get install
+openclipart-png pingus-data frozen-bubble-data``): ``clipart-objects`` (100 Open Clip Art Library drawings of
+objects, animals, people, food, vehicles...), ``clipart-symbols`` (60 signs, shapes, flags, logos),
+``clipart-computer`` (40 computer clip-art and icons), ``clipart-clothing`` (every clothing drawing: shirts,
+shoes, hats, bags; drawings, not Fashion-MNIST's photographs), ``gray-clipart`` (the objects in gray, alpha
+kept), ``sprites`` (80 sprites, tiles, buttons and backgrounds of two games).
+
     python bench/upload_probe.py --out /tmp/upload-probe --model checkpoints/pixelcnn-fmnist ...
     python bench/upload_probe.py --set 2 --out /tmp/upload-probe-2 --model checkpoints/pixelcnn-fmnist ...
 """
@@ -65,9 +72,15 @@ THEME_ROOTS = (
     "/usr/share/icons/gnome/",
     "/usr/share/backgrounds/",
 )
+# set 4's sources (Debian packages installed for it: openclipart-png, pingus-data, frozen-bubble-data), also
+# kept out of set 2's scan
+CLIPART = Path("/usr/share/openclipart/png")
+SPRITE_ROOTS = (Path("/usr/share/games/pingus"), Path("/usr/share/games/frozen-bubble"))
+SYMBOL_CATEGORIES = ("signs_and_symbols", "shapes", "buttons", "logos")
 # where installed images are looked for, and what is left out: the suite's sources, copies of this repository
 SYSTEM_ROOTS = ("/usr", "/root", "/opt")
 SKIP = ("/Adwaita/", "skimage/data", "upload-suite", "/.cache/", "/proc/", "/work/", "/tmp/", *THEME_ROOTS)
+SKIP += ("/openclipart/", "/games/")  # set 4's sources
 CHARS = "ABCDEFGHJKMNPQRSTUVWXYZ0123456789&?#@%$"
 
 
@@ -189,6 +202,58 @@ def wallpapers(out: Path) -> None:
             shutil.copyfile(p, out / f"{p.parent.name}-{p.name}")
 
 
+def _sample_unique(found: list[Path], n: int, seed: int, *, min_side: int = 16) -> list[Path]:
+    """Up to ``n`` of ``found`` in a seeded random order, one per content, at least ``min_side`` px."""
+    seen: set[str] = set()
+    picked: list[Path] = []
+    for p in random.Random(seed).sample(sorted(found), len(found)):
+        data = p.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        try:
+            if min(decode_file(data).size) < min_side:
+                continue
+        except Exception:  # not an image /score decodes
+            continue
+        picked.append(p)
+        if len(picked) == n:
+            break
+    return picked
+
+
+def _copy_with_gray(files: list[Path], out: Path, gray: Path | None = None) -> None:
+    for p in files:
+        name = "-".join(p.relative_to(p.parents[1]).parts)
+        shutil.copyfile(p, out / name)
+        if gray is not None:
+            rgba = np.asarray(Image.open(p).convert("RGBA"))
+            luma = np.asarray(Image.fromarray(rgba).convert("L"))
+            Image.fromarray(np.stack([luma, rgba[..., 3]], axis=-1), "LA").save(gray / f"{Path(name).stem}.png")
+
+
+def clipart(objects: Path, symbols: Path, computer: Path, clothing: Path, gray: Path) -> None:
+    """Open Clip Art Library PNGs (public domain): objects, people, animals, food...; signs, shapes and
+    logos; computer clip-art and icon themes; every clothing picture; the objects in gray, alpha kept."""
+    every = sorted(CLIPART.rglob("*.png"))
+    top = {p: p.relative_to(CLIPART).parts[0] for p in every}
+    wear = [p for p in every if "clothing" in p.relative_to(CLIPART).parts]
+    sym = [p for p in every if top[p] in SYMBOL_CATEGORIES]
+    comp = [p for p in every if top[p] == "computer"]
+    rest = [p for p in every if top[p] not in (*SYMBOL_CATEGORIES, "computer") and p not in set(wear)]
+    _copy_with_gray(_sample_unique(rest, 100, 6), objects, gray)
+    _copy_with_gray(_sample_unique(sym, 60, 7), symbols)
+    _copy_with_gray(_sample_unique(comp, 40, 8), computer)
+    _copy_with_gray(_sample_unique(wear, len(wear), 9), clothing)
+
+
+def sprites(out: Path) -> None:
+    """Game graphics (pingus-data, frozen-bubble-data; GPL): sprites, tiles, buttons, backgrounds."""
+    found = [p for root in SPRITE_ROOTS for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".gif")]
+    _copy_with_gray(_sample_unique(found, 80, 10), out)
+
+
 SETS = {
     "1": ["symbolic", "glyphs-black", "glyphs-white", "white-silhouettes", "black-silhouettes", "gray-suite"],
     "2": ["system-images", "dark-text", "edges-white", "edges-black", "tinted-photos", "dark-photos"],
@@ -200,6 +265,7 @@ SETS = {
         "wallpapers",
         "gray-wallpapers",
     ],
+    "4": ["clipart-objects", "clipart-symbols", "clipart-computer", "clipart-clothing", "gray-clipart", "sprites"],
 }
 
 
@@ -217,6 +283,9 @@ def build(out: Path, which: str) -> list[Path]:
         system_images(dirs["system-images"])
         dark_text(dirs["dark-text"])
         photo_variants(dirs["edges-white"], dirs["edges-black"], dirs["tinted-photos"], dirs["dark-photos"])
+    elif which == "4":
+        clipart(*(dirs[k] for k in SETS["4"][:5]))
+        sprites(dirs["sprites"])
     else:
         theme_icons(dirs["theme-icons-large"], (32, 48), 30, seed=3, gray=dirs["gray-theme-icons"])
         theme_icons(dirs["theme-icons-small"], (16, 22), 30, seed=4)
