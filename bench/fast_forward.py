@@ -3,8 +3,12 @@
 Loads one checkpoint and times ``log_prob`` on random images at each batch size with the reference
 forward pass (``PixelCNN.logits``: the convolutions of models/layers.py) and with the fast one
 (:class:`models.fast.FastPixelCNN`, what ``prepare_for_inference`` turns on for CPU), alternating
-the two call by call so that the machine's drift falls on both alike. Prints images/s, GFLOP/s (the
-multiply-adds of the convolutions, counted from the config, times two) and the speed-up.
+the variants call by call so that the machine's drift falls on all alike; the fast pass also with its
+direct products only (``FastPixelCNN(model, winograd=False)``: the row convolutions as unfolded
+matrix products, the pass before session 17's Winograd transforms, models/winograd.py). Prints
+images/s, GFLOP/s (the multiply-adds of the convolutions as direct computation does them, counted
+from the config, times two: with Winograd's transforms an effective rate, not the machine's) and
+the speed-ups.
 
 ``--peak`` also times plain float32 matrix products on the same threads (a 2048^3 one, and the
 vertical stack's convolution as one product at the largest batch), the ceiling any forward pass of
@@ -31,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.checkpoint import load_checkpoint
+from models.fast import FastPixelCNN
 from models.pixelcnn import PixelCNN
 from models.sampling import cached
 
@@ -58,7 +63,7 @@ def measure(model: PixelCNN, batch: int, seconds: float) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.levels, (batch, c, h, w), generator=gen).to(torch.uint8)
     y = torch.zeros(batch, dtype=torch.long) if model.n_classes is not None else None
-    variants = {"masked": None, "fast": fast}
+    variants = {"masked": None, "direct": FastPixelCNN(model, winograd=False), "fast": fast}
     spent = dict.fromkeys(variants, 0.0)
     calls = dict.fromkeys(variants, 0)
     for f in variants.values():  # warm-up
@@ -80,6 +85,7 @@ def measure(model: PixelCNN, batch: int, seconds: float) -> dict[str, Any]:
         out[f"{name}_images_per_s"] = ips
         out[f"{name}_gflop_per_s"] = ips * gflop
     out["speedup"] = out["fast_images_per_s"] / out["masked_images_per_s"]
+    out["winograd_gain"] = out["fast_images_per_s"] / out["direct_images_per_s"]
     return out
 
 
@@ -153,13 +159,16 @@ def main() -> None:
         return
     lines = [f"{args.model}: {result['gflop_per_image']:.2f} GFLOP per image, {result['threads']} threads", ""]
     lines.append(
-        "| batch | masked (images/s) | fast (images/s) | masked GFLOP/s | fast GFLOP/s | speed-up | calls each |"
+        "| batch | masked (images/s) | fast, direct products | fast (images/s) | masked GFLOP/s | fast GFLOP/s "
+        "| speed-up | Winograd's part | calls each |"
     )
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         lines.append(
-            f"| {r['batch']} | {r['masked_images_per_s']:.2f} | {r['fast_images_per_s']:.2f} "
-            f"| {r['masked_gflop_per_s']:.1f} | {r['fast_gflop_per_s']:.1f} | {r['speedup']:.2f}x | {r['calls']} |"
+            f"| {r['batch']} | {r['masked_images_per_s']:.2f} | {r['direct_images_per_s']:.2f} "
+            f"| {r['fast_images_per_s']:.2f} "
+            f"| {r['masked_gflop_per_s']:.1f} | {r['fast_gflop_per_s']:.1f} | {r['speedup']:.2f}x "
+            f"| {r['winograd_gain']:.2f}x | {r['calls']} |"
         )
     if args.peak:
         pk = result["peak_gflop_per_s"]

@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ab_trees import ROOT, alternate, unpack
+
 BASELINE = "0ac0100"
 
 
@@ -124,17 +127,12 @@ def _rounds(args: argparse.Namespace, times: dict[str, list[float]]) -> bool:
     import numpy as np
 
     with tempfile.TemporaryDirectory(prefix="sampling-ab-") as tmp:
-        base = Path(tmp) / "baseline"
-        base.mkdir()
-        archive = subprocess.run(["git", "archive", args.baseline, "models"], cwd=ROOT, check=True, capture_output=True)
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
-        trees = {"baseline": base, "this tree": ROOT}
-        for r in range(args.rounds):
-            order = list(trees) if r % 2 == 0 else list(reversed(trees))
-            for name in order:
-                out = Path(tmp) / f"{name.replace(' ', '-')}-{r}.json"
-                times[name].append(run_child(trees[name], args, out))
-                print(f"round {r + 1} {name}: {times[name][-1]:.3f} s", file=sys.stderr)  # noqa: T201
+        trees = {"baseline": unpack(args.baseline, Path(tmp) / "baseline"), "this tree": ROOT}
+
+        def run(name: str, root: Path, r: int) -> float:
+            return run_child(root, args, Path(tmp) / f"{name.replace(' ', '-')}-{r}.json")
+
+        times.update(alternate(trees, args.rounds, run))
         return all(
             np.array_equal(np.load(Path(tmp) / f"baseline-{r}.npy"), np.load(Path(tmp) / f"this-tree-{r}.npy"))
             for r in range(args.rounds)

@@ -79,3 +79,27 @@ def test_sampling_ab_times_both_trees_and_compares_their_images(model_dir: Path)
     ratio = r["median_seconds"]["baseline"] / r["median_seconds"]["this tree"]  # of medians rounded to 0.1 ms
     assert r["speedup"] == pytest.approx(ratio, rel=0.05, abs=0.01)
     assert r["identical_images"] is True  # HEAD's sampler and this tree's draw the same images
+
+
+@pytest.mark.slow
+def test_log_prob_ab_times_both_trees_and_compares_their_log_likelihoods(model_dir: Path, tmp_path: Path) -> None:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)  # the baseline's source
+    if head.returncode != 0:
+        pytest.skip("not a git checkout: the bench unpacks its baseline with git archive")
+    import numpy as np
+
+    from models.checkpoint import read_metadata
+
+    cfg = read_metadata(model_dir / "pixelcnn-cond")["config"]
+    shape = (5, cfg["in_channels"], cfg["height"], cfg["width"])
+    images = np.random.default_rng(0).integers(0, cfg["levels"], shape).astype(np.uint8)
+    np.savez(tmp_path / "x.npz", images=images, labels=np.array([0, 1, 2, 0, 1]))
+    r = run_json(
+        "bench/log_prob_ab.py", "--model", str(model_dir / "pixelcnn-cond"), "--batch", "1", "4", "--seconds", "0.2",
+        "--rounds", "2", "--baseline", "HEAD", "--images", f"npz:{tmp_path / 'x.npz'}",
+    )  # fmt: skip
+    assert r["model"] == "pixelcnn-cond" and r["baseline"] == "HEAD" and [row["batch"] for row in r["rows"]] == [1, 4]
+    for row in r["rows"]:
+        assert len(row["baseline"]) == len(row["this tree"]) == 2 and min(row["baseline"] + row["this tree"]) > 0
+        assert row["speedup"] == pytest.approx(row["median"]["this tree"] / row["median"]["baseline"], abs=0.01)
+        assert row["max_diff_nats_per_dim"] < 1e-4  # HEAD's log_prob and this tree's agree
