@@ -34,6 +34,12 @@ objects, animals, people, food, vehicles...), ``clipart-symbols`` (60 signs, sha
 shoes, hats, bags; drawings, not Fashion-MNIST's photographs), ``gray-clipart`` (the objects in gray, alpha
 kept), ``sprites`` (80 sprites, tiles, buttons and backgrounds of two games).
 
+``--set 5`` (session 17, drawn by this script): ``banners-light`` and ``banners-dark`` (20 text-only
+web banners each, dark text on light and light text on dark), ``signatures-black`` and
+``signatures-white`` (20 pen-stroke scribbles each, black on white and white on black), ``scans``
+(20 scanned-looking text pages: tilted, noisy, JPEG), ``receipts`` (20 narrow till receipts),
+``phones`` (20 phone screenshots of a list, light and dark mode).
+
     python bench/upload_probe.py --out /tmp/upload-probe --model checkpoints/pixelcnn-fmnist ...
     python bench/upload_probe.py --set 2 --out /tmp/upload-probe-2 --model checkpoints/pixelcnn-fmnist ...
 """
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import random
 import shutil
@@ -63,6 +70,7 @@ SUITE = Path(__file__).resolve().parents[1] / "data" / "upload-suite"
 ICONS = Path("/usr/share/icons/Adwaita")
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 MONO = Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf")
+DEJAVU_DIR = FONT.parent
 # set 3's sources (Debian packages installed for it: tango-icon-theme, oxygen-icon-theme, gnome-icon-theme,
 # gnome-backgrounds, ukui-wallpapers, lomiri-wallpapers-20.04), kept out of set 2's scan so that set 2 stays
 # what it was
@@ -202,6 +210,68 @@ def wallpapers(out: Path) -> None:
             shutil.copyfile(p, out / f"{p.parent.name}-{p.name}")
 
 
+def _words(n: int, rng: random.Random) -> str:
+    words = Path("/usr/share/common-licenses/GPL-3").read_text().split()
+    return " ".join(rng.sample(words, n))
+
+
+def banners(light: Path, dark: Path) -> None:
+    """Text-only web banners (728x90, 468x60, 320x50, 970x250) in DejaVu fonts: dark text on light
+    backgrounds, and light text on dark ones."""
+    rng, fonts = random.Random(11), sorted(DEJAVU_DIR.glob("*.ttf"))
+    for i in range(40):
+        w, h = rng.choice([(728, 90), (468, 60), (320, 50), (970, 250)])
+        on_dark = i % 2 == 1
+        bg = rng.choice([0, 20, 40]) if on_dark else rng.choice([255, 235, 200])
+        im = Image.new("L", (w, h), bg)
+        font = ImageFont.truetype(str(rng.choice(fonts)), int(h * 0.5))
+        ImageDraw.Draw(im).text((w // 2, h // 2), _words(3, rng)[:30], fill=255 - bg, font=font, anchor="mm")
+        im.save((dark if on_dark else light) / f"{i:02d}.png")
+
+
+def signatures(black: Path, white: Path) -> None:
+    """Hand-drawn-looking pen strokes (a wavering line, 400x150): black on white, and white on black."""
+    rng = random.Random(12)
+    for i in range(40):
+        on_black = i % 2 == 1
+        im = Image.new("L", (400, 150), 0 if on_black else 255)
+        x, pts = 20.0, []
+        period = rng.uniform(1.5, 4)
+        for t in range(60):
+            x += rng.uniform(3, 8)
+            pts.append((x, 75 + 40 * math.sin(t / period) + rng.uniform(-10, 10)))
+        ImageDraw.Draw(im).line(pts, fill=255 if on_black else 0, width=rng.choice([2, 3, 5]))
+        im.save((white if on_black else black) / f"{i:02d}.png")
+
+
+def paperwork(scans: Path, receipts: Path, phones: Path) -> None:
+    """Scanned pages (gray text, tilted, noisy, JPEG), till receipts (narrow, tall) and phone screenshots
+    (a list of rows with avatars, light and dark mode, 540x1200)."""
+    rng, mono = random.Random(13), ImageFont.truetype(str(MONO), 14)
+    for i in range(20):
+        page = Image.new("L", (850, 1100), 245)
+        draw, font = ImageDraw.Draw(page), ImageFont.truetype(str(FONT if i % 2 else MONO), 18)
+        for j in range(40):
+            draw.text((60, 60 + j * 24), _words(10, rng)[:80], fill=40, font=font)
+        page = page.rotate(rng.uniform(-3, 3), fillcolor=200, expand=True)
+        noisy = np.asarray(page, np.float32) + np.random.default_rng(i).normal(0, 8, page.size[::-1])
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(scans / f"{i:02d}.jpg", quality=70)
+        receipt = Image.new("L", (300, 900), 250)
+        for j in range(45):
+            line = f"{_words(2, rng)[:18]:20s}{rng.uniform(1, 99):6.2f}"
+            ImageDraw.Draw(receipt).text((10, 10 + j * 19), line, fill=20, font=mono)
+        receipt.save(receipts / f"{i:02d}.jpg", quality=80)
+        bg, fg = (18, 220) if i % 2 else (250, 30)
+        phone = Image.new("L", (540, 1200), bg)
+        draw, font = ImageDraw.Draw(phone), ImageFont.truetype(str(FONT), 28)
+        draw.rectangle([0, 0, 540, 50], fill=bg + (20 if i % 2 else -20))
+        for y in range(80, 1140, 100):
+            draw.ellipse([20, y, 80, y + 60], fill=rng.randrange(60, 200))
+            draw.text((100, y + 10), _words(3, rng)[:24], fill=fg, font=font)
+            draw.line([0, y + 80, 540, y + 80], fill=128)
+        phone.save(phones / f"{i:02d}.png")
+
+
 def _sample_unique(found: list[Path], n: int, seed: int, *, min_side: int = 16) -> list[Path]:
     """Up to ``n`` of ``found`` in a seeded random order, one per content, at least ``min_side`` px."""
     seen: set[str] = set()
@@ -266,6 +336,7 @@ SETS = {
         "gray-wallpapers",
     ],
     "4": ["clipart-objects", "clipart-symbols", "clipart-computer", "clipart-clothing", "gray-clipart", "sprites"],
+    "5": ["banners-light", "banners-dark", "signatures-black", "signatures-white", "scans", "receipts", "phones"],
 }
 
 
@@ -286,6 +357,10 @@ def build(out: Path, which: str) -> list[Path]:
     elif which == "4":
         clipart(*(dirs[k] for k in SETS["4"][:5]))
         sprites(dirs["sprites"])
+    elif which == "5":
+        banners(dirs["banners-light"], dirs["banners-dark"])
+        signatures(dirs["signatures-black"], dirs["signatures-white"])
+        paperwork(dirs["scans"], dirs["receipts"], dirs["phones"])
     else:
         theme_icons(dirs["theme-icons-large"], (32, 48), 30, seed=3, gray=dirs["gray-theme-icons"])
         theme_icons(dirs["theme-icons-small"], (16, 22), 30, seed=4)

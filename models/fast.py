@@ -179,7 +179,7 @@ class FastPixelCNN:
         threads = torch.get_num_threads()
         if x.shape[0] < 2 or threads < 2:
             return self._pixel_log_prob(x, y)
-        out = torch.empty(x.shape, dtype=torch.float32)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
         def share(rows: slice) -> None:
             out[rows] = self._pixel_log_prob(x[rows], None if y is None else y[rows])

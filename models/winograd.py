@@ -148,7 +148,7 @@ class RowWinograd:
         for i in range(1, self.kh):
             prod.baddbmm_(v[:, i * row : i * row + m], self.u[i])
         y = (self.at @ prod.view(self.a, -1)).view(m_out, height, b, tiles, self.n)  # the output transform
-        out = torch.empty(height, b, tiles, m_out, self.n, dtype=y.dtype)
+        out = torch.empty(height, b, tiles, m_out, self.n, dtype=y.dtype, device=y.device)
         torch.add(self.bias, y.permute(1, 2, 3, 0, 4), out=out)
         out = out.view(height, b, tiles * m_out, self.n)
         if tiles * m_out != width:
