@@ -126,6 +126,20 @@ def silhouettes_and_gray(white: Path, black: Path, gray: Path) -> None:
                 im.convert("L").save(gray / f"{kind}-{p.stem}.png")
 
 
+def _new_image(p: Path, seen: set[str], min_side: int = 16) -> bool:
+    """Whether p's content is not in ``seen`` (then added) and decodes as /score decodes it, at least
+    ``min_side`` pixels on each side."""
+    data = p.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in seen:
+        return False
+    seen.add(digest)
+    try:
+        return min(decode_file(data).size) >= min_side
+    except Exception:  # not an image we decode: /score would refuse it with a 422
+        return False
+
+
 def system_images(out: Path) -> None:
     seen: set[str] = set()
     found = sorted(
@@ -136,17 +150,7 @@ def system_images(out: Path) -> None:
         if f.lower().endswith(SUFFIXES)
     )
     for p in found:
-        if any(s in str(p) for s in SKIP) or not p.is_file():
-            continue
-        data = p.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        try:
-            if min(decode_file(data).size) < 16:
-                continue
-        except Exception:  # not an image we decode: /score would refuse it with a 422
+        if any(s in str(p) for s in SKIP) or not p.is_file() or not _new_image(p, seen):
             continue
         shutil.copyfile(p, out / f"{len(seen):04d}-{p.name}")
 
@@ -277,15 +281,7 @@ def _sample_unique(found: list[Path], n: int, seed: int, *, min_side: int = 16) 
     seen: set[str] = set()
     picked: list[Path] = []
     for p in random.Random(seed).sample(sorted(found), len(found)):
-        data = p.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        try:
-            if min(decode_file(data).size) < min_side:
-                continue
-        except Exception:  # not an image /score decodes
+        if not _new_image(p, seen, min_side):
             continue
         picked.append(p)
         if len(picked) == n:
