@@ -173,11 +173,13 @@ class FastPixelCNN:
     def pixel_log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x_i | x_<i) in nats, (B, C, H, W): a softmax over the adjacent levels of each sub-pixel.
 
-        A batch of several images is shared out by images over the caller's torch threads, each
-        share computed on one thread (:func:`models.threads.split_batch`): no thread waits at an
-        operation's barrier for another, and the small operations run side by side."""
+        A batch of at least as many images as the caller has torch threads (two or more) is shared
+        out by images over them, each share computed on one thread
+        (:func:`models.threads.split_batch`): no thread waits at an operation's barrier for another,
+        and the small operations run side by side. A smaller batch (many cores, few images) runs
+        whole on all the threads, so that no core sits idle."""
         threads = torch.get_num_threads()
-        if x.shape[0] < 2 or threads < 2:
+        if threads < 2 or x.shape[0] < threads:
             return self._pixel_log_prob(x, y)
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
 

@@ -131,3 +131,22 @@ def test_a_batch_shared_over_threads_gives_each_image_its_own_result(n_classes: 
             shared = fast.pixel_log_prob(x, y)
             assert torch.get_num_threads() == 3  # the caller's count is given back
     torch.testing.assert_close(shared, alone, rtol=0, atol=1e-6)
+
+
+def test_a_batch_smaller_than_the_thread_count_runs_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On many cores and few images, all the threads work on the whole batch rather than one per image."""
+    import models.fast
+
+    shared: list[int] = []
+    real = models.fast.split_batch
+    monkeypatch.setattr(models.fast, "split_batch", lambda fn, n, k: (shared.append(n), real(fn, n, k)))
+    fast = FastPixelCNN(random_model(hidden=16))
+    x = torch.randint(0, 16, (3, 1, 5, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with torch_threads(4):
+            whole = fast.pixel_log_prob(x)
+        assert shared == []
+        with torch_threads(3):
+            split = fast.pixel_log_prob(x)
+        assert shared == [3]
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
