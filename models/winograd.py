@@ -7,9 +7,10 @@ a products instead of m*r:
 
     y = A^T [(G g) * (B^T d)]        d: a inputs, g: r taps, y: m outputs
 
-so over C input channels and N outputs the products become a matrix products (one per point of
-the transform) of K = C instead of m of K = r*C: for the PixelCNN's 5-wide vertical kernel with
-m = 4, 8 products for 4 outputs where direct computation takes 20, 0.4 of the multiplications.
+so over C input channels and N outputs a tile's work becomes a matrix products (one per point of
+the transform) of inner size C instead of m of inner size r*C: for the PixelCNN's 5-wide vertical
+kernel with m = 4, 8 products for 4 outputs where direct computation takes 20, 0.4 of the
+multiplications.
 The transforms B^T and A^T are a few additions per value, done here as one small matrix product
 over all tiles each; the weights' transform G is done once, at load.
 
