@@ -40,8 +40,8 @@ web banners each, dark text on light and light text on dark), ``signatures-black
 (20 scanned-looking text pages: tilted, noisy, JPEG), ``receipts`` (20 narrow till receipts),
 ``phones`` (20 phone screenshots of a list, light and dark mode).
 
-``--letterbox`` scores every file padded to a square first (:func:`letterbox`): how the gate would
-judge them if ``resize=true`` kept the aspect ratio, as Fashion-MNIST's own preprocessing did.
+``--fit stretch`` sizes every file as /score's ``fit=stretch`` does (the aspect ratio not kept, as
+``resize=true`` did before session 18) instead of the default ``pad`` (models/image_convert.py).
 
     python bench/upload_probe.py --out /tmp/upload-probe --model checkpoints/pixelcnn-fmnist ...
     python bench/upload_probe.py --set 2 --out /tmp/upload-probe-2 --model checkpoints/pixelcnn-fmnist ...
@@ -63,7 +63,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.image_convert import convert_mode, decode_file
+from models.image_convert import FITS, decode_file
 from models.scoring.colour import colour_check_for
 from models.scoring.scorer import load_scorer
 from models.tools.ood_eval import SUFFIXES, load_eval_set
@@ -370,32 +370,15 @@ def build(out: Path, which: str) -> list[Path]:
     return list(dirs.values())
 
 
-def letterbox(folder: Path) -> None:
-    """Replace every file by a square PNG of it, centred on a canvas of its edge pixels' median
-    colour (after /score's decoding, EXIF rotation and alpha over white): what a conversion that
-    kept the aspect ratio would hand on, so that /score's stretch has nothing left to distort."""
-    for p in sorted(folder.iterdir()):
-        im = convert_mode(decode_file(p.read_bytes()), "RGB")
-        a = np.asarray(im)
-        fill = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
-        side = max(im.size)
-        canvas = Image.new("RGB", (side, side), tuple(int(v) for v in fill))
-        canvas.paste(im, ((side - im.size[0]) // 2, (side - im.size[1]) // 2))
-        p.unlink()
-        canvas.save(p.with_suffix(".png"))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/upload-probe", help="where the probe files are built")
     p.add_argument("--model", action="append", required=True, help="checkpoint folder (repeatable)")
     p.add_argument("--cache", default="runs/ood-cache", help="statistics cache ('' for none)")
     p.add_argument("--set", default="1", choices=sorted(SETS), help="which probes (module docstring)")
-    p.add_argument("--letterbox", action="store_true", help="score each file padded to a square (letterbox())")
+    p.add_argument("--fit", choices=FITS, default="pad", help="how files of another aspect ratio are sized (/score)")
     args = p.parse_args()
     dirs = build(Path(args.out), args.set)
-    for d in dirs if args.letterbox else []:
-        letterbox(d)
     print("| model | " + " | ".join(f"{d.name} ({len(list(d.iterdir()))})" for d in dirs) + " |")  # noqa: T201
     print("| --- |" + " --- |" * len(dirs))  # noqa: T201
     for folder in args.model:
@@ -409,6 +392,7 @@ def main() -> None:
                 shape=scorer.model.shape,
                 levels=scorer.model.levels,
                 colour_tolerance=None if check is None else check.tolerance,
+                fit=args.fit,
             )
             names = [meta["calibration"]["default_score"]]
             s = score_images(scorer, data.images, names=names, cache_dir=args.cache or None, show_progress=False)

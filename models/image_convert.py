@@ -19,8 +19,13 @@ What a file goes through, in order (:func:`decode_file`, then :func:`to_model_ar
    is therefore judged on white; flatten it onto black to have it judged as a Fashion-MNIST image.
    (Pillow's plain ``convert`` would drop alpha and keep whatever colour transparent pixels store.)
 5. **Colour to grayscale** is Pillow's ITU-R 601-2 luma, L = (299 R + 587 G + 114 B) / 1000.
-6. **Size**: stretched to the model's H x W with Lanczos resampling; the aspect ratio is *not* kept
-   (a 600x300 banner becomes a 28x28 square), as ``resize=true`` has always documented.
+6. **Size**, by ``fit`` (:data:`FITS`). ``"pad"`` (the default): the aspect ratio is kept; the image
+   is scaled with Lanczos resampling to fit the model's H x W and centred on a canvas of the median
+   colour of its own edge pixels (:func:`letterbox`), as Fashion-MNIST's images were made (longest
+   side to 28, centred): a 600x300 banner becomes a 28x14 band on its own background, not a square
+   of strokes twice as tall. ``"stretch"``: stretched to H x W with Lanczos, the aspect ratio not
+   kept (``resize=true`` before session 18). An image of the model's aspect ratio is the same both
+   ways, so the 28x28 files of the test sets are unchanged.
 
 Step 5 discards colour, which a model of grayscale images never saw; :func:`colour_fraction` measures
 it on the file as decoded (after steps 1-4), for the colour check of :mod:`models.scoring.colour`.
@@ -157,10 +162,40 @@ def convert_mode(im: Image.Image, mode: str) -> Image.Image:
     return im if im.mode == mode else im.convert(mode)
 
 
-def to_model_array(im: Image.Image, shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
+FITS = ("pad", "stretch")  # how a file of another aspect ratio is sized (step 6 of the module docstring)
+
+
+def edge_colour(im: Image.Image) -> int | tuple[int, ...]:
+    """The per-channel median of the pixels on the image's four edges (an "L" or "RGB" image): the
+    colour of its background, in the image's own mode."""
+    a = np.asarray(im, dtype=np.uint8)
+    a = a[..., None] if a.ndim == 2 else a  # (H, W, C)
+    edges = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])  # (2W + 2H, C)
+    fill = tuple(int(v) for v in np.round(np.median(edges, axis=0)))
+    return fill[0] if len(fill) == 1 else fill
+
+
+def letterbox(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``im`` ("L" or "RGB") scaled with Lanczos to fit within ``size`` = (W, H), its aspect ratio kept
+    (each side at least one pixel), centred on a canvas of its :func:`edge_colour`."""
+    w, h = size
+    scale = min(w / im.width, h / im.height)
+    fitted = (min(w, max(1, round(im.width * scale))), min(h, max(1, round(im.height * scale))))
+    scaled = im.resize(fitted, Image.Resampling.LANCZOS)
+    if fitted == size:
+        return scaled
+    canvas = Image.new(im.mode, size, edge_colour(im))
+    canvas.paste(scaled, ((w - fitted[0]) // 2, (h - fitted[1]) // 2))
+    return canvas
+
+
+def to_model_array(im: Image.Image, shape: tuple[int, int, int], fit: str = "pad") -> tuple[np.ndarray, bool]:
     """The image as uint8 (C, H, W) for a model of ``shape`` = (C, H, W), C in {1, 3}, by steps 1-6 of
-    the module docstring; returns (array, whether anything was converted). An image already in the
-    model's mode and size, without an EXIF rotation, is taken as it is."""
+    the module docstring, sized by ``fit`` (one of :data:`FITS`); returns (array, whether anything
+    was converted). An image already in the model's mode and size, without an EXIF rotation, is taken
+    as it is."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
     c, h, w = shape
     mode = MODES[c]
     converted = False
@@ -171,7 +206,7 @@ def to_model_array(im: Image.Image, shape: tuple[int, int, int]) -> tuple[np.nda
         im = convert_mode(im, mode)
         converted = True
     if im.size != (w, h):
-        im = im.resize((w, h), Image.Resampling.LANCZOS)
+        im = letterbox(im, (w, h)) if fit == "pad" else im.resize((w, h), Image.Resampling.LANCZOS)
         converted = True
     arr = np.asarray(im, dtype=np.uint8)  # (H, W) or (H, W, C)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -183,18 +218,18 @@ VIA_RGB = ("RGB", "RGBA", "P", "PA")  # modes whose conversion to "L" goes throu
 
 
 def to_model_array_and_colour(
-    im: Image.Image, shape: tuple[int, int, int], tolerance: int
+    im: Image.Image, shape: tuple[int, int, int], tolerance: int, fit: str = "pad"
 ) -> tuple[np.ndarray, bool, float]:
     """:func:`to_model_array` and :func:`colour_fraction` of one image, the same values as calling both,
     for less: for a grayscale model the conversion of an RGB(A) or palette image passes through the
     RGB image that the colour is measured on, so it is made once (a palette screenshot's alpha
     compositing is most of its decoding time)."""
     if shape[0] != 1 or im.mode not in VIA_RGB:
-        return (*to_model_array(im, shape), colour_fraction(im, tolerance))
+        return (*to_model_array(im, shape, fit), colour_fraction(im, tolerance))
     if _rotated(im):  # as to_model_array does first; the colour does not depend on it
         im = ImageOps.exif_transpose(im)
     rgb = convert_mode(im, "RGB")
-    arr, _ = to_model_array(rgb, shape)  # rgb.convert("L"), then the resize: to_model_array's own steps
+    arr, _ = to_model_array(rgb, shape, fit)  # rgb.convert("L"), then the resize: to_model_array's own steps
     return arr, True, _chroma_fraction(rgb, tolerance)
 
 
@@ -244,12 +279,12 @@ def to_levels(images: np.ndarray, levels: int) -> np.ndarray:
 
 
 def file_to_levels(
-    data: bytes, shape: tuple[int, int, int], levels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, shape: tuple[int, int, int], levels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, fit: str = "pad"
 ) -> np.ndarray:
-    """One uploaded file's bytes -> model levels (C, H, W): what ``/score`` with ``resize=true`` feeds
-    the model (decoding, :func:`to_model_array`, :func:`to_levels`) under ``GENSERVE_MAX_IMAGE_PIXELS``
-    = ``max_pixels``."""
-    arr, _ = to_model_array(decode_file(data, max_pixels), shape)
+    """One uploaded file's bytes -> model levels (C, H, W): what ``/score`` with ``resize=true`` (and
+    ``fit``) feeds the model (decoding, :func:`to_model_array`, :func:`to_levels`) under
+    ``GENSERVE_MAX_IMAGE_PIXELS`` = ``max_pixels``."""
+    arr, _ = to_model_array(decode_file(data, max_pixels), shape, fit)
     return to_levels(arr, levels)
 
 

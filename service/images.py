@@ -102,14 +102,14 @@ def describe_mode(mode: str) -> str:
 
 
 def fit_to_model(
-    im: Image.Image, index: int, *, shape: tuple[int, int, int], model_name: str, resize: bool
+    im: Image.Image, index: int, *, shape: tuple[int, int, int], model_name: str, resize: bool, fit: str = "pad"
 ) -> tuple[np.ndarray, bool]:
     """The image as uint8 (C, H, W) for a model of ``shape``; returns (array, converted?).
 
     Without ``resize`` a different size or mode is refused (422). With it, the image goes through
     :func:`models.image_convert.to_model_array` (EXIF orientation applied, alpha over white, converted
-    to the model's mode, stretched to its H x W with Lanczos; the aspect ratio is not kept): the same
-    function the offline evaluation of uploaded files calls.
+    to the model's mode, sized to its H x W by ``fit``: "pad" keeps the aspect ratio, "stretch" does
+    not): the same function the offline evaluation of uploaded files calls.
     """
     c, h, w = shape
     if c not in MODES:
@@ -126,7 +126,7 @@ def fit_to_model(
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         return np.ascontiguousarray(arr), False
     try:
-        return image_convert.to_model_array(im, shape)
+        return image_convert.to_model_array(im, shape, fit)
     except (OSError, ValueError) as e:  # a mode Pillow cannot convert (a LAB TIFF)
         raise BadRequest(
             f"image {index} is {describe_mode(im.mode)}, which cannot be converted ({e}); {CONVERTIBLE}"
@@ -134,7 +134,7 @@ def fit_to_model(
 
 
 def fit_with_colour(
-    im: Image.Image, index: int, *, shape: tuple[int, int, int], model_name: str, tolerance: int
+    im: Image.Image, index: int, *, shape: tuple[int, int, int], model_name: str, tolerance: int, fit: str = "pad"
 ) -> tuple[np.ndarray, bool, float]:
     """:func:`fit_to_model` with ``resize``, and the fraction of the file's pixels in colour for the
     model's colour check (:func:`models.image_convert.to_model_array_and_colour`: one conversion to
@@ -143,7 +143,7 @@ def fit_with_colour(
         raise BadRequest(f"model '{model_name}' takes {shape[0]}-channel images, which the image API cannot decode")
     load_pixels(im, index)
     try:
-        return image_convert.to_model_array_and_colour(im, shape, tolerance)
+        return image_convert.to_model_array_and_colour(im, shape, tolerance, fit)
     except (OSError, ValueError) as e:  # a mode Pillow cannot take to RGB (a LAB TIFF)
         raise BadRequest(
             f"image {index} is {describe_mode(im.mode)}, which cannot be converted ({e}); {CONVERTIBLE}"

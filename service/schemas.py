@@ -23,6 +23,7 @@ def form_bool(value: Any) -> Any:
 
 
 FormBool = Annotated[bool, BeforeValidator(form_bool)]
+Fit = Literal["pad", "stretch"]  # models/image_convert.py FITS: how resize=true sizes another aspect ratio
 # The schema of such a field in the multipart variants' OpenAPI entries.
 FORM_BOOL_SCHEMA: dict[str, Any] = {"type": "string", "enum": list(FORM_BOOLS), "default": "false"}
 
@@ -145,13 +146,19 @@ class ImagesRequest(ModelRequest):
     """Images for a model, as base64 in JSON (/classify and /encode)."""
 
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
-    resize: bool = Field(False, description="convert mode and stretch to the model's size instead of refusing")
+    resize: bool = Field(False, description="convert mode and size to the model's instead of refusing")
+    fit: Fit = Field(
+        "pad",
+        description="with resize, how an image of another aspect ratio is sized: pad (keep the aspect ratio, "
+        "centred on the median colour of its edges) or stretch",
+    )
 
 
 class ImagesForm(ModelForm):
     """The multipart/form-data variant of ImagesRequest: files in the `files` field."""
 
     resize: FormBool = False
+    fit: Fit = "pad"
 
 
 class ScoreRequest(ImagesRequest):

@@ -23,7 +23,7 @@ from service.errors import BadRequest, UnsupportedMediaType
 from service.metrics import Metrics
 from service.offload import INLINE_DECODE_BYTES, run_off_loop
 from service.registry import ModelRegistry
-from service.schemas import MODEL_ERRORS, ColourResult, ErrorResponse
+from service.schemas import MODEL_ERRORS, ColourResult, ErrorResponse, Fit
 from service.settings import Settings
 
 J = TypeVar("J", bound=BaseModel)
@@ -131,10 +131,17 @@ def colour_result(entry: ModelEntry, fraction: float | None) -> ColourResult | N
 
 
 def decode_all(
-    data: list[bytes | str], entry: ModelEntry, *, resize: bool, max_pixels: int, colour: bool = True
+    data: list[bytes | str],
+    entry: ModelEntry,
+    *,
+    resize: bool,
+    max_pixels: int,
+    colour: bool = True,
+    fit: str = "pad",
 ) -> Decoded:
-    """Every image as model levels, and with ``resize`` and ``colour`` for a model with a colour check
-    (one input channel) each file's colour fraction (models/image_convert.py ``colour_fraction``)."""
+    """Every image as model levels (with ``resize`` sized by ``fit``), and with ``resize`` and ``colour``
+    for a model with a colour check (one input channel) each file's colour fraction
+    (models/image_convert.py ``colour_fraction``)."""
     arrays, converted, fractions = [], [], []
     check = entry.colour_check if resize and colour else None  # without resize a colour file is refused anyway
     for i, item in enumerate(data):
@@ -144,10 +151,10 @@ def decode_all(
         im = images.open_image(raw, i, max_pixels=max_pixels, reduce=resize)
         fraction = None
         if check is None:
-            arr, changed = images.fit_to_model(im, i, shape=entry.shape, model_name=entry.name, resize=resize)
+            arr, changed = images.fit_to_model(im, i, shape=entry.shape, model_name=entry.name, resize=resize, fit=fit)
         else:
             arr, changed, fraction = images.fit_with_colour(
-                im, i, shape=entry.shape, model_name=entry.name, tolerance=check.tolerance
+                im, i, shape=entry.shape, model_name=entry.name, tolerance=check.tolerance, fit=fit
             )
         arrays.append(arr)
         converted.append(changed)
@@ -176,6 +183,7 @@ async def decode(
     resize: bool,
     colour: bool = True,
     slots: asyncio.Semaphore | None = None,
+    fit: str = "pad",
 ) -> Decoded:
     """:func:`decode_all`, in the thread pool unless the upload is small and needs no conversion. (A
     few KiB of PNG can hold millions of flat pixels: converting them is work for the pool; without
@@ -183,7 +191,7 @@ async def decode(
     Work for the pool waits for one of ``slots`` (``GENSERVE_MAX_CONCURRENT_DECODES``), which bounds
     the memory that decoding takes at once."""
     small = not resize and sum(len(d) for d in data) <= INLINE_DECODE_BYTES
-    kwargs: dict[str, Any] = {"resize": resize, "max_pixels": settings.max_image_pixels, "colour": colour}
+    kwargs: dict[str, Any] = {"resize": resize, "max_pixels": settings.max_image_pixels, "colour": colour, "fit": fit}
     if small:
         return decode_all(data, entry, **kwargs)
     async with slots if slots is not None else contextlib.nullcontext():
@@ -196,24 +204,27 @@ R = TypeVar("R")
 @dataclass(frozen=True)
 class UploadCall:
     """What an upload route (/score, /classify, /encode) works with: its request, the app's registry,
-    settings and metrics, and the ``resize`` query parameter; :meth:`receive`, :meth:`decode` and
-    :meth:`wait` are its steps."""
+    settings and metrics, and the ``resize`` and ``fit`` query parameters; :meth:`receive`, :meth:`decode`
+    and :meth:`wait` are its steps."""
 
     request: Request
     registry: ModelRegistry
     settings: Settings
     metrics: Metrics
     resize: bool | None
+    fit: Fit | None = None
 
     async def receive(self, json_model: type[J], form_model: type[F]) -> tuple[J | F, list[bytes | str], ModelEntry]:
         return await receive(self.request, self.registry, self.settings, json_model, form_model)
 
     async def decode(self, data: list[bytes | str], entry: ModelEntry, parsed: Any, *, colour: bool = True) -> Decoded:
-        """The images as levels (B, C, H, W), converted where ``resize`` is set in the query or the body;
-        ``colour``: measure each file's colour for the model's colour check."""
+        """The images as levels (B, C, H, W), converted where ``resize`` is set in the query or the body
+        and sized by ``fit`` (the query's, else the body's); ``colour``: measure each file's colour for
+        the model's colour check."""
         resize = bool(self.resize or parsed.resize)
+        fit = self.fit or parsed.fit
         slots = self.request.app.state.decode_slots
-        return await decode(data, entry, self.settings, resize=resize, colour=colour, slots=slots)
+        return await decode(data, entry, self.settings, resize=resize, colour=colour, slots=slots, fit=fit)
 
     async def wait(self, work: Awaitable[R]) -> R:
         """The model's answer, unless the client goes away first (service/disconnect.py)."""
@@ -223,12 +234,18 @@ class UploadCall:
 async def upload_call(
     request: Request,
     resize: bool | None = Query(None, description="convert mode and size instead of refusing"),
+    fit: Fit | None = Query(None, description="with resize: pad (keep the aspect ratio) or stretch; default pad"),
 ) -> UploadCall:
     # The app's parts straight from its state, not as three more dependencies: FastAPI's solving of
     # each costs the event loop more than the rest of a small request (bench/request_overhead.py).
     state = request.app.state
     return UploadCall(
-        request=request, registry=state.registry, settings=state.settings, metrics=state.metrics, resize=resize
+        request=request,
+        registry=state.registry,
+        settings=state.settings,
+        metrics=state.metrics,
+        resize=resize,
+        fit=fit,
     )
 
 

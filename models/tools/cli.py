@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models.files import DiskFullError
+from models.image_convert import FITS
 from models.tools.calibrate_cli import add_calibrate, device_name
 
 
@@ -99,6 +100,7 @@ def _eval_ood(args: argparse.Namespace) -> int:
         examples=args.examples,
         suite=args.suite,
         score_types=args.scores.split(",") if args.scores else None,
+        fit=args.fit,
     )
     table = {spec: {n: round(m["auroc"], 4) for n, m in o["scores"].items()} for spec, o in report["out"].items()}
     print(json.dumps({"auroc": table, "in": report["in"]["scores"]}, indent=2))  # noqa: T201
@@ -214,6 +216,9 @@ def _add_eval_ood(sub: Any) -> None:
     )
     o.add_argument(
         "--suite", help="a real-upload suite folder (one subfolder per kind): every file, as /score reads it"
+    )
+    o.add_argument(
+        "--fit", choices=FITS, default="pad", help="how files of another aspect ratio are sized, as /score's `fit`"
     )
     o.add_argument("--scores", help="comma-separated score types to evaluate (default: all the model offers)")
     o.add_argument("--report-dir", default="docs/ood", help="where NAME.json, NAME.md and the PNG plots go")

@@ -58,14 +58,16 @@ def load_eval_set(
     seed: int = 0,
     limit: int | None = None,
     colour_tolerance: int | None = None,
+    fit: str = "pad",
 ) -> ImageDataset:
     """A data set for the evaluation: a ``load_dataset`` spec or a synthetic one (module docstring),
     optionally cut to ``limit`` images (a seeded random subset; ``SPEC@N`` sets it for one set). With
-    ``colour_tolerance`` image files also get their colour fractions, as /score measures them."""
+    ``colour_tolerance`` image files also get their colour fractions, as /score measures them; ``fit``:
+    how image files of another aspect ratio are sized (/score's ``fit``, models/image_convert.py)."""
     if "@" in spec:
         whole, _, count = spec.rpartition("@")
         subset = load_eval_set(
-            whole, shape=shape, levels=levels, seed=seed, limit=int(count), colour_tolerance=colour_tolerance
+            whole, shape=shape, levels=levels, seed=seed, limit=int(count), colour_tolerance=colour_tolerance, fit=fit
         )
         subset.spec = spec
         return subset
@@ -83,14 +85,7 @@ def load_eval_set(
         images = values.view(n, 1, 1, 1).expand(n, *shape).contiguous()
         data = ImageDataset(images, None, None, spec)
     elif kind == "files":
-        paths = suite_files(Path(rest))
-        if not paths:
-            raise ValueError(f"{spec}: no image files in {rest}")
-        arrays = [file_to_levels(p.read_bytes(), shape, levels) for p in paths]
-        colour = None
-        if colour_tolerance is not None:
-            colour = np.array([file_colour_fraction(p.read_bytes(), colour_tolerance) for p in paths])
-        data = ImageDataset(torch.from_numpy(np.stack(arrays)), None, None, spec, colour)
+        data = load_files(spec, shape=shape, levels=levels, colour_tolerance=colour_tolerance, fit=fit)
     elif kind in ("flip", "hflip"):
         if not rest:
             raise ValueError(f"{kind} needs a data set: {kind}:SPEC, e.g. {kind}:fashion-mnist:test")
@@ -108,6 +103,21 @@ def load_eval_set(
         colour = None if data.colour is None else data.colour[idx.numpy()]
         data = ImageDataset(data.images[idx], labels, data.classes, data.spec, colour)
     return data
+
+
+def load_files(
+    spec: str, *, shape: tuple[int, int, int], levels: int, colour_tolerance: int | None, fit: str
+) -> ImageDataset:
+    """``files:FOLDER``: every image file of FOLDER as /score reads it with resize=true and ``fit``, and
+    with ``colour_tolerance`` each file's colour fraction."""
+    paths = suite_files(Path(spec.partition(":")[2]))
+    if not paths:
+        raise ValueError(f"{spec}: no image files in {spec.partition(':')[2]}")
+    arrays = [file_to_levels(p.read_bytes(), shape, levels, fit=fit) for p in paths]
+    colour = None
+    if colour_tolerance is not None:
+        colour = np.array([file_colour_fraction(p.read_bytes(), colour_tolerance) for p in paths])
+    return ImageDataset(torch.from_numpy(np.stack(arrays)), None, None, spec, colour)
 
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -256,6 +266,7 @@ def run(
     examples: int = 4,
     suite: str | Path | None = None,
     score_types: list[str] | None = None,
+    fit: str = "pad",
 ) -> dict[str, Any]:
     """Load, evaluate and write ``NAME.json``, ``NAME.md``, ``NAME-roc.png``, ``NAME-hist.png`` and
     for autoregressive models ``NAME-heatmaps.png`` (``examples`` images of each set)."""
@@ -264,7 +275,7 @@ def run(
     shape, levels = scorer.model.shape, scorer.model.levels
     check = colour_check_for(meta) if shape[0] == 1 else None
     tolerance = None if check is None else check.tolerance
-    kw: dict[str, Any] = {"shape": shape, "levels": levels, "seed": seed, "colour_tolerance": tolerance}
+    kw: dict[str, Any] = {"shape": shape, "levels": levels, "seed": seed, "colour_tolerance": tolerance, "fit": fit}
     in_data = load_eval_set(in_spec, limit=limit, **kw)
     suite_sets = suite_specs(suite) if suite else []
     outs = [load_eval_set(s, limit=limit, **kw) for s in out_specs]
@@ -279,8 +290,7 @@ def run(
         show_progress=show_progress,
         score_types=score_types,
     )
-    report["suite"] = {s: Path(s.partition(":")[2]).name for s in suite_sets}
-    report["command"] = command
+    report.update(suite={s: Path(s.partition(":")[2]).name for s in suite_sets}, fit=fit, command=command)
     raw = report.pop("_scores")
     name = name or Path(model).name
     out_dir = Path(report_dir)

@@ -29,6 +29,7 @@ import pytest
 from PIL import Image
 
 from models.checkpoint import save_checkpoint, update_metadata
+from models.image_convert import letterbox
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.scoring.scorer import load_scorer
 from models.tools.score_sets import calibrate
@@ -106,16 +107,32 @@ async def test_the_page_is_served_without_a_key_with_a_policy_that_forbids_other
 @pytest.mark.anyio
 async def test_score_returns_the_image_as_the_model_saw_it(make_settings):
     """input_image=true: the PNG of the array scored, after resize=true's conversion (RGB 12x20 to
-    grayscale 8x8 here); absent unless asked for; the same from JSON and multipart requests."""
+    grayscale 8x8 here: padded by default, stretched with fit=stretch); absent unless asked for; the
+    same from JSON and multipart requests."""
     rng = np.random.default_rng(1)
     rgb = png_bytes(rng.integers(0, 256, size=(12, 20, 3), dtype=np.uint8))
-    expected = np.asarray(Image.open(io.BytesIO(rgb)).convert("L").resize((8, 8), Image.Resampling.LANCZOS))
+    gray = Image.open(io.BytesIO(rgb)).convert("L")
+    stretched = np.asarray(gray.resize((8, 8), Image.Resampling.LANCZOS))
+    padded = np.asarray(letterbox(gray, (8, 8)))
+    assert not np.array_equal(padded, stretched)
     async with running(make_settings(models="pixelcnn")) as (_, client):
         body = {"model": "pixelcnn", "images": [b64(rgb), b64(gray_png(2))], "resize": True, "input_image": True}
         results = (await client.post("/score", json=body)).json()["results"]
         seen = decode_png(results[0]["input_image"])
         assert seen.mode == "L" and seen.size == (8, 8) and results[0]["resized"] is True
-        np.testing.assert_array_equal(np.asarray(seen), expected)
+        np.testing.assert_array_equal(np.asarray(seen), padded)
+        for request in ({"json": {**body, "fit": "stretch"}}, {"params": {"fit": "stretch"}, "json": body}):
+            first = (await client.post("/score", **request)).json()["results"][0]  # type: ignore[arg-type]
+            np.testing.assert_array_equal(np.asarray(decode_png(first["input_image"])), stretched)
+        bad = await client.post("/score", json={**body, "fit": "crop"})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "fit"]
+        stretched_form = await client.post(
+            "/score?resize=true",
+            data={"model": "pixelcnn", "input_image": "true", "fit": "stretch"},
+            files=[("files", ("a.png", rgb, "image/png"))],
+        )
+        seen_form = decode_png(stretched_form.json()["results"][0]["input_image"])
+        np.testing.assert_array_equal(np.asarray(seen_form), stretched)
         np.testing.assert_array_equal(
             np.asarray(decode_png(results[1]["input_image"])), np.asarray(decode_png(b64(gray_png(2))))
         )
