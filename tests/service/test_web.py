@@ -413,6 +413,17 @@ def test_score_tab_shows_a_png_and_a_jpeg_as_the_model_saw_them_behind_a_path_pr
     page.wait_for_function("() => document.querySelectorAll('#score-results li[data-outlier]').length === 2")
     want = api_score(proxy.url, *files[0][::2], score_type="nll").json()["results"][0]
     assert f"{want['score']:.3f}" in items.nth(0).inner_text()
+    # stretched instead of padded: the photograph (not square) is scored again as the API stretches it
+    padded = items.nth(1).locator(".view img").get_attribute("src")
+    page.get_by_label("Fit").select_option("stretch")
+    page.wait_for_function(
+        "src => document.querySelectorAll('#score-results li[data-outlier]').length === 2 && "
+        "document.querySelectorAll('#score-results li')[1].querySelector('.view img').src !== src",
+        arg=padded,
+    )
+    stretched = api_score(proxy.url, *files[1][::2], score_type="nll", input_image="true", fit="stretch")
+    want_src = f"data:image/png;base64,{stretched.json()['results'][0]['input_image']}"
+    assert items.nth(1).locator(".view img").get_attribute("src") == want_src != padded
     asked = [p for p in proxy.paths if p.startswith("/genserve/")]
     assert "/genserve/" in asked and "/genserve/static/js/score.js" in asked and "/genserve/score?resize=true" in asked
     assert set(proxy.paths) == set(asked), sorted(set(proxy.paths) - set(asked))

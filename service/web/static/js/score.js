@@ -1,4 +1,4 @@
-// Score tab: POST /score per file (resize=true, input_image=true, heatmap where the model has one),
+// Score tab: POST /score per file (resize=true with the chosen fit, input_image=true, heatmap where the model has one),
 // shown as the model saw it, with the outlier badge and the score on the calibration distribution.
 import { postForm } from "./api.js";
 import { colourText, eachLimited, facts, fileSource, fillSelect, fmt, h, pngURL } from "./ui.js";
@@ -8,6 +8,7 @@ const panel = $("panel-score");
 const modelSel = $("score-model");
 const typeSel = $("score-type");
 const labelSel = $("score-label");
+const fitSel = $("score-fit");
 const heatBox = $("score-heatmap");
 const results = $("score-results");
 let models = new Map();
@@ -25,6 +26,7 @@ export function init() {
   });
   typeSel.addEventListener("change", () => scoreAll(files, true));
   labelSel.addEventListener("change", () => scoreAll(files, true));
+  fitSel.addEventListener("change", () => scoreAll(files, true));
   heatBox.addEventListener("change", () => results.classList.toggle("no-heat", !heatBox.checked));
 }
 
@@ -54,7 +56,7 @@ async function scoreAll(list, replace) {
   const id = ++run;
   if (replace) results.replaceChildren();
   const label = m.conditional ? labelSel.value : "";
-  const options = { score_type: typeSel.value, label, heatmap: heatmapFor(m, label), input_image: true };
+  const options = { score_type: typeSel.value, label, fit: fitSel.value, heatmap: heatmapFor(m, label), input_image: true };
   const items = list.map((file) => {
     const li = h("li", { class: "result", "aria-busy": "true" }, h("h3", {}, file.name || "pasted image"), h("p", { class: "hint" }, "scoring…"));
     results.append(li);
