@@ -1,8 +1,8 @@
 """Held-out probes of the outlier gate: kinds of upload the real-upload suite does not hold, made from
 installed files and never used to design or calibrate anything. Builds them into ``--out`` (not
 committed; deterministic), then prints, per model and kind, the share flagged as /score flags it with
-resize=true (the default score over its threshold, or refused by the colour check) and, in brackets,
-by the score alone.
+resize=true (the default score over its threshold, or refused by the colour or the peak check) and, in
+brackets, by the score alone.
 
 Kinds: ``symbolic`` (60 monochrome Adwaita UI glyphs, transparent background), ``glyphs-black`` and
 ``glyphs-white`` (39 letters, digits and signs in DejaVu Sans Bold, white on black and black on white),
@@ -65,8 +65,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.image_convert import FITS, decode_file
 from models.scoring.colour import colour_check_for
+from models.scoring.peak import peak_check_for
 from models.scoring.scorer import load_scorer
-from models.tools.ood_eval import SUFFIXES, load_eval_set
+from models.tools.ood_eval import SUFFIXES, load_eval_set, refused_by_checks
 from models.tools.score_sets import score_images
 
 SUITE = Path(__file__).resolve().parents[1] / "data" / "upload-suite"
@@ -397,7 +398,8 @@ def main() -> None:
             names = [meta["calibration"]["default_score"]]
             s = score_images(scorer, data.images, names=names, cache_dir=args.cache or None, show_progress=False)
             over = s[names[0]] > threshold
-            flagged = over if check is None or data.colour is None else over | (data.colour > check.max_fraction)
+            refused, _ = refused_by_checks(check, peak_check_for(meta), data, scorer.model.levels)
+            flagged = over if refused is None else over | refused
             cells.append(f"{flagged.mean():.1%} ({over.mean():.1%})")
         print(f"| {Path(folder).name} | " + " | ".join(cells) + " |", flush=True)  # noqa: T201
 

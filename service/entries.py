@@ -17,6 +17,7 @@ from models.scoring.calibration import default_score_type
 from models.scoring.classify import training_prior
 from models.scoring.colour import ColourCheck, colour_check_for
 from models.scoring.dose import DoseFit
+from models.scoring.peak import PeakCheck, peak_check_for
 from models.scoring.scorer import BACKGROUND, COMPANION, calibrated_dose, has_background, has_companion, has_dose
 from models.scoring.scores import DOSE, GUARDED, available_score_types
 from service.batching import Worker
@@ -92,6 +93,11 @@ class ModelEntry:
     def colour_check(self) -> ColourCheck | None:
         """The calibration's colour check of uploaded files (models of grayscale images only), parsed once."""
         return colour_check_for(self.meta) if self.shape[0] == 1 else None
+
+    @functools.cached_property
+    def peak_check(self) -> PeakCheck | None:
+        """The calibration's peak check (models/scoring/peak.py), parsed once."""
+        return peak_check_for(self.meta)
 
     @property
     def default_score_type(self) -> str:

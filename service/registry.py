@@ -143,13 +143,14 @@ class ModelRegistry:
                 f"{folder / META}: the outlier calibration is stale ({stale}); "
                 f"rerun `genserve calibrate --model {folder}`"
             )
-        try:
-            entry.colour_check  # noqa: B018 - parsed (and checked) once, here
-        except (KeyError, TypeError, ValueError) as e:
-            raise RegistryError(
-                f"{folder / META}: calibration.colour is malformed ({e!r}); recalibrate it "
-                f"(`genserve calibrate --model {folder}`)"
-            ) from e
+        for check in ("colour", "peak"):
+            try:
+                getattr(entry, f"{check}_check")  # parsed (and checked) once, here
+            except (KeyError, TypeError, ValueError) as e:
+                raise RegistryError(
+                    f"{folder / META}: calibration.{check} is malformed ({e!r}); recalibrate it "
+                    f"(`genserve calibrate --model {folder}`)"
+                ) from e
         default = entry.default_score_type
         if default not in entry.score_types:
             raise RegistryError(

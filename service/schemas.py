@@ -192,7 +192,8 @@ class StatisticExplanation(BaseModel):
 class ScoreExplanation(BaseModel):
     statistics: dict[str, StatisticExplanation]
     decided_by: list[str] = Field(
-        description="when refused: 'colour' first if the file failed the colour check, then (if the score is over "
+        description="when refused: 'colour' first if the file failed the colour check, 'peak' if the image failed "
+        "the peak check, then (if the score is over "
         "the threshold) the fewest statistics, largest share first, whose shares alone exceed it; empty when the "
         "image passed"
     )
@@ -214,6 +215,18 @@ class ColourResult(BaseModel):
     )
 
 
+class PeakResult(BaseModel):
+    """The peak check of an image (calibration.peak): its brightest pixel against the training data's."""
+
+    level: int = Field(description="the image's brightest sub-pixel as the model sees it, 8-bit levels (0..255)")
+    floor: int = Field(description="the lowest brightest-pixel accepted: min_level minus the check's tolerance")
+    min_level: int = Field(description="the dimmest brightest-pixel among the calibration images")
+    crossed: bool = Field(
+        description="level < floor: the image is far dimmer than every training image and is refused whatever its "
+        "score (stretch its contrast yourself to have it judged on its shapes)"
+    )
+
+
 class ScoreResult(BaseModel):
     index: int = Field(description="position of the image in the request")
     log_likelihood_nats: float = Field(
@@ -223,7 +236,8 @@ class ScoreResult(BaseModel):
     score: float = Field(description="the score_type's value; higher is more unusual")
     threshold: float | None = Field(description="calibrated outlier threshold for this score, if any")
     is_outlier: bool | None = Field(
-        description="when calibrated: score > threshold, or the file failed the colour check (colour.crossed)"
+        description="when calibrated: score > threshold, or the file failed the colour check (colour.crossed) or "
+        "the image the peak check (peak.crossed)"
     )
     percentile: float | None = Field(description="where the score falls among calibration quantiles (0..100)")
     resized: bool = Field(description="true if the image was converted to the model's mode or size")
@@ -244,6 +258,9 @@ class ScoreResult(BaseModel):
         None,
         description="files converted with resize=true for a model of grayscale images: how much of the file is in "
         "colour (a colour file is refused); null where not checked",
+    )
+    peak: PeakResult | None = Field(
+        None, description="the peak check (a far dimmer image than any training image is refused); null where none"
     )
 
 
@@ -274,13 +291,15 @@ class ClassifyResult(BaseModel):
     percentile: float | None = Field(description="where the score falls among calibration quantiles (0..100)")
     rejected: bool | None = Field(
         description="true when p(x) fails the calibrated outlier test (score > threshold) or the file fails the "
-        "colour check (colour.crossed): the image does not look like the training data, so no class is given; "
+        "colour check (colour.crossed) or the peak check (peak.crossed): the image does not look like the training "
+        "data, so no class is given; "
         "null if the model is not calibrated"
     )
     resized: bool = Field(description="true if the image was converted to the model's mode or size")
     colour: ColourResult | None = Field(
         None, description="the colour check of a file converted with resize=true (see /score); null where not checked"
     )
+    peak: PeakResult | None = Field(None, description="the peak check (see /score); null where the model has none")
 
 
 class ClassifyResponse(BaseModel):

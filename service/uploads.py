@@ -23,7 +23,7 @@ from service.errors import BadRequest, UnsupportedMediaType
 from service.metrics import Metrics
 from service.offload import INLINE_DECODE_BYTES, run_off_loop
 from service.registry import ModelRegistry
-from service.schemas import MODEL_ERRORS, ColourResult, ErrorResponse, Fit
+from service.schemas import MODEL_ERRORS, ColourResult, ErrorResponse, Fit, PeakResult
 from service.settings import Settings
 
 J = TypeVar("J", bound=BaseModel)
@@ -122,6 +122,13 @@ class Decoded:
     x: np.ndarray  # (B, C, H, W) model levels
     converted: list[bool]  # per image: converted to the model's mode or size (resize=true)
     colour: list[float | None]  # per image: the file's colour fraction, where the model checks colour
+    peak: list[int]  # per image: its brightest sub-pixel as the model sees it, 8-bit levels (the peak check)
+
+
+def peak_result(entry: ModelEntry, level: int) -> PeakResult | None:
+    """The peak check of one image (None where the model's calibration has none)."""
+    check = entry.peak_check
+    return None if check is None else PeakResult.model_validate(check.result(level))
 
 
 def colour_result(entry: ModelEntry, fraction: float | None) -> ColourResult | None:
@@ -159,7 +166,8 @@ def decode_all(
         arrays.append(arr)
         converted.append(changed)
         fractions.append(fraction)
-    return Decoded(images.to_levels(np.stack(arrays), entry.levels), converted, fractions)
+    peaks = [int(a.max()) if a.size else 0 for a in arrays]  # uint8 arrays: 8-bit levels
+    return Decoded(images.to_levels(np.stack(arrays), entry.levels), converted, fractions, peaks)
 
 
 async def receive(

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from models.scoring.colour import DEFAULT_MAX_FRACTION, DEFAULT_TOLERANCE
+from models.scoring.peak import DEFAULT_TOLERANCE as PEAK_TOLERANCE
 
 
 def device_name(name: str) -> str:
@@ -106,6 +107,20 @@ def add_colour_options(c: Any) -> None:
         f"(default {DEFAULT_MAX_FRACTION})",
     )
     c.add_argument("--no-colour-check", action="store_true", help="one-channel models: do not refuse uploads in colour")
+    c.add_argument(
+        "--peak-tolerance",
+        type=int,
+        default=PEAK_TOLERANCE,
+        help="refuse an image whose brightest pixel is more than this many 8-bit levels below the dimmest "
+        f"brightest-pixel among the calibration images (default {PEAK_TOLERANCE}; models/scoring/peak.py)",
+    )
+    c.add_argument("--no-peak-check", action="store_true", help="do not refuse images for their brightest pixel")
+    c.add_argument(
+        "--checks-only",
+        action="store_true",
+        help="rewrite only the upload checks (colour, peak) of the current calibration, from the same data, "
+        "without scoring anything again",
+    )
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
@@ -114,7 +129,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from models.scoring.dose import DEFAULT_NEIGHBOURS
     from models.scoring.scorer import load_scorer
     from models.tools.ood_eval import load_eval_set
-    from models.tools.score_sets import calibrate
+    from models.tools.score_sets import calibrate, upload_checks
 
     if args.companion:
         from models.tools.companion import install_companion
@@ -132,16 +147,12 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
         data.images = reencode(data.images, scorer.model.levels)
         spec = f"{spec}, re-encoded (a third each exact, JPEG quality 70-95, upscaled 2-4x: --reencode)"
-    previous = (meta.get("calibration") or {}).get("scores") or {}
-    keep = {}
-    for name in args.keep or []:
-        if name not in previous:
-            raise ValueError(f"--keep {name}: the current calibration has no '{name}' entry to keep")
-        old = meta["calibration"]
-        source = previous[name].get("kept_from") or f"an earlier calibration on {old.get('data')} (n={old.get('n')})"
-        keep[name] = {**previous[name], "kept_from": source}  # kept twice: still from where it was calibrated
-        if name == "complexity_guarded":  # its threshold holds with the floor it was calibrated with
-            keep[name]["nll_cap"] = old.get("nll_cap")
+    colour = None if args.no_colour_check else ColourCheck(args.colour_tolerance, args.colour_max_fraction)
+    peak_tolerance = None if args.no_peak_check else args.peak_tolerance
+    if args.checks_only:
+        checks = upload_checks(scorer, data.images, colour, peak_tolerance)
+        return rewrite_checks(args, meta, checks, spec, len(data))
+    keep = kept_entries(meta, args.keep or [])
     # --folds cross-fits the Mahalanobis combination: given alone it means --neighbours 0 (as before)
     neighbours = args.neighbours if args.neighbours is not None else (0 if args.folds else DEFAULT_NEIGHBOURS)
     cal = calibrate(
@@ -159,11 +170,51 @@ def calibrate_command(args: argparse.Namespace) -> int:
         confidence=args.confidence or None,
         folds=args.folds,
         neighbours=neighbours,
-        colour=None if args.no_colour_check else ColourCheck(args.colour_tolerance, args.colour_max_fraction),
+        colour=colour,
+        peak_tolerance=peak_tolerance,
     )
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}
     print(json.dumps({**cal, "scores": summary}, indent=2))  # noqa: T201 - the command's output
     if not args.dry_run:  # one atomic write replacing (not merging into) the old calibration
+        update_metadata(args.model, merge=False, calibration=cal)
+    return 0
+
+
+def kept_entries(meta: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """``--keep``: score entries copied from the current calibration, each saying where it came from."""
+    previous = (meta.get("calibration") or {}).get("scores") or {}
+    keep = {}
+    for name in names:
+        if name not in previous:
+            raise ValueError(f"--keep {name}: the current calibration has no '{name}' entry to keep")
+        old = meta["calibration"]
+        source = previous[name].get("kept_from") or f"an earlier calibration on {old.get('data')} (n={old.get('n')})"
+        keep[name] = {**previous[name], "kept_from": source}  # kept twice: still from where it was calibrated
+        if name == "complexity_guarded":  # its threshold holds with the floor it was calibrated with
+            keep[name]["nll_cap"] = old.get("nll_cap")
+    return keep
+
+
+def rewrite_checks(args: argparse.Namespace, meta: dict[str, Any], checks: dict[str, Any], spec: str, n: int) -> int:
+    """``--checks-only``: the current calibration with its colour and peak entries replaced by ``checks``,
+    fitted on the ``n`` images of ``spec``, which must be the data it was calibrated on; its scores
+    untouched."""
+    from models.checkpoint import update_metadata
+
+    cal = dict(meta.get("calibration") or {})
+    if not cal.get("scores"):
+        raise ValueError(f"--checks-only: {args.model} has no calibration to add checks to; run genserve calibrate")
+    if (cal.get("data"), cal.get("n")) != (spec, n):
+        raise ValueError(
+            f"--checks-only: the calibration is of {cal.get('n')} images of {cal.get('data')}, not {n} of {spec}; "
+            "pass the same --data, --limit and --reencode"
+        )
+    for name in ("colour", "peak"):
+        cal.pop(name, None)
+    cal.update(checks)
+    cal["checks_command"] = args.command_line
+    print(json.dumps(checks, indent=2))  # noqa: T201 - the command's output
+    if not args.dry_run:
         update_metadata(args.model, merge=False, calibration=cal)
     return 0

@@ -19,6 +19,10 @@ its test split), plus synthetic sets shaped like the model's input, deterministi
   as flagged whatever its score (AUROC is of the score alone);
 - any spec with ``@N`` appended: a seeded random subset of N images (``fashion-mnist:test@2000``).
 
+Every image of every set (arrays and files, in- and out-of-distribution) is also judged by the
+model's peak check (:mod:`models.scoring.peak`), as /score judges it: the shares flagged and the
+false-positive rate count its refusals (``peak_refused`` in the report; AUROC is of the score alone).
+
 ``--suite DIR`` adds ``files:DIR/KIND`` for every subfolder KIND of DIR (the real-upload suite of
 ``genserve build-upload-suite``), and the report gets a table per kind: AUROC and the share flagged at
 the calibrated threshold, beside the false-positive rate observed on the in-distribution test set.
@@ -36,6 +40,7 @@ import torch
 
 from models.image_convert import file_colour_fraction, file_to_levels
 from models.scoring.colour import ColourCheck, colour_check_for
+from models.scoring.peak import PeakCheck, peak_check_for, peak_levels
 from models.scoring.scorer import Scorer, load_scorer
 from models.tools.data import NAMED, ImageDataset, load_dataset
 from models.tools.ood_report import markdown, plot_heatmaps, plot_hist, plot_roc
@@ -188,11 +193,20 @@ def _out_report(
     return per
 
 
-def _refused(check: ColourCheck | None, data: ImageDataset) -> np.ndarray | None:
-    """(N,) bool: which of a set's files the model's colour check refuses (None: not files, or no check)."""
-    if check is None or data.colour is None:
-        return None
-    return np.array([check.crossed(float(f)) for f in data.colour], dtype=bool)
+def refused_by_checks(
+    colour: ColourCheck | None, peak: PeakCheck | None, data: ImageDataset, levels: int
+) -> tuple[np.ndarray | None, dict[str, float]]:
+    """(N,) bool: which of a set's images the model's checks refuse whatever their score (the colour
+    check: files only; the peak check: every image), or None where neither applies; and the share
+    each check refuses (``colour_refused``, ``peak_refused``)."""
+    parts: dict[str, np.ndarray] = {}
+    if colour is not None and data.colour is not None:
+        parts["colour_refused"] = np.array([colour.crossed(float(f)) for f in data.colour], dtype=bool)
+    if peak is not None:
+        parts["peak_refused"] = np.array([peak.crossed(int(v)) for v in peak_levels(data.images.numpy(), levels)])
+    if not parts:
+        return None, {}
+    return np.logical_or.reduce(list(parts.values())), {k: float(v.mean()) for k, v in parts.items()}
 
 
 def evaluate_ood(
@@ -221,17 +235,17 @@ def evaluate_ood(
         )
 
     s_in = scores_of(in_data)
-    check = colour_check_for(meta) if scorer.model.shape[0] == 1 else None
-    in_report = _in_report(s_in, names, cal_scores, _refused(check, in_data))
+    checks = (colour_check_for(meta) if scorer.model.shape[0] == 1 else None, peak_check_for(meta))
+    levels = scorer.model.levels
+    in_refused, in_shares = refused_by_checks(*checks, in_data, levels)
+    in_report = _in_report(s_in, names, cal_scores, in_refused)
     outs: dict[str, Any] = {}
     raw_out: dict[str, dict[str, np.ndarray]] = {}
     for data in out_data:
         s_out = scores_of(data)
         raw_out[data.spec] = s_out
-        refused = _refused(check, data)
-        outs[data.spec] = {"n": len(data), "scores": _out_report(s_in, s_out, names, cal_scores, refused)}
-        if refused is not None:
-            outs[data.spec]["colour_refused"] = float(refused.mean())
+        refused, shares = refused_by_checks(*checks, data, levels)
+        outs[data.spec] = {"n": len(data), "scores": _out_report(s_in, s_out, names, cal_scores, refused), **shares}
     return {
         "model": meta.get("_folder", ""),
         "sha256": meta["weights"]["sha256"],
@@ -242,7 +256,7 @@ def evaluate_ood(
         "calibration": None
         if not calibration
         else {k: calibration.get(k) for k in ("target_fpr", "data", "n", "default_score")},
-        "in": {"spec": in_data.spec, "n": len(in_data), "scores": in_report},
+        "in": {"spec": in_data.spec, "n": len(in_data), "scores": in_report, **in_shares},
         "out": outs,
         "seconds": round(time.perf_counter() - t0, 1),
         "_scores": {"in": s_in, "out": raw_out},

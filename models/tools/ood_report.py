@@ -72,9 +72,9 @@ def suite_table(report: dict[str, Any]) -> list[str]:
     head = "| kind (files) | " + " | ".join(label[n] for n in names) + " |"
     lines = [
         "Real-upload suite (each file decoded and converted as /score does with resize=true): AUROC of the score / "
-        "share flagged as /score flags it (score over the calibrated threshold, or refused by the colour check where "
-        "the model has one: share of colour files in brackets); last row: share of the in-distribution test images "
-        "flagged.",
+        "share flagged as /score flags it (score over the calibrated threshold, or refused by the colour or peak check "
+        "where the model has one: shares of colour and of dim files in brackets); last row: share of the "
+        "in-distribution test images flagged.",
         "",
         head,
         "| --- |" + " --- |" * len(names),
@@ -86,7 +86,9 @@ def suite_table(report: dict[str, Any]) -> list[str]:
             m = o["scores"][n]
             flagged = _pct(m["flagged_at_threshold"]) if "flagged_at_threshold" in m else "-"
             cells.append(f"{m['auroc']:.4f} / {flagged}")
-        refused = f" [{_pct(o['colour_refused'])} colour]" if "colour_refused" in o else ""
+        checks = (("colour_refused", "colour"), ("peak_refused", "dim"))
+        shares = [f"{_pct(o[k])} {word}" for k, word in checks if k in o]
+        refused = f" [{', '.join(shares)}]" if shares else ""
         lines += [f"| {kind} ({o['n']}){refused} | " + " | ".join(cells) + " |"]
     test = " | ".join("-" if fpr[n] is None else _pct(fpr[n]) for n in names)
     lines += [f"| {report['in']['spec']} ({report['in']['n']}), flagged | {test} |"]

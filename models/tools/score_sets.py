@@ -19,6 +19,8 @@ from models.scoring.calibration import DEFAULT_FPR, calibrate_scores
 from models.scoring.coders import CODER, code_length_bits, coder_version
 from models.scoring.colour import ColourCheck
 from models.scoring.dose import DEFAULT_NEIGHBOURS, fit_dose
+from models.scoring.peak import DEFAULT_TOLERANCE as PEAK_TOLERANCE
+from models.scoring.peak import PeakCheck
 from models.scoring.scorer import ModelOutputs, Scorer
 from models.scoring.scores import COMPLEXITY, DOSE, GUARDED, NLL, RATIO, guarded_score, needs_code, score_units
 from models.scoring.statistics import (
@@ -183,20 +185,19 @@ def calibrate(
     folds: int = 0,
     neighbours: int = DEFAULT_NEIGHBOURS,
     colour: ColourCheck | None = ColourCheck(),
+    peak_tolerance: int | None = PEAK_TOLERANCE,
 ) -> dict[str, Any]:
     """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on held-out
     in-distribution images (never the test set); ``keep``: entries kept from an earlier calibration of
     the same weights. Without labels dose is fitted too and becomes the default (:func:`_fit_dose`:
     ``statistics``, default all; ``neighbours``, 0 for Mahalanobis; ``folds``). With ``confidence`` each
     threshold's false-positive rate is at most ``fpr`` with that probability, else about ``fpr``. A
-    class-conditional model is calibrated on p(x) = sum_y p(x|y) p(y) (pass no labels). ``colour``: the
-    colour check of a one-channel model's uploads (:mod:`models.scoring.colour`; None: none)."""
+    class-conditional model is calibrated on p(x) = sum_y p(x|y) p(y) (pass no labels). ``colour`` and
+    ``peak_tolerance`` (None: none): the checks of :func:`upload_checks`."""
     if scorer.model.n_classes is not None and labels is not None:
         raise ValueError(f"calibrate a class-conditional model on p(x) = sum_y p(x|y) p(y), {_NO_LABELS}")
     t0 = time.perf_counter()
-    # complexity_guarded's floor is the largest NLL among these images, so on them it equals complexity
-    scorer.nll_cap = None
-    scorer.dose = None  # refitted below
+    scorer.nll_cap, scorer.dose = None, None  # both refitted below (the floor: the largest NLL of these images)
     scorer.with_transpose = "transpose" in (statistics or ())  # the one statistic that costs a pass of its own
     keep = keep or {}
     names = [n for n in scorer.score_types if n not in keep]
@@ -224,12 +225,22 @@ def calibrate(
         "seconds": round(time.perf_counter() - t0, 1),
         "nll_cap": nll_cap,
     }
-    return {**cal, **({"dose": dose_entry} if dose_entry else {}), **_colour(scorer, colour), **_provenance(scorer)}
+    cal.update({"dose": dose_entry} if dose_entry else {}, **upload_checks(scorer, images, colour, peak_tolerance))
+    return {**cal, **_provenance(scorer)}
 
 
-def _colour(scorer: Scorer, colour: ColourCheck | None) -> dict[str, Any]:
-    """The colour check's entry, for a model of grayscale images: no colour is in its training data."""
-    return {"colour": colour.to_json()} if colour is not None and scorer.model.shape[0] == 1 else {}
+def upload_checks(
+    scorer: Scorer, images: Tensor, colour: ColourCheck | None, peak_tolerance: int | None
+) -> dict[str, Any]:
+    """The checks that refuse an image whatever its score, as calibration entries: ``colour`` for a
+    model of grayscale images (no colour is in its training data), ``peak`` (the dimmest brightest
+    pixel among the calibration ``images`` (N, C, H, W) levels, :mod:`models.scoring.peak`)."""
+    out: dict[str, Any] = {}
+    if colour is not None and scorer.model.shape[0] == 1:
+        out["colour"] = colour.to_json()
+    if peak_tolerance is not None:
+        out["peak"] = PeakCheck.fit(images.numpy(), scorer.model.levels, peak_tolerance).to_json()
+    return out
 
 
 def _nll_cap(values: dict[str, np.ndarray], keep: dict[str, dict[str, Any]]) -> float | None:

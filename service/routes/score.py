@@ -20,14 +20,13 @@ from service.errors import BadRequest
 from service.offload import INLINE_RESULTS, run_off_loop
 from service.schemas import (
     FORM_BOOL_SCHEMA,
-    ColourResult,
     ScoreExplanation,
     ScoreForm,
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
 )
-from service.uploads import Decoded, Upload, colour_result, request_body, upload_responses
+from service.uploads import Decoded, Upload, colour_result, peak_result, request_body, upload_responses
 
 router = APIRouter(tags=["score"])
 
@@ -50,7 +49,8 @@ def build_results(
     inputs: np.ndarray | None = None,
 ) -> list[ScoreResult]:
     """One result per image; ``inputs`` (B, C, H, W) levels, when given, come back as PNGs (``input_image``).
-    A file that fails the model's colour check (models/scoring/colour.py) is an outlier whatever its score."""
+    A file that fails the model's colour check (models/scoring/colour.py), or an image its peak check
+    (models/scoring/peak.py), is an outlier whatever its score."""
     # A conditional model's calibration is of p(x); scores of p(x|y) for a given label have none.
     calibrated = not (labelled and entry.n_classes is not None)
     calibration = calibration_for(entry.meta, score_type) if calibrated else Calibration()
@@ -62,8 +62,10 @@ def build_results(
     for i, changed in enumerate(decoded.converted):
         score = float(scores[i])
         colour = colour_result(entry, decoded.colour[i])
+        peak = peak_result(entry, decoded.peak[i])
+        checks = [name for name, c in (("colour", colour), ("peak", peak)) if c is not None and c.crossed]
         outlier = calibration.is_outlier(score)
-        if outlier is not None and colour is not None and colour.crossed:
+        if outlier is not None and checks:
             outlier = True
         heatmap = None
         if scale is not None:
@@ -81,22 +83,24 @@ def build_results(
                 heatmap=heatmap,
                 heatmap_scale_nats=scale,
                 input_image=None if inputs is None else images.b64(images.encode_png(inputs[i])),
-                explanation=explanation(entry, out, i, calibration.threshold, colour) if calibrated else None,
+                explanation=explanation(entry, out, i, calibration.threshold, checks) if calibrated else None,
                 colour=colour,
+                peak=peak,
             )
         )
     return results
 
 
 def explanation(
-    entry: ModelEntry, out: dict[str, torch.Tensor], i: int, threshold: float | None, colour: ColourResult | None
+    entry: ModelEntry, out: dict[str, torch.Tensor], i: int, threshold: float | None, checks: list[str]
 ) -> ScoreExplanation | None:
+    """The dose explanation of image i; ``checks``: the checks it failed ("colour", "peak"), which
+    decided first, whatever the statistics say."""
     fit = entry.dose_fit
     got = None if fit is None else scoring.explanation(fit, out, i, threshold)
     if got is None:
         return None
-    if colour is not None and colour.crossed:  # refused for its colour first, whatever the statistics say
-        got["decided_by"] = ["colour", *got["decided_by"]]
+    got["decided_by"] = [*checks, *got["decided_by"]]
     return ScoreExplanation.model_validate(got)
 
 

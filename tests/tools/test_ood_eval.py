@@ -208,6 +208,39 @@ def test_colour_check_in_calibration_and_eval_ood_of_files(tiny_model: Path, tmp
     assert fpr == pytest.approx(float((over | (data.colour > 0.1)).mean())) and fpr >= 0.5
 
 
+def test_peak_check_in_calibration_checks_only_and_eval_ood(tiny_model: Path, tmp_path: Path):
+    """calibrate writes the peak check (the dimmest brightest pixel of its data; --no-peak-check);
+    --checks-only rewrites the checks and nothing else, on the calibration's own data only; eval-ood
+    counts the images it refuses as flagged, whatever their score, arrays and files alike."""
+    rng = np.random.default_rng(0)
+    bright = rng.integers(0, 200, size=(40, 8, 8), dtype=np.uint8)
+    bright[:, 2, 2] = rng.integers(240, 256, size=40)
+    np.savez(tmp_path / "valid.npz", images=bright)
+    valid = f"npz:{tmp_path / 'valid.npz'}"
+    argv = ["calibrate", "--model", str(tiny_model), "--data", valid, "--no-progress", "--cache", ""]
+    assert main([*argv, "--no-peak-check"]) == 0
+    before = read_metadata(tiny_model)["calibration"]
+    assert "peak" not in before
+    assert main([*argv, "--checks-only", "--peak-tolerance", "40"]) == 0
+    after = read_metadata(tiny_model)["calibration"]
+    assert after["peak"]["min_level"] == int(bright.max(axis=(1, 2)).min()) and after["peak"]["tolerance"] == 40
+    assert after["scores"] == before["scores"] and after["dose"] == before["dose"]  # nothing scored again
+    other = npz(tmp_path / "other.npz", 40, 4)
+    assert main(["calibrate", "--model", str(tiny_model), "--data", other, "--checks-only", "--cache", ""]) == 2
+    assert main(argv) == 0  # a full calibration writes the check with the default tolerance
+    peak = read_metadata(tiny_model)["calibration"]["peak"]
+    assert peak["tolerance"] == 64 and peak["min_level"] == after["peak"]["min_level"]
+    dim = (bright[:10] // 2).astype(np.uint8)  # brightest pixel at most 127: below the floor
+    np.savez(tmp_path / "dim.npz", images=np.concatenate([dim, bright[10:20]]))
+    report_dir = tmp_path / "report"
+    argv = ["eval-ood", "--model", str(tiny_model), "--in", valid, "--out", f"npz:{tmp_path / 'dim.npz'}"]
+    assert main([*argv, "--scores", "nll", "--report-dir", str(report_dir), "--no-progress", "--cache", ""]) == 0
+    report = json.loads((report_dir / "m.json").read_text())
+    out = report["out"][f"npz:{tmp_path / 'dim.npz'}"]
+    assert out["peak_refused"] == 0.5 and report["in"]["peak_refused"] == 0.0
+    assert out["scores"]["nll"]["flagged_at_threshold"] >= 0.5
+
+
 def test_calibrate_refuses_the_test_split(tiny_model: Path):
     assert main(["calibrate", "--model", str(tiny_model), "--data", "fashion-mnist:test"]) == 2
     assert read_metadata(tiny_model)["calibration"] is None

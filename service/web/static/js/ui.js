@@ -30,6 +30,13 @@ export function colourText(c) {
   return c.crossed ? `${share}: refused, the model was trained on grayscale images` : `${share} (gray enough)`;
 }
 
+/** The peak check of an image (null where the model has none), in words. */
+export function peakText(c) {
+  if (c === null || c === undefined) return null;
+  const seen = `${c.level} of 255`;
+  return c.crossed ? `${seen}: refused, every training image reaches ${c.min_level}` : `${seen} (bright enough)`;
+}
+
 export function fmt(x, digits = 3) {
   if (x === null || x === undefined) return "–";
   if (typeof x !== "number") return String(x);
