@@ -398,6 +398,9 @@ def test_score_tab_shows_a_png_and_a_jpeg_as_the_model_saw_them_behind_a_path_pr
         assert colour is not None and colour["crossed"] == (name == "hopper.jpg")
         assert f"{100 * colour['fraction']:.1f}% of pixels in colour" in item.inner_text()
         assert ("trained on grayscale" in item.inner_text()) == colour["crossed"]
+        peak = want["peak"]  # the calibration's peak check: the brightest pixel, in words
+        assert peak is not None and f"{peak['level']} of 255" in item.inner_text()
+        assert ("refused, every training image reaches" in item.inner_text()) == peak["crossed"]
         src = item.locator(".view img").get_attribute("src")
         assert src == f"data:image/png;base64,{want['input_image']}"  # the 8x8 array the model scored
         hist = item.locator("svg.hist")
