@@ -40,6 +40,12 @@ web banners each, dark text on light and light text on dark), ``signatures-black
 (20 scanned-looking text pages: tilted, noisy, JPEG), ``receipts`` (20 narrow till receipts),
 ``phones`` (20 phone screenshots of a list, light and dark mode).
 
+``--set 6`` (session 18, drawn after that session's changes, which it was not used to tune): dark mode and
+negatives: ``dark-charts`` (20 matplotlib charts in its dark_background style, grays only), ``dark-icons``
+(30 Adwaita symbolic glyphs, light on a dark square, 48-96 px), ``negatives`` (the suite's photos in gray,
+inverted), ``inverted-codes`` (its QR codes and barcodes, light on dark), ``night-sky`` (20 star fields,
+some with a moon), ``pixel-art`` (20 symmetric 8x8 sprites in grays on black, scaled 12x).
+
 ``--fit stretch`` sizes every file as /score's ``fit=stretch`` does (the aspect ratio not kept, as
 ``resize=true`` did before session 18) instead of the default ``pad`` (models/image_convert.py).
 
@@ -337,7 +343,81 @@ SETS = {
     ],
     "4": ["clipart-objects", "clipart-symbols", "clipart-computer", "clipart-clothing", "gray-clipart", "sprites"],
     "5": ["banners-light", "banners-dark", "signatures-black", "signatures-white", "scans", "receipts", "phones"],
+    "6": ["dark-charts", "dark-icons", "negatives", "inverted-codes", "night-sky", "pixel-art"],
 }
+
+
+def dark_charts(out: Path) -> None:
+    """Charts in matplotlib's dark_background style, in grays only (lines, bars, scatter, areas)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(21)
+    with plt.style.context("dark_background"):
+        for i in range(20):
+            fig, ax = plt.subplots(figsize=(rng.uniform(4, 8), rng.uniform(3, 5)), dpi=80)
+            x = np.arange(30)
+            gray = str(round(float(rng.uniform(0.6, 1.0)), 2))
+            kind = i % 4
+            if kind == 0:
+                for _ in range(rng.integers(1, 4)):
+                    ax.plot(x, np.cumsum(rng.normal(size=30)), color=str(round(float(rng.uniform(0.4, 1.0)), 2)))
+            elif kind == 1:
+                ax.bar(x[:12], rng.uniform(1, 10, 12), color=gray)
+            elif kind == 2:
+                ax.scatter(rng.normal(size=80), rng.normal(size=80), s=8, color=gray)
+            else:
+                ax.fill_between(x, np.abs(np.cumsum(rng.normal(size=30))), color=gray, alpha=0.6)
+            ax.set_title(f"series {i}", color="0.8")
+            fig.savefig(out / f"{i:02d}.png", facecolor=fig.get_facecolor())
+            plt.close(fig)
+
+
+def dark_icons(out: Path) -> None:
+    """Adwaita's symbolic glyphs drawn light on a dark square, as a dark-mode toolbar shows them (set 1: on white)."""
+    glyphs = sorted(ICONS.glob("*/*/*symbolic*.png"))
+    rng = random.Random(22)
+    for i, p in enumerate(rng.sample(glyphs, min(30, len(glyphs)))):
+        alpha = Image.open(p).convert("RGBA").getchannel("A")
+        side = rng.choice([48, 64, 96])
+        glyph = alpha.resize((side * 2 // 3, side * 2 // 3), Image.Resampling.LANCZOS)
+        im = Image.new("L", (side, side), rng.choice([24, 32, 40, 48]))
+        im.paste(Image.new("L", glyph.size, rng.choice([200, 230, 255])), ((side - glyph.width) // 2,) * 2, glyph)
+        im.save(out / f"{i:02d}.png")
+
+
+def negatives(photos: Path, codes: Path) -> None:
+    """The suite's photos in gray, inverted (film negatives, X-ray-like), and its codes inverted (light on dark)."""
+    for kind, out in (("photos", photos), ("codes", codes)):
+        for p in sorted((SUITE / kind).iterdir()):
+            ImageOps.invert(Image.open(p).convert("L")).save(out / f"{p.stem}.png")
+
+
+def night_sky(out: Path) -> None:
+    """Star fields: 40-300 stars of 1-5 px on black, a moon in some."""
+    rng = random.Random(23)
+    for i in range(20):
+        im = Image.new("L", (400, 300), 0)
+        draw = ImageDraw.Draw(im)
+        for _ in range(rng.randint(40, 300)):
+            x, y, r = rng.uniform(0, 400), rng.uniform(0, 300), rng.choice([0.5, 1, 1, 1.5, 2.5])
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=rng.randint(150, 255))
+        if i % 3 == 0:
+            x, y, r = rng.uniform(60, 340), rng.uniform(60, 240), rng.uniform(15, 40)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=rng.randint(200, 250))
+        im.save(out / f"{i:02d}.png")
+
+
+def pixel_art(out: Path) -> None:
+    """Mirror-symmetric 8x8 sprites in 3-4 grays on black, scaled 12x with nearest-neighbour pixels."""
+    rng = np.random.default_rng(24)
+    for i in range(20):
+        grays = rng.choice([0, 90, 160, 220, 255], size=rng.integers(3, 5), replace=False)
+        half = rng.choice(grays, size=(8, 4), p=None)
+        sprite = np.concatenate([half, half[:, ::-1]], axis=1).astype(np.uint8)
+        Image.fromarray(sprite).resize((96, 96), Image.Resampling.NEAREST).save(out / f"{i:02d}.png")
 
 
 def build(out: Path, which: str) -> list[Path]:
@@ -357,6 +437,12 @@ def build(out: Path, which: str) -> list[Path]:
     elif which == "4":
         clipart(*(dirs[k] for k in SETS["4"][:5]))
         sprites(dirs["sprites"])
+    elif which == "6":
+        dark_charts(dirs["dark-charts"])
+        dark_icons(dirs["dark-icons"])
+        negatives(dirs["negatives"], dirs["inverted-codes"])
+        night_sky(dirs["night-sky"])
+        pixel_art(dirs["pixel-art"])
     elif which == "5":
         banners(dirs["banners-light"], dirs["banners-dark"])
         signatures(dirs["signatures-black"], dirs["signatures-white"])
