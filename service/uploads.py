@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from models.scoring.peak import peak_levels
 from service import images
 from service.disconnect import unless_disconnected
 from service.entries import ModelEntry
@@ -166,8 +167,8 @@ def decode_all(
         arrays.append(arr)
         converted.append(changed)
         fractions.append(fraction)
-    peaks = [int(a.max()) if a.size else 0 for a in arrays]  # uint8 arrays: 8-bit levels
-    return Decoded(images.to_levels(np.stack(arrays), entry.levels), converted, fractions, peaks)
+    x = images.to_levels(np.stack(arrays), entry.levels)
+    return Decoded(x, converted, fractions, peak_levels(x, entry.levels).tolist())  # as calibrate measures them
 
 
 async def receive(
