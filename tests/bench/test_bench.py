@@ -103,3 +103,35 @@ def test_log_prob_ab_times_both_trees_and_compares_their_log_likelihoods(model_d
         assert len(row["baseline"]) == len(row["this tree"]) == 2 and min(row["baseline"] + row["this tree"]) > 0
         assert row["speedup"] == pytest.approx(row["median"]["this tree"] / row["median"]["baseline"], abs=0.01)
         assert row["max_diff_nats_per_dim"] < 1e-4  # HEAD's log_prob and this tree's agree
+
+
+def test_upload_probe_builds_set_6_and_reports_every_kind(model_dir: Path, tmp_path: Path) -> None:
+    """bench/upload_probe.py --set 6 on a tiny calibrated model: every kind built, one cell per kind,
+    each a share flagged (with the checks) and, in brackets, by the score alone, never more."""
+    import re
+    import shutil
+
+    import numpy as np
+    import torch
+
+    if not list(Path("/usr/share/icons/Adwaita").glob("*/*/*symbolic*.png")):
+        pytest.skip("set 6's dark-mode icons need Adwaita's symbolic PNGs (apt-get install adwaita-icon-theme)")
+    pytest.importorskip("matplotlib")
+    from models.checkpoint import update_metadata
+    from models.scoring.scorer import load_scorer
+    from models.tools.score_sets import calibrate
+
+    shutil.copytree(model_dir / "pixelcnn", tmp_path / "pc")
+    scorer, _ = load_scorer(tmp_path / "pc")
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, size=(30, 1, 8, 8), dtype=np.uint8))
+    update_metadata(tmp_path / "pc", calibration=calibrate(scorer, noise, data_spec="test", show_progress=False))
+    args = ["bench/upload_probe.py", "--set", "6", "--out", str(tmp_path / "probe"), "--cache", ""]
+    args += ["--model", str(tmp_path / "pc")]
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    head, _, row = out.stdout.strip().splitlines()
+    kinds = ["dark-charts (20)", "dark-icons (30)", "negatives (58)", "inverted-codes (30)", "night-sky (20)"]
+    assert all(k in head for k in [*kinds, "pixel-art (20)"])
+    cells = re.findall(r"([\d.]+)% \(([\d.]+)%\)", row)
+    assert row.startswith("| pc |") and len(cells) == 6
+    assert all(float(served) >= float(alone) for served, alone in cells)  # the checks only add refusals
