@@ -131,6 +131,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from models.tools.ood_eval import load_eval_set
     from models.tools.score_sets import calibrate, upload_checks
 
+    if args.checks_only and (args.companion or args.keep):
+        raise ValueError("--checks-only scores nothing, so it takes neither --companion nor --keep")
     if args.companion:
         from models.tools.companion import install_companion
 

@@ -227,6 +227,8 @@ def test_peak_check_in_calibration_checks_only_and_eval_ood(tiny_model: Path, tm
     assert after["scores"] == before["scores"] and after["dose"] == before["dose"]  # nothing scored again
     other = npz(tmp_path / "other.npz", 40, 4)
     assert main(["calibrate", "--model", str(tiny_model), "--data", other, "--checks-only", "--cache", ""]) == 2
+    assert main([*argv, "--checks-only", "--keep", "nll"]) == 2  # it scores nothing: nothing to keep
+    assert read_metadata(tiny_model)["calibration"] == after
     assert main(argv) == 0  # a full calibration writes the check with the default tolerance
     peak = read_metadata(tiny_model)["calibration"]["peak"]
     assert peak["tolerance"] == 64 and peak["min_level"] == after["peak"]["min_level"]
