@@ -168,10 +168,10 @@ FITS = ("pad", "stretch")  # how a file of another aspect ratio is sized (step 6
 def edge_colour(im: Image.Image) -> int | tuple[int, ...]:
     """The per-channel median of the pixels on the image's four edges (an "L" or "RGB" image): the
     colour of its background, in the image's own mode."""
-    a = np.asarray(im, dtype=np.uint8)
-    a = a[..., None] if a.ndim == 2 else a  # (H, W, C)
-    edges = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])  # (2W + 2H, C)
-    fill = tuple(int(v) for v in np.round(np.median(edges, axis=0)))
+    w, h, c = im.width, im.height, len(im.getbands())
+    strips = [im.crop(box) for box in ((0, 0, w, 1), (0, h - 1, w, h), (0, 0, 1, h), (w - 1, 0, w, h))]
+    edges = np.concatenate([np.asarray(s, dtype=np.uint8).reshape(-1, c) for s in strips])  # (2W + 2H, C)
+    fill = tuple(int(v) for v in np.round(np.median(edges, axis=0)))  # only the edges are read, not every pixel
     return fill[0] if len(fill) == 1 else fill
 
 

@@ -141,3 +141,13 @@ def test_pad_tall_and_colour_images_and_extreme_ratios():
     np.testing.assert_array_equal(a_pad, a_str)  # the model's aspect ratio: both fits agree
     with pytest.raises(ValueError, match="fit must be one of"):
         to_model_array(square, (1, 28, 28), fit="crop")
+
+
+@pytest.mark.parametrize("shape", [(30, 120), (90, 30, 3), (1, 500), (7, 1), (1, 1, 3)])
+def test_edge_colour_is_the_median_of_the_four_edges(shape):
+    from models.image_convert import edge_colour
+
+    a = np.random.default_rng(sum(shape)).integers(0, 256, size=shape, dtype=np.uint8)
+    b = a[..., None] if a.ndim == 2 else a
+    median = np.round(np.median(np.concatenate([b[0], b[-1], b[:, 0], b[:, -1]]), axis=0)).astype(int).tolist()
+    assert edge_colour(Image.fromarray(a)) == (median[0] if len(median) == 1 else tuple(median))
