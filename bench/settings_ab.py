@@ -36,13 +36,20 @@ from throughput import free_port, http_phases, score_body, start_server, stop_se
 
 
 def parse_config(text: str) -> dict[str, str]:
-    """'GENSERVE_A=1,GENSERVE_B=x' -> {'GENSERVE_A': '1', 'GENSERVE_B': 'x'}."""
-    out = {}
+    """'GENSERVE_A=1,GENSERVE_B=x' -> {'GENSERVE_A': '1', 'GENSERVE_B': 'x'}. An item without '=' continues
+    the value before it, so a setting that is itself a comma list reads as written:
+    'GENSERVE_DEVICES=cpu,cpu,GENSERVE_TORCH_THREADS=1' -> {'GENSERVE_DEVICES': 'cpu,cpu', ...}."""
+    out: dict[str, str] = {}
+    last = ""
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
+        if not sep and last:
+            out[last] += f",{item}"
+            continue
         if not sep or not name.startswith("GENSERVE_"):
             raise argparse.ArgumentTypeError(f"'{item}' is not a GENSERVE_NAME=value assignment")
         out[name] = value
+        last = name
     return out
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,7 +74,7 @@ class BodyTimeoutMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        deadline = time.monotonic() + self.timeout_s
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         body_done = False
 
         async def timed_receive() -> Message:
@@ -83,7 +82,9 @@ class BodyTimeoutMiddleware:
             if body_done:
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                # A timer on this task, not wait_for's task per read: the loop's work per request.
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
                 # Raised inside the route's body read, as the size limit's 413 is.
                 raise HTTPException(status_code=408, detail=body_timeout_detail(self.timeout_s)) from None

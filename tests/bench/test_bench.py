@@ -22,8 +22,14 @@ def test_settings_ab_parses_configs_and_names_a_bad_one() -> None:
         "GENSERVE_MAX_BATCH_SIZE": "8",
     }
     assert parse_config("") == {}
+    assert parse_config("GENSERVE_DEVICES=cpu,cpu,GENSERVE_TORCH_THREADS=1") == {
+        "GENSERVE_DEVICES": "cpu,cpu",
+        "GENSERVE_TORCH_THREADS": "1",
+    }
     with pytest.raises(argparse.ArgumentTypeError, match="'MAX_BATCH=5' is not a GENSERVE_NAME=value"):
         parse_config("MAX_BATCH=5")
+    with pytest.raises(argparse.ArgumentTypeError, match="'cpu' is not a GENSERVE_NAME=value"):
+        parse_config("cpu,GENSERVE_DEVICES=cpu")
     assert parse_sample("pixelcnn-fmnist:16") == ("pixelcnn-fmnist", 16)
     for bad in ("pixelcnn-fmnist", "pixelcnn:0", ":4", "pixelcnn:x"):
         with pytest.raises(argparse.ArgumentTypeError, match="is not MODEL:N"):
