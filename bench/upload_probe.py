@@ -1,7 +1,7 @@
 """Held-out probes of the outlier gate: kinds of upload the real-upload suite does not hold, made from
 installed files and never used to design or calibrate anything. Builds them into ``--out`` (not
 committed; deterministic), then prints, per model and kind, the share flagged as /score flags it with
-resize=true (the default score over its threshold, or refused by the colour or the peak check) and, in
+resize=true (the default score over its threshold, or refused by the colour, peak or extent check) and, in
 brackets, by the score alone.
 
 Kinds: ``symbolic`` (60 monochrome Adwaita UI glyphs, transparent background), ``glyphs-black`` and
@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.image_convert import FITS, decode_file
 from models.scoring.colour import colour_check_for
+from models.scoring.extent import extent_check_for
 from models.scoring.peak import peak_check_for
 from models.scoring.scorer import load_scorer
 from models.tools.ood_eval import SUFFIXES, load_eval_set, refused_by_checks
@@ -484,7 +485,9 @@ def main() -> None:
             names = [meta["calibration"]["default_score"]]
             s = score_images(scorer, data.images, names=names, cache_dir=args.cache or None, show_progress=False)
             over = s[names[0]] > threshold
-            refused, _ = refused_by_checks(check, peak_check_for(meta), data, scorer.model.levels)
+            refused, _ = refused_by_checks(
+                check, peak_check_for(meta), data, scorer.model.levels, extent_check_for(meta)
+            )
             flagged = over if refused is None else over | refused
             cells.append(f"{flagged.mean():.1%} ({over.mean():.1%})")
         print(f"| {Path(folder).name} | " + " | ".join(cells) + " |", flush=True)  # noqa: T201

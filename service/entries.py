@@ -17,6 +17,7 @@ from models.scoring.calibration import default_score_type
 from models.scoring.classify import training_prior
 from models.scoring.colour import ColourCheck, colour_check_for
 from models.scoring.dose import DoseFit
+from models.scoring.extent import ExtentCheck, extent_check_for
 from models.scoring.peak import PeakCheck, peak_check_for
 from models.scoring.scorer import BACKGROUND, COMPANION, calibrated_dose, has_background, has_companion, has_dose
 from models.scoring.scores import DOSE, GUARDED, available_score_types
@@ -98,6 +99,11 @@ class ModelEntry:
     def peak_check(self) -> PeakCheck | None:
         """The calibration's peak check (models/scoring/peak.py), parsed once."""
         return peak_check_for(self.meta)
+
+    @functools.cached_property
+    def extent_check(self) -> ExtentCheck | None:
+        """The calibration's extent check (models/scoring/extent.py), parsed once."""
+        return extent_check_for(self.meta)
 
     @property
     def default_score_type(self) -> str:

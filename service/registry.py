@@ -143,7 +143,7 @@ class ModelRegistry:
                 f"{folder / META}: the outlier calibration is stale ({stale}); "
                 f"rerun `genserve calibrate --model {folder}`"
             )
-        for check in ("colour", "peak"):
+        for check in ("colour", "peak", "extent"):
             try:
                 getattr(entry, f"{check}_check")  # parsed (and checked) once, here
             except (KeyError, TypeError, ValueError) as e:

@@ -193,7 +193,7 @@ class ScoreExplanation(BaseModel):
     statistics: dict[str, StatisticExplanation]
     decided_by: list[str] = Field(
         description="when refused: 'colour' first if the file failed the colour check, 'peak' if the image failed "
-        "the peak check, then (if the score is over "
+        "the peak check, 'extent' if it failed the extent check, then (if the score is over "
         "the threshold) the fewest statistics, largest share first, whose shares alone exceed it; empty when the "
         "image passed"
     )
@@ -227,6 +227,23 @@ class PeakResult(BaseModel):
     )
 
 
+class ExtentResult(BaseModel):
+    """The extent check of an image (calibration.extent): how much of the frame its object spans, against the
+    training data's."""
+
+    pixels: int = Field(
+        description="the larger side, in pixels of the model's input, of the bounding box of the image's pixels "
+        "brighter than the check's level (the object's extent)"
+    )
+    floor: int = Field(description="the smallest extent accepted: min_extent minus the check's tolerance")
+    min_extent: int = Field(description="the smallest extent among the calibration images")
+    crossed: bool = Field(
+        description="pixels < floor: the object spans far less of the frame than in every training image (a small "
+        "mark on a clean ground) and the image is refused whatever its score (crop it to the object yourself to "
+        "have it judged on its shapes)"
+    )
+
+
 class ScoreResult(BaseModel):
     index: int = Field(description="position of the image in the request")
     log_likelihood_nats: float = Field(
@@ -237,7 +254,7 @@ class ScoreResult(BaseModel):
     threshold: float | None = Field(description="calibrated outlier threshold for this score, if any")
     is_outlier: bool | None = Field(
         description="when calibrated: score > threshold, or the file failed the colour check (colour.crossed) or "
-        "the image the peak check (peak.crossed)"
+        "the image the peak check (peak.crossed) or the extent check (extent.crossed)"
     )
     percentile: float | None = Field(description="where the score falls among calibration quantiles (0..100)")
     resized: bool = Field(description="true if the image was converted to the model's mode or size")
@@ -261,6 +278,11 @@ class ScoreResult(BaseModel):
     )
     peak: PeakResult | None = Field(
         None, description="the peak check (a far dimmer image than any training image is refused); null where none"
+    )
+    extent: ExtentResult | None = Field(
+        None,
+        description="the extent check (an object spanning far less of the frame than in any training image is "
+        "refused); null where none",
     )
 
 
@@ -291,7 +313,8 @@ class ClassifyResult(BaseModel):
     percentile: float | None = Field(description="where the score falls among calibration quantiles (0..100)")
     rejected: bool | None = Field(
         description="true when p(x) fails the calibrated outlier test (score > threshold) or the file fails the "
-        "colour check (colour.crossed) or the peak check (peak.crossed): the image does not look like the training "
+        "colour check (colour.crossed), the peak check (peak.crossed) or the extent check (extent.crossed): the "
+        "image does not look like the training "
         "data, so no class is given; "
         "null if the model is not calibrated"
     )
@@ -300,6 +323,9 @@ class ClassifyResult(BaseModel):
         None, description="the colour check of a file converted with resize=true (see /score); null where not checked"
     )
     peak: PeakResult | None = Field(None, description="the peak check (see /score); null where the model has none")
+    extent: ExtentResult | None = Field(
+        None, description="the extent check (see /score); null where the model has none"
+    )
 
 
 class ClassifyResponse(BaseModel):

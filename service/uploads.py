@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from models.scoring.extent import extents
 from models.scoring.peak import peak_levels
 from service import images
 from service.disconnect import unless_disconnected
@@ -24,7 +25,7 @@ from service.errors import BadRequest, UnsupportedMediaType
 from service.metrics import Metrics
 from service.offload import INLINE_DECODE_BYTES, run_off_loop
 from service.registry import ModelRegistry
-from service.schemas import MODEL_ERRORS, ColourResult, ErrorResponse, Fit, PeakResult
+from service.schemas import MODEL_ERRORS, ColourResult, ErrorResponse, ExtentResult, Fit, PeakResult
 from service.settings import Settings
 
 J = TypeVar("J", bound=BaseModel)
@@ -124,12 +125,34 @@ class Decoded:
     converted: list[bool]  # per image: converted to the model's mode or size (resize=true)
     colour: list[float | None]  # per image: the file's colour fraction, where the model checks colour
     peak: list[int]  # per image: its brightest sub-pixel as the model sees it, 8-bit levels (the peak check)
+    extent: list[int]  # per image: pixels its object spans as the model sees it (the extent check; 0: none)
 
 
 def peak_result(entry: ModelEntry, level: int) -> PeakResult | None:
     """The peak check of one image (None where the model's calibration has none)."""
     check = entry.peak_check
     return None if check is None else PeakResult.model_validate(check.result(level))
+
+
+def extent_result(entry: ModelEntry, pixels: int) -> ExtentResult | None:
+    """The extent check of one image (None where the model's calibration has none)."""
+    check = entry.extent_check
+    return None if check is None else ExtentResult.model_validate(check.result(pixels))
+
+
+def image_checks(entry: ModelEntry, decoded: Decoded, i: int) -> dict[str, Any]:
+    """Image i's checks that refuse it whatever its score, by field name: ``colour`` (of a converted file),
+    ``peak`` and ``extent``; each None where the model has no such check."""
+    return {
+        "colour": colour_result(entry, decoded.colour[i]),
+        "peak": peak_result(entry, decoded.peak[i]),
+        "extent": extent_result(entry, decoded.extent[i]),
+    }
+
+
+def crossed_checks(checks: dict[str, Any]) -> list[str]:
+    """The names of the checks of :func:`image_checks` that the image failed, in their order."""
+    return [name for name, c in checks.items() if c is not None and c.crossed]
 
 
 def colour_result(entry: ModelEntry, fraction: float | None) -> ColourResult | None:
@@ -168,7 +191,9 @@ def decode_all(
         converted.append(changed)
         fractions.append(fraction)
     x = images.to_levels(np.stack(arrays), entry.levels)
-    return Decoded(x, converted, fractions, peak_levels(x, entry.levels).tolist())  # as calibrate measures them
+    span = entry.extent_check
+    spans = [0] * len(x) if span is None else extents(x, entry.levels, span.level).tolist()  # as calibrate measures
+    return Decoded(x, converted, fractions, peak_levels(x, entry.levels).tolist(), spans)
 
 
 async def receive(

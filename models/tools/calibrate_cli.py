@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from models.scoring.colour import DEFAULT_MAX_FRACTION, DEFAULT_TOLERANCE
+from models.scoring.extent import DEFAULT_TOLERANCE as EXTENT_TOLERANCE
 from models.scoring.peak import DEFAULT_TOLERANCE as PEAK_TOLERANCE
 
 
@@ -116,16 +117,23 @@ def add_colour_options(c: Any) -> None:
     )
     c.add_argument("--no-peak-check", action="store_true", help="do not refuse images for their brightest pixel")
     c.add_argument(
+        "--extent-tolerance",
+        type=int,
+        default=EXTENT_TOLERANCE,
+        help="refuse an image whose object spans more than this many pixels less of the frame than the least-"
+        f"spanning calibration image (default {EXTENT_TOLERANCE}; models/scoring/extent.py)",
+    )
+    c.add_argument("--no-extent-check", action="store_true", help="do not refuse images for how little they span")
+    c.add_argument(
         "--checks-only",
         action="store_true",
-        help="rewrite only the upload checks (colour, peak) of the current calibration, from the same data, "
+        help="rewrite only the upload checks (colour, peak, extent) of the current calibration, from the same data, "
         "without scoring anything again",
     )
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
     from models.checkpoint import update_metadata
-    from models.scoring.colour import ColourCheck
     from models.scoring.dose import DEFAULT_NEIGHBOURS
     from models.scoring.scorer import load_scorer
     from models.tools.ood_eval import load_eval_set
@@ -149,10 +157,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
         data.images = reencode(data.images, scorer.model.levels)
         spec = f"{spec}, re-encoded (a third each exact, JPEG quality 70-95, upscaled 2-4x: --reencode)"
-    colour = None if args.no_colour_check else ColourCheck(args.colour_tolerance, args.colour_max_fraction)
-    peak_tolerance = None if args.no_peak_check else args.peak_tolerance
+    colour, peak_tolerance, extent_tolerance = check_options(args)
     if args.checks_only:
-        checks = upload_checks(scorer, data.images, colour, peak_tolerance)
+        checks = upload_checks(scorer, data.images, colour, peak_tolerance, extent_tolerance)
         return rewrite_checks(args, meta, checks, spec, len(data))
     keep = kept_entries(meta, args.keep or [])
     # --folds cross-fits the Mahalanobis combination: given alone it means --neighbours 0 (as before)
@@ -174,6 +181,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
         neighbours=neighbours,
         colour=colour,
         peak_tolerance=peak_tolerance,
+        extent_tolerance=extent_tolerance,
     )
     cal["command"] = args.command_line
     summary = {n: {k: v for k, v in e.items() if k != "quantiles"} for n, e in cal["scores"].items()}
@@ -181,6 +189,16 @@ def calibrate_command(args: argparse.Namespace) -> int:
     if not args.dry_run:  # one atomic write replacing (not merging into) the old calibration
         update_metadata(args.model, merge=False, calibration=cal)
     return 0
+
+
+def check_options(args: argparse.Namespace) -> tuple[Any, int | None, int | None]:
+    """The upload checks asked for: the colour check (or None), the peak and the extent check's tolerances
+    (None: no such check)."""
+    from models.scoring.colour import ColourCheck
+
+    colour = None if args.no_colour_check else ColourCheck(args.colour_tolerance, args.colour_max_fraction)
+    peak_tolerance = None if args.no_peak_check else args.peak_tolerance
+    return colour, peak_tolerance, None if args.no_extent_check else args.extent_tolerance
 
 
 def kept_entries(meta: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
@@ -199,7 +217,7 @@ def kept_entries(meta: dict[str, Any], names: list[str]) -> dict[str, dict[str, 
 
 
 def rewrite_checks(args: argparse.Namespace, meta: dict[str, Any], checks: dict[str, Any], spec: str, n: int) -> int:
-    """``--checks-only``: the current calibration with its colour and peak entries replaced by ``checks``,
+    """``--checks-only``: the current calibration with its colour, peak and extent entries replaced by ``checks``,
     fitted on the ``n`` images of ``spec``, which must be the data it was calibrated on; its scores
     untouched."""
     from models.checkpoint import update_metadata
@@ -212,7 +230,7 @@ def rewrite_checks(args: argparse.Namespace, meta: dict[str, Any], checks: dict[
             f"--checks-only: the calibration is of {cal.get('n')} images of {cal.get('data')}, not {n} of {spec}; "
             "pass the same --data, --limit and --reencode"
         )
-    for name in ("colour", "peak"):
+    for name in ("colour", "peak", "extent"):
         cal.pop(name, None)
     cal.update(checks)
     cal["checks_command"] = args.command_line

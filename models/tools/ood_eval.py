@@ -20,8 +20,9 @@ its test split), plus synthetic sets shaped like the model's input, deterministi
 - any spec with ``@N`` appended: a seeded random subset of N images (``fashion-mnist:test@2000``).
 
 Every image of every set (arrays and files, in- and out-of-distribution) is also judged by the
-model's peak check (:mod:`models.scoring.peak`), as /score judges it: the shares flagged and the
-false-positive rate count its refusals (``peak_refused`` in the report; AUROC is of the score alone).
+model's peak and extent checks (:mod:`models.scoring.peak`, :mod:`models.scoring.extent`), as /score
+judges it: the shares flagged and the false-positive rate count their refusals (``peak_refused``,
+``extent_refused`` in the report; AUROC is of the score alone).
 
 ``--suite DIR`` adds ``files:DIR/KIND`` for every subfolder KIND of DIR (the real-upload suite of
 ``genserve build-upload-suite``), and the report gets a table per kind: AUROC and the share flagged at
@@ -40,6 +41,7 @@ import torch
 
 from models.image_convert import file_colour_fraction, file_to_levels
 from models.scoring.colour import ColourCheck, colour_check_for
+from models.scoring.extent import ExtentCheck, extent_check_for, extents
 from models.scoring.peak import PeakCheck, peak_check_for, peak_levels
 from models.scoring.scorer import Scorer, load_scorer
 from models.tools.data import NAMED, ImageDataset, load_dataset
@@ -194,16 +196,23 @@ def _out_report(
 
 
 def refused_by_checks(
-    colour: ColourCheck | None, peak: PeakCheck | None, data: ImageDataset, levels: int
+    colour: ColourCheck | None,
+    peak: PeakCheck | None,
+    data: ImageDataset,
+    levels: int,
+    extent: ExtentCheck | None = None,
 ) -> tuple[np.ndarray | None, dict[str, float]]:
     """(N,) bool: which of a set's images the model's checks refuse whatever their score (the colour
-    check: files only; the peak check: every image), or None where neither applies; and the share
-    each check refuses (``colour_refused``, ``peak_refused``)."""
+    check: files only; the peak and extent checks: every image), or None where none applies; and the
+    share each check refuses (``colour_refused``, ``peak_refused``, ``extent_refused``)."""
     parts: dict[str, np.ndarray] = {}
     if colour is not None and data.colour is not None:
         parts["colour_refused"] = np.array([colour.crossed(float(f)) for f in data.colour], dtype=bool)
     if peak is not None:
         parts["peak_refused"] = np.array([peak.crossed(int(v)) for v in peak_levels(data.images.numpy(), levels)])
+    if extent is not None:
+        spans = extents(data.images.numpy(), levels, extent.level)
+        parts["extent_refused"] = np.array([extent.crossed(int(v)) for v in spans], dtype=bool)
     if not parts:
         return None, {}
     return np.logical_or.reduce(list(parts.values())), {k: float(v.mean()) for k, v in parts.items()}
@@ -236,15 +245,15 @@ def evaluate_ood(
 
     s_in = scores_of(in_data)
     checks = (colour_check_for(meta) if scorer.model.shape[0] == 1 else None, peak_check_for(meta))
-    levels = scorer.model.levels
-    in_refused, in_shares = refused_by_checks(*checks, in_data, levels)
+    levels, extent = scorer.model.levels, extent_check_for(meta)
+    in_refused, in_shares = refused_by_checks(*checks, in_data, levels, extent)
     in_report = _in_report(s_in, names, cal_scores, in_refused)
     outs: dict[str, Any] = {}
     raw_out: dict[str, dict[str, np.ndarray]] = {}
     for data in out_data:
         s_out = scores_of(data)
         raw_out[data.spec] = s_out
-        refused, shares = refused_by_checks(*checks, data, levels)
+        refused, shares = refused_by_checks(*checks, data, levels, extent)
         outs[data.spec] = {"n": len(data), "scores": _out_report(s_in, s_out, names, cal_scores, refused), **shares}
     return {
         "model": meta.get("_folder", ""),

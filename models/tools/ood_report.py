@@ -72,9 +72,9 @@ def suite_table(report: dict[str, Any]) -> list[str]:
     head = "| kind (files) | " + " | ".join(label[n] for n in names) + " |"
     lines = [
         "Real-upload suite (each file decoded and converted as /score does with resize=true): AUROC of the score / "
-        "share flagged as /score flags it (score over the calibrated threshold, or refused by the colour or peak check "
-        "where the model has one: shares of colour and of dim files in brackets); last row: share of the "
-        "in-distribution test images flagged.",
+        "share flagged as /score flags it (score over the calibrated threshold, or refused by the colour, peak or "
+        "extent check where the model has one: shares of colour, of dim and of small files in brackets); last row: "
+        "share of the in-distribution test images flagged.",
         "",
         head,
         "| --- |" + " --- |" * len(names),
@@ -86,7 +86,7 @@ def suite_table(report: dict[str, Any]) -> list[str]:
             m = o["scores"][n]
             flagged = _pct(m["flagged_at_threshold"]) if "flagged_at_threshold" in m else "-"
             cells.append(f"{m['auroc']:.4f} / {flagged}")
-        checks = (("colour_refused", "colour"), ("peak_refused", "dim"))
+        checks = (("colour_refused", "colour"), ("peak_refused", "dim"), ("extent_refused", "small"))
         shares = [f"{_pct(o[k])} {word}" for k, word in checks if k in o]
         refused = f" [{', '.join(shares)}]" if shares else ""
         lines += [f"| {kind} ({o['n']}){refused} | " + " | ".join(cells) + " |"]

@@ -19,6 +19,8 @@ from models.scoring.calibration import DEFAULT_FPR, calibrate_scores
 from models.scoring.coders import CODER, code_length_bits, coder_version
 from models.scoring.colour import ColourCheck
 from models.scoring.dose import DEFAULT_NEIGHBOURS, fit_dose
+from models.scoring.extent import DEFAULT_TOLERANCE as EXTENT_TOLERANCE
+from models.scoring.extent import ExtentCheck
 from models.scoring.peak import DEFAULT_TOLERANCE as PEAK_TOLERANCE
 from models.scoring.peak import PeakCheck
 from models.scoring.scorer import ModelOutputs, Scorer
@@ -186,14 +188,15 @@ def calibrate(
     neighbours: int = DEFAULT_NEIGHBOURS,
     colour: ColourCheck | None = ColourCheck(),
     peak_tolerance: int | None = PEAK_TOLERANCE,
+    extent_tolerance: int | None = EXTENT_TOLERANCE,
 ) -> dict[str, Any]:
     """The ``calibration`` entry of model.json: every score type of the scorer, calibrated on held-out
     in-distribution images (never the test set); ``keep``: entries kept from an earlier calibration of
     the same weights. Without labels dose is fitted too and becomes the default (:func:`_fit_dose`:
     ``statistics``, default all; ``neighbours``, 0 for Mahalanobis; ``folds``). With ``confidence`` each
     threshold's false-positive rate is at most ``fpr`` with that probability, else about ``fpr``. A
-    class-conditional model is calibrated on p(x) = sum_y p(x|y) p(y) (pass no labels). ``colour`` and
-    ``peak_tolerance`` (None: none): the checks of :func:`upload_checks`."""
+    class-conditional model is calibrated on p(x) = sum_y p(x|y) p(y) (pass no labels). ``colour``,
+    ``peak_tolerance`` and ``extent_tolerance`` (None: none): the checks of :func:`upload_checks`."""
     if scorer.model.n_classes is not None and labels is not None:
         raise ValueError(f"calibrate a class-conditional model on p(x) = sum_y p(x|y) p(y), {_NO_LABELS}")
     t0 = time.perf_counter()
@@ -204,8 +207,7 @@ def calibrate(
     values = score_images(
         scorer, images, labels, names, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
     )
-    nll_cap = _nll_cap(values, keep)
-    scorer.nll_cap = nll_cap  # the scorer now scores as the service will with this calibration
+    scorer.nll_cap = nll_cap = _nll_cap(values, keep)  # the scorer now scores as the service will with it
     dose_entry = None
     if labels is None and len(images) >= 4:
         dose_entry = _fit_dose(scorer, images, values, batch_size, cache_dir, statistics, folds, neighbours)
@@ -225,21 +227,28 @@ def calibrate(
         "seconds": round(time.perf_counter() - t0, 1),
         "nll_cap": nll_cap,
     }
-    cal.update({"dose": dose_entry} if dose_entry else {}, **upload_checks(scorer, images, colour, peak_tolerance))
-    return {**cal, **_provenance(scorer)}
+    checks = upload_checks(scorer, images, colour, peak_tolerance, extent_tolerance)
+    return {**cal, **({"dose": dose_entry} if dose_entry else {}), **checks, **_provenance(scorer)}
 
 
 def upload_checks(
-    scorer: Scorer, images: Tensor, colour: ColourCheck | None, peak_tolerance: int | None
+    scorer: Scorer,
+    images: Tensor,
+    colour: ColourCheck | None,
+    peak_tolerance: int | None,
+    extent_tolerance: int | None = EXTENT_TOLERANCE,
 ) -> dict[str, Any]:
     """The checks that refuse an image whatever its score, as calibration entries: ``colour`` for a
     model of grayscale images (no colour is in its training data), ``peak`` (the dimmest brightest
-    pixel among the calibration ``images`` (N, C, H, W) levels, :mod:`models.scoring.peak`)."""
+    pixel among the calibration ``images`` (N, C, H, W) levels, :mod:`models.scoring.peak`) and
+    ``extent`` (the least frame any of them spans, :mod:`models.scoring.extent`); None: not that check."""
     out: dict[str, Any] = {}
     if colour is not None and scorer.model.shape[0] == 1:
         out["colour"] = colour.to_json()
     if peak_tolerance is not None:
         out["peak"] = PeakCheck.fit(images.numpy(), scorer.model.levels, peak_tolerance).to_json()
+    if extent_tolerance is not None:
+        out["extent"] = ExtentCheck.fit(images.numpy(), scorer.model.levels, extent_tolerance).to_json()
     return out
 
 

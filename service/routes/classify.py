@@ -3,8 +3,8 @@
 Per image the model gives log p(x|y) for every class (one pass per class); Bayes' rule with the
 training prior gives p(y|x) and p(x) = sum_y p(x|y) p(y) (models/scoring/classify.py). An image whose p(x)
 fails the calibrated outlier test (the model's default score above its threshold, a colour file
-for a model of grayscale images, or an image far dimmer than any training image: the peak check) is
-rejected: no class is forced on it.
+for a model of grayscale images, an image far dimmer than any training image: the peak check, or one
+whose object spans far less of the frame: the extent check) is rejected: no class is forced on it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from service.entries import ModelEntry
 from service.errors import BadRequest
 from service.offload import INLINE_RESULTS, run_off_loop
 from service.schemas import FORM_BOOL_SCHEMA, ClassifyRequest, ClassifyResponse, ClassifyResult, ImagesForm
-from service.uploads import Decoded, Upload, colour_result, peak_result, request_body, upload_responses
+from service.uploads import Decoded, Upload, crossed_checks, image_checks, request_body, upload_responses
 
 router = APIRouter(tags=["classify"])
 
@@ -48,10 +48,9 @@ def build_results(
         p = posterior[i]
         best = int(p.argmax())
         score = float(out["score"][i])
-        colour = colour_result(entry, decoded.colour[i])
-        peak = peak_result(entry, decoded.peak[i])
+        found = image_checks(entry, decoded, i)
         rejected = calibration.is_outlier(score)
-        if rejected is not None and any(c is not None and c.crossed for c in (colour, peak)):  # not a training image
+        if rejected is not None and crossed_checks(found):  # not a training image
             rejected = True
         results.append(
             ClassifyResult(
@@ -70,8 +69,7 @@ def build_results(
                 percentile=calibration.percentile(score),
                 rejected=rejected,
                 resized=changed,
-                colour=colour,
-                peak=peak,
+                **found,
             )
         )
     return results

@@ -26,7 +26,7 @@ from service.schemas import (
     ScoreResponse,
     ScoreResult,
 )
-from service.uploads import Decoded, Upload, colour_result, peak_result, request_body, upload_responses
+from service.uploads import Decoded, Upload, crossed_checks, image_checks, request_body, upload_responses
 
 router = APIRouter(tags=["score"])
 
@@ -50,7 +50,7 @@ def build_results(
 ) -> list[ScoreResult]:
     """One result per image; ``inputs`` (B, C, H, W) levels, when given, come back as PNGs (``input_image``).
     A file that fails the model's colour check (models/scoring/colour.py), or an image its peak check
-    (models/scoring/peak.py), is an outlier whatever its score."""
+    (models/scoring/peak.py) or its extent check (models/scoring/extent.py), is an outlier whatever its score."""
     # A conditional model's calibration is of p(x); scores of p(x|y) for a given label have none.
     calibrated = not (labelled and entry.n_classes is not None)
     calibration = calibration_for(entry.meta, score_type) if calibrated else Calibration()
@@ -61,9 +61,8 @@ def build_results(
     results = []
     for i, changed in enumerate(decoded.converted):
         score = float(scores[i])
-        colour = colour_result(entry, decoded.colour[i])
-        peak = peak_result(entry, decoded.peak[i])
-        checks = [name for name, c in (("colour", colour), ("peak", peak)) if c is not None and c.crossed]
+        found = image_checks(entry, decoded, i)
+        checks = crossed_checks(found)
         outlier = calibration.is_outlier(score)
         if outlier is not None and checks:
             outlier = True
@@ -84,8 +83,7 @@ def build_results(
                 heatmap_scale_nats=scale,
                 input_image=None if inputs is None else images.b64(images.encode_png(inputs[i])),
                 explanation=explanation(entry, out, i, calibration.threshold, checks) if calibrated else None,
-                colour=colour,
-                peak=peak,
+                **found,
             )
         )
     return results
@@ -94,7 +92,7 @@ def build_results(
 def explanation(
     entry: ModelEntry, out: dict[str, torch.Tensor], i: int, threshold: float | None, checks: list[str]
 ) -> ScoreExplanation | None:
-    """The dose explanation of image i; ``checks``: the checks it failed ("colour", "peak"), which
+    """The dose explanation of image i; ``checks``: the checks it failed ("colour", "peak", "extent"), which
     decided first, whatever the statistics say."""
     fit = entry.dose_fit
     got = None if fit is None else scoring.explanation(fit, out, i, threshold)

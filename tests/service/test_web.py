@@ -401,6 +401,9 @@ def test_score_tab_shows_a_png_and_a_jpeg_as_the_model_saw_them_behind_a_path_pr
         peak = want["peak"]  # the calibration's peak check: the brightest pixel, in words
         assert peak is not None and f"{peak['level']} of 255" in item.inner_text()
         assert ("refused, every training image reaches" in item.inner_text()) == peak["crossed"]
+        extent = want["extent"]  # the calibration's extent check: how much of the frame the object spans
+        assert extent is not None and f"{extent['pixels']} pixels" in item.inner_text()
+        assert ("refused, every training image spans" in item.inner_text()) == extent["crossed"]
         src = item.locator(".view img").get_attribute("src")
         assert src == f"data:image/png;base64,{want['input_image']}"  # the 8x8 array the model scored
         hist = item.locator("svg.hist")

@@ -243,6 +243,30 @@ def test_peak_check_in_calibration_checks_only_and_eval_ood(tiny_model: Path, tm
     assert out["scores"]["nll"]["flagged_at_threshold"] >= 0.5
 
 
+def test_extent_check_in_calibration_checks_only_and_eval_ood(tiny_model: Path, tmp_path: Path):
+    """calibrate writes the extent check (the least frame its data span; --no-extent-check); --checks-only
+    rewrites it with another tolerance; eval-ood counts the small marks it refuses as flagged."""
+    full = np.random.default_rng(0).integers(5, 200, size=(40, 8, 8), dtype=np.uint8)  # every pixel above 4
+    np.savez(tmp_path / "valid.npz", images=full)
+    valid = f"npz:{tmp_path / 'valid.npz'}"
+    argv = ["calibrate", "--model", str(tiny_model), "--data", valid, "--no-progress", "--cache", ""]
+    assert main([*argv, "--no-extent-check"]) == 0
+    assert "extent" not in read_metadata(tiny_model)["calibration"]
+    assert main([*argv, "--checks-only", "--extent-tolerance", "3"]) == 0
+    extent = read_metadata(tiny_model)["calibration"]["extent"]
+    assert (extent["min_extent"], extent["tolerance"], extent["level"]) == (8, 3, 4)
+    small = np.zeros((10, 8, 8), np.uint8)
+    small[:, 3:5, 3:5] = 255  # a 2x2 mark: extent 2, below 8 - 3
+    np.savez(tmp_path / "small.npz", images=np.concatenate([small, full[:10]]))
+    report_dir = tmp_path / "report"
+    argv = ["eval-ood", "--model", str(tiny_model), "--in", valid, "--out", f"npz:{tmp_path / 'small.npz'}"]
+    assert main([*argv, "--scores", "nll", "--report-dir", str(report_dir), "--no-progress", "--cache", ""]) == 0
+    report = json.loads((report_dir / "m.json").read_text())
+    out = report["out"][f"npz:{tmp_path / 'small.npz'}"]
+    assert out["extent_refused"] == 0.5 and report["in"]["extent_refused"] == 0.0
+    assert out["scores"]["nll"]["flagged_at_threshold"] >= 0.5
+
+
 def test_calibrate_refuses_the_test_split(tiny_model: Path):
     assert main(["calibrate", "--model", str(tiny_model), "--data", "fashion-mnist:test"]) == 2
     assert read_metadata(tiny_model)["calibration"] is None

@@ -14,6 +14,7 @@ from PIL import Image
 
 from models.image_convert import file_colour_fraction, file_to_levels
 from models.scoring.colour import ColourCheck
+from models.scoring.extent import ExtentCheck, extents
 from models.tools.ood_eval import load_eval_set, suite_specs
 from models.tools.upload_suite import KINDS
 from service.uploads import decode_all
@@ -35,11 +36,12 @@ def test_the_suite_has_every_kind_with_its_sources():
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 8, 8)])
 def test_the_suite_conversion_is_the_services(shape, fit):
     check = ColourCheck() if shape[0] == 1 else None  # what a calibrated model of grayscale images has
-    entry = SimpleNamespace(shape=shape, name="m", levels=256, colour_check=check)
+    entry = SimpleNamespace(shape=shape, name="m", levels=256, colour_check=check, extent_check=ExtentCheck(26))
     files = kind_files(2)
     served = decode_all([p.read_bytes() for p in files], entry, resize=True, max_pixels=10**8, fit=fit)  # type: ignore[arg-type]
     offline = np.stack([file_to_levels(p.read_bytes(), shape, 256, fit=fit) for p in files])
     np.testing.assert_array_equal(served.x, offline)
+    assert served.extent == extents(offline, 256).tolist()  # what eval-ood's extent check reads
     assert all(served.converted)
     if check is None:
         assert served.colour == [None] * len(files)

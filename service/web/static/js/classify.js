@@ -1,7 +1,7 @@
 // Classify tab: POST /classify per file for a class-conditional model; p(y|x) as bars, and the
 // refused badge where p(x) fails the calibrated outlier test.
 import { postForm } from "./api.js";
-import { colourText, eachLimited, fileSource, fillSelect, fmt, h, pct, peakText } from "./ui.js";
+import { colourText, eachLimited, extentText, fileSource, fillSelect, fmt, h, pct, peakText } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const panel = $("panel-classify");
@@ -68,6 +68,8 @@ function render(li, file, r) {
   if (colour) info.append(h("p", { class: "hint colour" }, colour));
   const peak = peakText(r.peak);
   if (peak && r.peak.crossed) info.append(h("p", { class: "hint colour" }, `brightest pixel ${peak}`));
+  const extent = extentText(r.extent);
+  if (extent && r.extent.crossed) info.append(h("p", { class: "hint colour" }, `object spans ${extent}`));
   li.dataset.rejected = String(r.rejected);
   li.replaceChildren(li.firstChild, thumb, info, bars);
 }

@@ -1,7 +1,7 @@
 // Score tab: POST /score per file (resize=true with the chosen fit, input_image=true, heatmap where the model has one),
 // shown as the model saw it, with the outlier badge and the score on the calibration distribution.
 import { postForm } from "./api.js";
-import { colourText, eachLimited, facts, fileSource, fillSelect, fmt, h, peakText, pngURL } from "./ui.js";
+import { colourText, eachLimited, extentText, facts, fileSource, fillSelect, fmt, h, peakText, pngURL } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const panel = $("panel-score");
@@ -101,6 +101,7 @@ function render(li, m, scoreType, r, label) {
       ["converted", r.resized ? `yes, to ${m.shape.join("×")}` : "no"],
       ["colour", colourText(r.colour)],
       ["brightest pixel", peakText(r.peak)],
+      ["object spans", extentText(r.extent)],
       ["label", label || null],
     ]),
   );

@@ -37,6 +37,13 @@ export function peakText(c) {
   return c.crossed ? `${seen}: refused, every training image reaches ${c.min_level}` : `${seen} (bright enough)`;
 }
 
+/** The extent check of an image (null where the model has none), in words. */
+export function extentText(c) {
+  if (c === null || c === undefined) return null;
+  const seen = `${c.pixels} pixels`;
+  return c.crossed ? `${seen}: refused, every training image spans ${c.min_extent}` : `${seen} (fills the frame)`;
+}
+
 export function fmt(x, digits = 3) {
   if (x === null || x === undefined) return "–";
   if (typeof x !== "number") return String(x);
