@@ -125,7 +125,7 @@ class Decoded:
     converted: list[bool]  # per image: converted to the model's mode or size (resize=true)
     colour: list[float | None]  # per image: the file's colour fraction, where the model checks colour
     peak: list[int]  # per image: its brightest sub-pixel as the model sees it, 8-bit levels (the peak check)
-    extent: list[int]  # per image: pixels its object spans as the model sees it (the extent check; 0: none)
+    extent: list[int]  # per image: pixels its object spans as the model sees it (extent check; 0 without one)
 
 
 def peak_result(entry: ModelEntry, level: int) -> PeakResult | None:
