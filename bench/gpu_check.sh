@@ -4,7 +4,7 @@
 # a peer") and the serving throughput on cuda:0, eager against torch.compile on cuda:0
 # (bench/compile_check.py), and on the host's CPU the fast PixelCNN forward (docs/sampling.md) and the
 # OpenMP-pool bench (docs/serving.md, "Several models on one CPU").
-# Results land in $OUT, six files (the device tool brings back at most eight).
+# Results land in $OUT, seven files (the device tool brings back at most eight).
 #
 #   here:     make gpu-wheels                      # the web stack the device image lacks, into .whl/
 #                                                  # (and Debian's hey, a static load generator, into .whl/bin/)
@@ -56,6 +56,10 @@ step sampling 90 sampling.json $PY bench/sampling.py --device "${DEV%%:*}" --n 1
 # genserve against LitServe on the card, two models (the lent time does not fit all five).
 step peer 150 peer.txt $PY bench/peer_bench.py --device "$DEV" --client "$CLIENT" --seconds 4 --rounds 1 \
   --models pixelcnn-fmnist vae-fmnist
+# Four HTTP processes in front of one model server per model (GENSERVE_HTTP_PROCESSES=4, service/http_processes.py):
+# the event loop's work spread over the host's cores, the passes still shared (on a 2-core CPU: docs/serving.md).
+step peer-http 150 peer-http.txt env GENSERVE_HTTP_PROCESSES=4 $PY bench/peer_bench.py --device "$DEV" \
+  --client "$CLIENT" --seconds 4 --rounds 1 --models pixelcnn-fmnist vae-fmnist
 # The same with every model in a process of its own (GENSERVE_MODEL_PROCESS=true; the default, auto,
 # gives one to the PixelRNN only): does taking the model's launches off the event loop's interpreter pay on a card?
 step peer-process 150 peer-process.txt env GENSERVE_MODEL_PROCESS=true $PY bench/peer_bench.py --device "$DEV" \

@@ -47,7 +47,9 @@ from service.gather import regather, take
 from service.jobs import PassLimits, Runtime, Task
 from service.loading import BatchLimits, load_for_serving
 from service.metrics import Metrics
-from service.model_process import ModelProcess, Target
+from service.model_process import Target
+from service.model_server import ServerAddress
+from service.shared_model import model_process_for
 
 logger = logging.getLogger("genserve.worker")
 
@@ -98,21 +100,19 @@ class Worker:
         arrivals: Arrivals | None = None,
         compute: ComputeThread | None = None,
         process_target: Target | None = None,
+        server: ServerAddress | None = None,
     ) -> None:
         self.name = name
         self.compute = compute  # where its torch work runs (service/compute.py); None: its own thread
         self.arrivals = arrivals or Arrivals()  # requests on their way: whether a batch waits for more
-        self.folder = folder
-        self.device = device
-        self.index = index
-        self.limits = limits
-        self.metrics = metrics
+        self.folder, self.device, self.index = folder, device, index
+        self.limits, self.metrics = limits, metrics
         self.model: DensityModel | None = None
         self.scorer: Scorer | None = None  # the model and its background companion, for /score
         self.runtime: Runtime | None = None  # what the tasks run on, once loaded (a thread worker)
-        self.process: ModelProcess | None = None  # where they run instead (GENSERVE_MODEL_PROCESS)
-        if limits.model_process:
-            self.process = ModelProcess(name=name, folder=folder, device=device, limits=limits, target=process_target)
+        self.process = model_process_for(  # where they run instead (GENSERVE_MODEL_PROCESS, or a shared server)
+            name=name, folder=folder, device=device, limits=limits, target=process_target, server=server
+        )
         self.weights_sha256 = ""  # of the weights loaded, once loaded
         self.pass_limits = PassLimits(max_batch_size=limits.max_batch_size, max_sample_batch=limits.max_sample_batch)
         self.state = State.LOADING
@@ -332,21 +332,21 @@ class Worker:
                 if job.cancelled:
                     continue
             try:
-                (result,) = self._run_pass([job])
+                (result,) = self._run_pass([job], alone=True)
             except Exception as e:
                 self._recover(e)
                 self._fail(job, e)
             else:
                 _settle(job, result=result)
 
-    def _run_pass(self, jobs: list[Job]) -> list[Any]:
-        """One batched pass for jobs of one key: one result per job, in order; metrics observed."""
+    def _run_pass(self, jobs: list[Job], *, alone: bool = False) -> list[Any]:
+        """One batched pass for jobs of one key (``alone``: a retry, never merged): one result per job; metrics."""
         start = time.perf_counter()
         task_type = type(jobs[0].task)
         op = task_type.op
         tasks, cancelled = [j.task for j in jobs], [j.is_cancelled for j in jobs]
         if self.process is not None:
-            results = self.process.run(task_type, tasks, cancelled)
+            results = self.process.run(task_type, tasks, cancelled, alone=alone)
         else:
             assert self.runtime is not None
             results = task_type.run(self.runtime, tasks, cancelled)

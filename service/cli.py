@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -25,6 +26,7 @@ OVERRIDES = {
     "api_keys": "api_keys",
     "torch_threads": "torch_threads",
     "watch": "watch_interval_s",
+    "http_processes": "http_processes",
 }
 WATCH_DEFAULT_S = 5.0  # `--watch` without a value
 
@@ -41,6 +43,11 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--max-batch-wait-ms", type=float, help="GENSERVE_MAX_BATCH_WAIT_MS")
     s.add_argument("--api-keys", help="comma list of API keys (GENSERVE_API_KEYS); prefer the variable")
     s.add_argument("--torch-threads", type=int, help="GENSERVE_TORCH_THREADS")
+    s.add_argument(
+        "--http-processes",
+        type=int,
+        help="HTTP processes sharing the port, the models in shared servers (GENSERVE_HTTP_PROCESSES)",
+    )
     s.add_argument("--json-logs", action="store_true", help="log JSON lines (GENSERVE_JSON_LOGS)")
     s.add_argument(
         "--watch",
@@ -73,13 +80,21 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         for err in e.errors(include_url=False):
             where = ".".join(map(str, err["loc"]))
-            logger.error("invalid setting %s: %s", where, err["msg"].removeprefix("Value error, "))
+            what = f"setting {where}" if where else "settings"  # a check across settings names no field
+            logger.error("invalid %s: %s", what, err["msg"].removeprefix("Value error, "))
         return 2
+    registry = ModelRegistry(settings, Metrics())
     try:
-        ModelRegistry(settings, Metrics()).discover()  # the same check as startup, with a clean message
+        registry.discover()  # the same check as startup, with a clean message
     except RegistryError as e:
         logger.error("%s", e)
         return 2
+    if settings.http_processes > 1:
+        from service.http_processes import serve_http_processes
+
+        # The HTTP processes start from a fresh interpreter and read their settings from the environment.
+        os.environ.update({f"GENSERVE_{field.upper()}": str(v) for field, v in overrides.items()})
+        return serve_http_processes(settings, {n: e.folder for n, e in registry.entries.items()}, args.host, args.port)
     app = create_app(settings)
     logger.info("serving %s on http://%s:%d (docs at /docs)", settings.model_dir, args.host, args.port)
     # On SIGTERM/SIGINT uvicorn stops accepting, lets requests in flight finish for up to

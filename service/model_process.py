@@ -87,6 +87,7 @@ class ModelProcess:
         self._proc: Any = None
         self._conn: Connection | None = None
         self._next_id = 0
+        self.last_batches = 0  # batches that shared the last pass (more than 1: a shared server merged them)
 
     @property
     def alive(self) -> bool:
@@ -123,9 +124,13 @@ class ModelProcess:
         self.weights_sha256 = str(header["weights_sha256"])
         self.pass_size = int(header["pass_size"])
 
-    def run(self, task_type: type[Task[Any]], tasks: list[Any], cancelled: list[Callable[[], bool]]) -> list[Any]:
+    def run(
+        self, task_type: type[Task[Any]], tasks: list[Any], cancelled: list[Callable[[], bool]], *, alone: bool = False
+    ) -> list[Any]:
         """One pass of ``tasks`` in the model process (started again first if it has ended): one
-        result per task, in order. Rows of a generation reach each task's ``on_row`` on this thread."""
+        result per task, in order. Rows of a generation reach each task's ``on_row`` on this thread.
+        ``alone``: a retry after a failed pass, which a shared model server must not merge with
+        other processes' batches (service/model_server.py)."""
         if not self.alive:
             try:
                 self._restart()
@@ -140,7 +145,7 @@ class ModelProcess:
         header, tensors = wire.tasks_message(tasks)
         told: set[int] = set()
         try:
-            wire.send(self._conn, {"type": "run", "id": pass_id, **header}, tensors)
+            wire.send(self._conn, {"type": "run", "id": pass_id, "alone": alone, **header}, tensors)
             while True:
                 if self._conn.poll(POLL_S):
                     reply, got = wire.recv(self._conn)
@@ -151,6 +156,7 @@ class ModelProcess:
                         if on_row is not None:
                             on_row(int(reply["rows"]), got["images"])
                     elif reply["type"] == "result":
+                        self.last_batches = int(reply.get("batches", 1))
                         return wire.results_from(reply, got)
                     elif reply.get("kind") == "oom":  # the worker answers it as it would its own: a 503
                         raise torch.cuda.OutOfMemoryError(reply["message"])
@@ -164,9 +170,10 @@ class ModelProcess:
                     raise EOFError
         except (EOFError, BrokenPipeError, ConnectionResetError):
             code = self._reap()
+            how = "" if code is None else f" (model process exit code {code})"
             raise ModelProcessDied(
-                f"model '{self.name}' stopped on {self.device} during this request (model process exit code "
-                f"{code}); the next request starts it again: retry"
+                f"model '{self.name}' stopped on {self.device} during this request{how}; the next request "
+                "starts it again: retry"
             ) from None
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:

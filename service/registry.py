@@ -30,6 +30,7 @@ from service.errors import Timeout, Unavailable, UnknownModel
 from service.jobs import EncodeTask, SampleResult, SampleTask, ScoreTask
 from service.leases import lease
 from service.metrics import Metrics
+from service.model_server import address_from_environment
 from service.settings import Settings
 
 logger = logging.getLogger("genserve.registry")
@@ -50,7 +51,12 @@ class ModelRegistry:
         self._round_robin = itertools.count()
         self.arrivals = Arrivals()  # requests on their way to a worker (the batcher's wait)
         self._computes: dict[int, ComputeThread] = {}  # CPU slot -> its compute thread (service/compute.py)
-        self.limits = BatchLimits(
+        self.limits = self.batch_limits(settings)
+
+    @staticmethod
+    def batch_limits(settings: Settings) -> BatchLimits:
+        """Every worker's batching limits, as the settings give them."""
+        return BatchLimits(
             max_batch_size=settings.max_batch_size,
             max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
             batch_sweep=settings.batch_sweep,
@@ -119,7 +125,10 @@ class ModelRegistry:
         bg_meta = background_metadata(folder, skeleton)
         comp_meta = companion_metadata(folder, skeleton)
         in_process = self.settings.model_process_for(name, steps_in_python=type(skeleton).steps_in_python)
-        limits = dataclasses.replace(self.limits, model_process=in_process)
+        # Under `genserve serve` with GENSERVE_HTTP_PROCESSES > 1, every model runs in a server shared by
+        # the HTTP processes (service/http_processes.py), whatever GENSERVE_MODEL_PROCESS says.
+        servers = [address_from_environment(name, i) for i in range(len(self.settings.device_list))]
+        limits = dataclasses.replace(self.limits, model_process=in_process or servers[0] is not None)
         workers = [
             Worker(
                 name=name,
@@ -130,6 +139,7 @@ class ModelRegistry:
                 metrics=self.metrics,
                 arrivals=self.arrivals,
                 compute=None if limits.model_process else self._compute_for(dev, i, models=models),
+                server=servers[i],
             )
             for i, dev in enumerate(self.settings.device_list)
         ]
@@ -196,6 +206,12 @@ class ModelRegistry:
     @property
     def devices(self) -> list[str]:
         return sorted({w.device for w in self.workers})
+
+    @property
+    def devices_in_process(self) -> list[str]:
+        """The devices this process runs models on: not those of workers whose model runs in a process of
+        its own or a shared server (asking torch about their memory here would start a CUDA context for nothing)."""
+        return sorted({w.device for w in self.workers if w.process is None})
 
     # ---- readiness ----------------------------------------------------------------------------
 

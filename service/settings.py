@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.image_convert import DEFAULT_MAX_PIXELS
@@ -143,6 +143,15 @@ class Settings(BaseSettings):
         "A thread that wants the interpreter lock waits up to this long for the thread holding it, so the "
         "event loop and a thread worker's model glue hand it back and forth sooner (docs/serving.md)",
     )
+    http_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="HTTP processes of `genserve serve`, sharing its port (service/http_processes.py); above 1 each "
+        "model runs once per device in a model server that every HTTP process sends its batches to, merged into "
+        "shared passes (service/model_server.py), so parsing, decoding and answering spread over the host's cores. "
+        "Not with GENSERVE_ADMIN_KEYS or --watch (a reload would reach one process)",
+    )
     model_process: str = Field(
         default="auto",
         description="run a worker's model in a process of its own, fed through a pipe (service/model_process.py): "
@@ -201,6 +210,17 @@ class Settings(BaseSettings):
         description="poll the model folders this often and reload a model whose files changed (`genserve serve "
         "--watch`); 0 = off",
     )
+
+    @model_validator(mode="after")
+    def _check_http_processes(self) -> Settings:
+        if self.http_processes > 1 and (self.admin_keys.strip() or self.watch_interval_s):
+            which = "GENSERVE_ADMIN_KEYS" if self.admin_keys.strip() else "GENSERVE_WATCH_INTERVAL_S (--watch)"
+            raise ValueError(
+                f"GENSERVE_HTTP_PROCESSES={self.http_processes} cannot be used with {which}: a model load or reload "
+                "would reach one HTTP process of several; serve with one HTTP process, or restart the service to "
+                "change models"
+            )
+        return self
 
     @field_validator("devices")
     @classmethod

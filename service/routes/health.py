@@ -38,4 +38,4 @@ async def readyz(registry: Registry) -> ReadyResponse:
     dependencies=[Depends(require_api_key_for_metrics)],
 )
 async def metrics(registry: Registry, metrics: AppMetrics) -> Response:
-    return Response(metrics.render(registry.devices), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.render(registry.devices_in_process), media_type=CONTENT_TYPE_LATEST)
