@@ -19,8 +19,8 @@ PASS_S = 0.4  # every pass takes at least this long, so that batches sent meanwh
 def faulty(
     control: Connection, path: str, key: str, folder: str, device: str, limits: dict[str, Any], name: str
 ) -> None:
-    """A model server whose passes are slow, raise on an all-white image (255) and crash, as a
-    segfault would, on an all-black one (0)."""
+    """A model server whose passes are slow (score passes and each row of a generation take PASS_S),
+    raise on an all-white image (255) and crash, as a segfault would, on an all-black one (0)."""
     original = service.scoring.compute
 
     def compute(scorer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -33,4 +33,16 @@ def faulty(
         return original(scorer, x, *args, **kwargs)
 
     service.scoring.compute = compute
+    original_rows = service.model_server._row_reporter
+
+    def reporter(client: Any, pass_id: int, index: int) -> Any:  # and generations report a row every PASS_S
+        report = original_rows(client, pass_id, index)
+
+        def on_row(rows: int, images: torch.Tensor) -> None:
+            report(rows, images)
+            time.sleep(PASS_S)
+
+        return on_row
+
+    service.model_server._row_reporter = reporter
     service.model_server.serve(control, path, key, folder, device, {**limits, "warmup": False}, name)

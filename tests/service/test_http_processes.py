@@ -23,7 +23,7 @@ import torch
 from models.scoring.scorer import load_scorer
 from service import scoring, wire
 from service.http_processes import ModelServers
-from service.jobs import ScoreTask
+from service.jobs import SampleTask, ScoreTask
 from service.model_process import ModelProcessDied, ModelProcessError
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -133,6 +133,17 @@ def test_a_client_that_leaves_has_its_queued_batches_dropped(servers):
     start = time.perf_counter()
     score(after, images(None, 1, seed=3))
     assert time.perf_counter() - start < 1.8 * targets.PASS_S  # one pass: not behind the dropped batch's
+
+
+def test_a_caller_who_leaves_stops_its_generation_in_the_shared_server(servers):
+    c = client(servers)
+    rows: list[int] = []
+    task = SampleTask(n=2, seed=3, temperature=1.0, label=None, on_row=lambda done, images: rows.append(done))
+    start = time.perf_counter()
+    (result,) = c.run(SampleTask, [task], [lambda: len(rows) >= 1])  # the caller leaves after the first row
+    assert result is None  # nobody waits for it
+    assert len(rows) <= 3 < 8  # stopped within a row or two, not after all eight
+    assert time.perf_counter() - start < 6 * targets.PASS_S
 
 
 def test_a_client_without_the_key_is_not_heard(servers):
