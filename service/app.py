@@ -136,6 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry.discover()  # raises RegistryError (a clear message) for a bad configuration
         registry.start()
+        if registry.shared_servers:  # loaded already in their servers (GENSERVE_HTTP_PROCESSES): connecting takes
+            await registry.wait_loaded()  # milliseconds, and this process takes requests only once connected
         try:
             async with watching(lifecycle, settings.watch_interval_s):  # `genserve serve --watch`
                 yield

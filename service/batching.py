@@ -346,7 +346,8 @@ class Worker:
         op = task_type.op
         tasks, cancelled = [j.task for j in jobs], [j.is_cancelled for j in jobs]
         if self.process is not None:
-            results = self.process.run(task_type, tasks, cancelled, alone=alone)
+            backlog = self._pending - sum(j.size for j in jobs)  # queued behind it: a shared server waits for them
+            results = self.process.run(task_type, tasks, cancelled, alone=alone, backlog=backlog)
         else:
             assert self.runtime is not None
             results = task_type.run(self.runtime, tasks, cancelled)

@@ -125,12 +125,19 @@ class ModelProcess:
         self.pass_size = int(header["pass_size"])
 
     def run(
-        self, task_type: type[Task[Any]], tasks: list[Any], cancelled: list[Callable[[], bool]], *, alone: bool = False
+        self,
+        task_type: type[Task[Any]],
+        tasks: list[Any],
+        cancelled: list[Callable[[], bool]],
+        *,
+        alone: bool = False,
+        backlog: int = 0,
     ) -> list[Any]:
         """One pass of ``tasks`` in the model process (started again first if it has ended): one
         result per task, in order. Rows of a generation reach each task's ``on_row`` on this thread.
         ``alone``: a retry after a failed pass, which a shared model server must not merge with
-        other processes' batches (service/model_server.py)."""
+        other processes' batches; ``backlog``: images still queued behind this batch, for which a shared
+        server's next pass waits a moment (service/model_server.py)."""
         if not self.alive:
             try:
                 self._restart()
@@ -145,7 +152,7 @@ class ModelProcess:
         header, tensors = wire.tasks_message(tasks)
         told: set[int] = set()
         try:
-            wire.send(self._conn, {"type": "run", "id": pass_id, "alone": alone, **header}, tensors)
+            wire.send(self._conn, {"type": "run", "id": pass_id, "alone": alone, "backlog": backlog, **header}, tensors)
             while True:
                 if self._conn.poll(POLL_S):
                     reply, got = wire.recv(self._conn)

@@ -5,7 +5,8 @@ batch, cancel, limit and count as ever (service/batching.py), and sends each bat
 socket to the model server of its (model, device): one process that holds the model once and runs
 the passes of every HTTP process. Batches that wait together are merged into one pass (same task
 type and batch key, up to the pass's cap), so the requests of several HTTP processes still share
-passes as those of one process do.
+passes as those of one process do; a pass waits a moment for the processes the last pass answered
+that still had images queued (:meth:`ModelServer._take`).
 
 ::
 
@@ -29,6 +30,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -49,6 +51,10 @@ logger = logging.getLogger("genserve.model_server")
 
 ADDRESS_ENV = "GENSERVE_MODEL_SERVER_DIR"  # set by the supervisor for its HTTP processes
 KEY_ENV = "GENSERVE_MODEL_SERVER_KEY"  # the HMAC key, hex; never logged
+# A pass waits for the clients the last pass answered, whose next batches are a moment away, up to this
+# fraction of the last pass's time and never longer than MERGE_WAIT_MAX_S (see ModelServer._take).
+MERGE_WAIT_FRACTION = 0.5
+MERGE_WAIT_MAX_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ class _Pass:
     task_type: type[Task[Any]]
     tasks: list[Any]
     alone: bool  # a retry of one task after a failed pass: never merged
+    backlog: int  # images its sender still had queued: it sends again right after this pass's result
     key: Hashable = field(init=False)
     images: int = field(init=False)
 
@@ -125,6 +132,8 @@ class ModelServer:
         self._cond = threading.Condition()
         self._cancelled: set[tuple[int, int, int]] = set()  # (client, pass id, task index)
         self._stopping = False
+        self._answered: dict[int, _Client] = {}  # the clients the last pass answered with a backlog, by number
+        self._last_pass_s = 0.0
 
     # ---- clients ------------------------------------------------------------------------------
 
@@ -170,7 +179,10 @@ class ModelServer:
             client.send(_error_reply(int(header.get("id", 0)), e))
             return
         with self._cond:
-            self._queue.append(_Pass(client, int(header["id"]), task_type, tasks, bool(header.get("alone"))))
+            sent = _Pass(
+                client, int(header["id"]), task_type, tasks, bool(header.get("alone")), int(header.get("backlog", 0))
+            )
+            self._queue.append(sent)
             self._cond.notify()
 
     def stop(self) -> None:
@@ -188,7 +200,14 @@ class ModelServer:
 
     def _take(self) -> list[_Pass] | None:
         """The oldest batch and every queued batch that can share its pass (same type and key, up to
-        the cap of images); None once stopped."""
+        the cap of images); None once stopped.
+
+        Each HTTP process has one batch in flight per worker, so without a wait the passes would
+        alternate between processes, each holding one process's share of the clients: the clients
+        the last pass answered that had more images queued (a batch's ``backlog``) send their next
+        batches a moment after their results, and the pass waits for them (up to MERGE_WAIT_FRACTION
+        of the last pass's time, at most MERGE_WAIT_MAX_S; a client that sends something else, or
+        has gone, is no longer waited for)."""
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -199,12 +218,24 @@ class ModelServer:
             if first.alone:
                 return group
             cap = first.tasks[0].batch_cap(self.limits)
-            for p in list(self._queue):
-                if not p.alone and p.key == first.key and images + p.images <= cap:
-                    self._queue.remove(p)
-                    group.append(p)
-                    images += p.images
+            images = self._merge(group, images, cap)
+            deadline = time.perf_counter() + min(MERGE_WAIT_FRACTION * self._last_pass_s, MERGE_WAIT_MAX_S)
+            while images < cap and not self._stopping and (remaining := deadline - time.perf_counter()) > 0:
+                sent = {p.client.number for p in (*group, *self._queue)}
+                if not [c for n, c in self._answered.items() if n not in sent and not c.gone]:
+                    break
+                self._cond.wait(remaining)
+                images = self._merge(group, images, cap)
             return group
+
+    def _merge(self, group: list[_Pass], images: int, cap: int) -> int:
+        """Move the queued batches that can share ``group``'s pass into it; its images after."""
+        for p in list(self._queue):
+            if not p.alone and p.key == group[0].key and images + p.images <= cap:
+                self._queue.remove(p)
+                group.append(p)
+                images += p.images
+        return images
 
     def _execute(self, group: list[_Pass]) -> None:
         """One pass over ``group``'s tasks; each batch's results (or the error) go to its sender."""
@@ -215,6 +246,7 @@ class ModelServer:
             for i, task in enumerate(p.tasks):
                 if hasattr(task, "on_row"):  # a flag: report rows back where the caller wants them
                     task.on_row = _row_reporter(p.client, p.id, i) if task.on_row else None
+        start = time.perf_counter()
         try:
             results = task_type.run(self.runtime, tasks, gone)
         except Exception as e:
@@ -230,6 +262,8 @@ class ModelServer:
             self._forget(group)
         if len(group) > 1:
             self.merged += 1
+        self._last_pass_s = time.perf_counter() - start
+        self._answered = {p.client.number: p.client for p in group if p.backlog > 0}
         start = 0
         for p in group:
             mine = results[start : start + len(p.tasks)]

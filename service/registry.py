@@ -52,6 +52,7 @@ class ModelRegistry:
         self.arrivals = Arrivals()  # requests on their way to a worker (the batcher's wait)
         self._computes: dict[int, ComputeThread] = {}  # CPU slot -> its compute thread (service/compute.py)
         self.limits = self.batch_limits(settings)
+        self.shared_servers = False  # whether the models run in servers shared by several HTTP processes
 
     @staticmethod
     def batch_limits(settings: Settings) -> BatchLimits:
@@ -128,7 +129,8 @@ class ModelRegistry:
         # Under `genserve serve` with GENSERVE_HTTP_PROCESSES > 1, every model runs in a server shared by
         # the HTTP processes (service/http_processes.py), whatever GENSERVE_MODEL_PROCESS says.
         servers = [address_from_environment(name, i) for i in range(len(self.settings.device_list))]
-        limits = dataclasses.replace(self.limits, model_process=in_process or servers[0] is not None)
+        self.shared_servers = servers[0] is not None
+        limits = dataclasses.replace(self.limits, model_process=in_process or self.shared_servers)
         workers = [
             Worker(
                 name=name,

@@ -61,11 +61,17 @@ class SharedModel(ModelProcess):
         self.weights_sha256, self.pass_size = str(header["weights_sha256"]), int(header["pass_size"])
 
     def run(
-        self, task_type: type[Task[Any]], tasks: list[Any], cancelled: list[Callable[[], bool]], *, alone: bool = False
+        self,
+        task_type: type[Task[Any]],
+        tasks: list[Any],
+        cancelled: list[Callable[[], bool]],
+        *,
+        alone: bool = False,
+        backlog: int = 0,
     ) -> list[Any]:
         if self.alive and self._closed_by_server():
             self._reap()  # the server ended since our last pass: connect to its successor, losing nothing
-        return super().run(task_type, tasks, cancelled, alone=alone)
+        return super().run(task_type, tasks, cancelled, alone=alone, backlog=backlog)
 
     def _closed_by_server(self) -> bool:
         assert self._conn is not None

@@ -63,10 +63,10 @@ def images(value: int | None, n: int, seed: int) -> torch.Tensor:
     return torch.randint(1, 255, (n, 1, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
-def score(c: SharedModel, x: torch.Tensor, *, delay: float = 0.0) -> Any:
+def score(c: SharedModel, x: torch.Tensor, *, delay: float = 0.0, backlog: int = 0) -> Any:
     time.sleep(delay)
     task = ScoreTask(x=x, y=None, score_type="nll", heatmap=False)
-    (result,) = c.run(ScoreTask, [task], [lambda: False])
+    (result,) = c.run(ScoreTask, [task], [lambda: False], backlog=backlog)
     return result
 
 
@@ -90,6 +90,29 @@ def test_batches_of_several_processes_share_a_pass_and_each_gets_its_own_results
         assert torch.allclose(got["log_prob"], expected_nll(model_dir, x), rtol=1e-5, atol=1e-4)
     assert clients[0].last_batches == 1
     assert clients[1].last_batches == clients[2].last_batches == 2
+
+
+def test_processes_that_keep_sending_keep_sharing_passes(servers):
+    """Each process sends its next batch a moment after its result (as an HTTP worker with images still
+    queued does under load): the pass waits for the other process's, so the two never fall into
+    alternating half passes."""
+    a, b = client(servers), client(servers)
+
+    def keep_sending(c: SharedModel, seed: int) -> list[int]:
+        shared = []
+        for i in range(4):
+            # 0.02 s: the time to form its next batch; a backlog but for its last
+            score(c, images(None, 2, seed=seed + i), delay=0.02, backlog=2 if i < 3 else 0)
+            shared.append(c.last_batches)
+        return shared
+
+    with ThreadPoolExecutor(2) as ex:
+        first = ex.submit(keep_sending, a, 0)
+        time.sleep(0.15)  # b's first batch waits behind a's first pass
+        second = ex.submit(keep_sending, b, 10)
+        ran_a, ran_b = first.result(timeout=60), second.result(timeout=60)
+    # a's first pass ran alone; b's last did, a having said it had nothing more (no wait for it).
+    assert ran_a[1:] == [2, 2, 2] and ran_b[:3] == [2, 2, 2], (ran_a, ran_b)
 
 
 def test_a_failing_batch_fails_only_its_sender_when_merged(servers, model_dir):
