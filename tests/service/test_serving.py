@@ -573,9 +573,11 @@ async def test_requests_beyond_the_in_flight_limit_are_503_before_their_bodies_a
         assert app.state.metrics.sample_value("genserve_requests_total", labels) == 1
 
 
-async def trickle_request(app: Any, path: str, body: bytes, content_type: bytes) -> list[dict[str, Any]]:
+async def trickle_request(
+    app: Any, path: str, body: bytes, content_type: bytes, stalled: asyncio.Event
+) -> list[dict[str, Any]]:
     """Drive ``app`` with a client that sends the first 10 bytes of ``body`` and then nothing more
-    (it stays connected); returns what the app sent."""
+    (it stays connected; ``stalled`` is set once the app waits for the rest); returns what the app sent."""
     scope = json_post_scope(path, body)
     scope["headers"] = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     messages = [{"type": "http.request", "body": body[:10], "more_body": True}]
@@ -585,6 +587,7 @@ async def trickle_request(app: Any, path: str, body: bytes, content_type: bytes)
     async def receive() -> dict[str, Any]:
         if messages:
             return messages.pop(0)
+        stalled.set()
         await never.wait()
         raise AssertionError("unreachable")
 
@@ -604,17 +607,20 @@ async def trickle_request(app: Any, path: str, body: bytes, content_type: bytes)
     ],
 )
 async def test_a_body_that_does_not_arrive_in_time_is_408_and_frees_its_place(make_settings, path, content_type):
-    settings = make_settings(models="pixelcnn", max_concurrent_requests=1, body_timeout_s=1.0)
+    # A 2 s deadline leaves the refusal below a margin on a loaded machine (CI once saw the slow
+    # request's 1 s deadline pass before the second request arrived).
+    settings = make_settings(models="pixelcnn", max_concurrent_requests=1, body_timeout_s=2.0)
     async with running(settings) as (app, client):
         body = json.dumps(ONE).encode() if content_type == b"application/json" else b"--xyz\r\n" + b"x" * 100
         with anyio.fail_after(10):
-            slow = asyncio.create_task(trickle_request(app, path, body, content_type))
-            await asyncio.sleep(0.1)  # the slow client holds the only place: others are refused
+            stalled = asyncio.Event()
+            slow = asyncio.create_task(trickle_request(app, path, body, content_type, stalled))
+            await stalled.wait()  # the slow client holds the only place: others are refused
             assert (await client.post("/score", json=ONE)).status_code == 503
             sent = await slow
         assert sent[0]["status"] == 408
         assert json.loads(sent[1]["body"])["detail"] == (
-            "the request body did not arrive within 1 s of the request's start (GENSERVE_BODY_TIMEOUT_S); "
+            "the request body did not arrive within 2 s of the request's start (GENSERVE_BODY_TIMEOUT_S); "
             "send it at once, or in smaller requests"
         )
         assert (await client.post("/score", json=ONE)).status_code == 200  # its place came back
