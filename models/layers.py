@@ -23,9 +23,16 @@ from torch import Tensor, nn
 # ---- masks -----------------------------------------------------------------------------------------
 
 
+# Masks are built on the CPU whatever the default device, then moved to the weight's: under
+# ``torch.device("meta")`` (a skeleton model, service/entries.py) their integer arithmetic and
+# comparisons would go through torch's Python meta functions, whose first call imports torch._dynamo
+# (seconds at every server start) for tensors of a few thousand elements.
+CPU = torch.device("cpu")
+
+
 def channel_groups(n: int, groups: int) -> Tensor:
-    """Group of each of n channels when split into ``groups`` contiguous blocks, shape (n,)."""
-    return torch.arange(n) * groups // n
+    """Group of each of n channels when split into ``groups`` contiguous blocks, shape (n,), on the CPU."""
+    return torch.arange(n, device=CPU) * groups // n
 
 
 def group_mask(out_groups: Tensor, in_groups: Tensor, *, include_own: bool) -> Tensor:
@@ -45,6 +52,16 @@ def centre_mask(out_ch: int, in_ch: int, groups: int, *, include_own: bool) -> T
     return group_mask(channel_groups(out_ch, groups), channel_groups(in_ch, groups), include_own=include_own)
 
 
+class ClassEmbedding(nn.Embedding):
+    """``nn.Embedding``: a class label's learned bias, (n_classes, dim), N(0, 1) at the start, except on
+    the meta device, where there are no values to draw (``normal_`` there would go through torch's
+    Python meta functions, see CPU above)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 # ---- masked convolutions ---------------------------------------------------------------------------
 
 
@@ -61,7 +78,7 @@ class MaskedConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(weight_shape[0]))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         self.mask: Tensor
-        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask", mask.to(self.weight.device), persistent=False)
 
     def masked_weight(self) -> Tensor:
         return self.weight * self.mask
@@ -93,9 +110,13 @@ class HorizontalConv(MaskedConv):
         1 1 c
     """
 
-    def __init__(self, in_ch: int, out_ch: int, k: int, groups: int, *, include_own: bool) -> None:
-        mask = torch.ones(out_ch, in_ch, 1, k)
-        mask[:, :, 0, k - 1] = centre_mask(out_ch, in_ch, groups, include_own=include_own)
+    def __init__(
+        self, in_ch: int, out_ch: int, k: int, groups: int, *, include_own: bool, out_groups: Tensor | None = None
+    ) -> None:
+        """``out_groups``: each output channel's colour group (n,), if not contiguous blocks."""
+        mask = torch.ones(out_ch, in_ch, 1, k, device=CPU)
+        og = channel_groups(out_ch, groups) if out_groups is None else out_groups
+        mask[:, :, 0, k - 1] = group_mask(og, channel_groups(in_ch, groups), include_own=include_own)
         super().__init__((out_ch, in_ch, 1, k), mask)
         self.k = k
 
@@ -113,9 +134,8 @@ class RowConv(HorizontalConv):
     """
 
     def __init__(self, in_ch: int, per_gate: int, n_gates: int, k: int, groups: int, *, include_own: bool) -> None:
-        super().__init__(in_ch, per_gate * n_gates, k, groups, include_own=include_own)
         out_groups = channel_groups(per_gate, groups).repeat(n_gates)
-        self.mask[:, :, 0, k - 1] = group_mask(out_groups, channel_groups(in_ch, groups), include_own=include_own)
+        super().__init__(in_ch, per_gate * n_gates, k, groups, include_own=include_own, out_groups=out_groups)
 
 
 class CausalConv2d(MaskedConv):
@@ -133,7 +153,7 @@ class CausalConv2d(MaskedConv):
     def __init__(self, in_ch: int, out_ch: int, k: int, groups: int, *, include_own: bool = False) -> None:
         if k % 2 == 0:
             raise ValueError("a causal conv's kernel must be odd")
-        mask = torch.zeros(out_ch, in_ch, k, k)
+        mask = torch.zeros(out_ch, in_ch, k, k, device=CPU)
         mask[:, :, : k // 2] = 1.0
         mask[:, :, k // 2, : k // 2] = 1.0
         mask[:, :, k // 2, k // 2] = centre_mask(out_ch, in_ch, groups, include_own=include_own)
@@ -211,7 +231,7 @@ class GatedBlock(nn.Module):
         self.h_res = Conv1x1(h, h, g)
         self.h_skip = Conv1x1(h, h, g)
         self.dropout = nn.Dropout(dropout)
-        self.cond = nn.Embedding(n_classes, 4 * h) if n_classes else None
+        self.cond = ClassEmbedding(n_classes, 4 * h) if n_classes else None
 
     def forward(self, v: Tensor, hx: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         v_pre = self.v_conv(v)  # (B, 2h, H, W), rows <= i
@@ -270,7 +290,7 @@ class RowLSTMLayer(nn.Module):
         # Mask A hides x[i-1, j] from h[i-1, j], so nothing in row i-1's states sees that row's last
         # pixel; the first layer therefore also reads the row above of its input directly.
         self.above_conv = nn.Conv2d(in_ch, 4 * h, (1, k_state), padding=(0, k_state // 2)) if first else None
-        self.cond = nn.Embedding(n_classes, 4 * h) if n_classes else None
+        self.cond = ClassEmbedding(n_classes, 4 * h) if n_classes else None
         with torch.no_grad():  # forget gates start mostly open (gate order: input, forget, output, cell)
             self.input_conv.bias[h : 2 * h].fill_(1.0)
 

@@ -195,3 +195,28 @@ def test_loading_never_unpickles(saved: tuple[PixelCNN, Path], monkeypatch: pyte
     loaded, _ = load_checkpoint(folder)
     with torch.no_grad():
         assert torch.equal(loaded.log_prob(images()), model.log_prob(images()))
+
+
+def test_a_skeleton_on_the_meta_device_stays_out_of_torch_s_python_meta_functions() -> None:
+    """Every shipped architecture built on the meta device (service/entries.py's skeleton, at every
+    server start) without torch._dynamo or sympy: torch imports them, for seconds, the first time
+    one of its Python meta functions runs (integer mask arithmetic, ``normal_``)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from models.checkpoint import META, build_model, read_metadata\n"
+        "for f in sorted(Path('checkpoints').glob(f'*/{META}')):\n"
+        "    meta = read_metadata(f.parent)\n"
+        "    with torch.device('meta'):\n"
+        "        m = build_model(meta['architecture'], meta['config'])\n"
+        "    assert all(t.is_meta for t in [*m.parameters(), *m.buffers()]), f.parent\n"
+        "    print(f.parent.name, sorted(n for n in ('torch._dynamo', 'sympy') if n in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")[:-1]
+    assert len(lines) >= 5 and all(line.endswith(" []") for line in lines), out.stdout
