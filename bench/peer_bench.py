@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from proc_cpu import cpu_ms_per_request, tree_cpu_seconds  # noqa: E402
 from throughput import free_port, in_process, random_png  # noqa: E402
 
 from models.checkpoint import META, read_metadata  # noqa: E402
@@ -172,10 +173,14 @@ def serve_and_load(server: str, model_dir: Path, model: str, body: dict[str, Any
             httpx.post(url, json=body, timeout=120).raise_for_status()
         out = {}
         for clients in CLIENTS:
+            cpu_before = tree_cpu_seconds(proc.pid)
             if args.client == "hey":
                 out[clients] = hey_load(url, body, clients=clients, seconds=args.seconds)
             else:
                 out[clients] = asyncio.run(httpx_load(url, body, clients=clients, seconds=args.seconds))
+            # every process of the server (LitServe's workers, genserve's HTTP processes and model servers)
+            got: dict[str, Any] = out[clients]
+            got["cpu_ms_per_request"] = cpu_ms_per_request(cpu_before, tree_cpu_seconds(proc.pid), int(got["requests"]))
         return out
     finally:
         stop(proc)
@@ -189,6 +194,13 @@ def summarise(model: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
             s[f"{server}_{c}"] = statistics.median(r[server][c]["images_per_s"] for r in rounds)
     s["inprocess_32"] = statistics.median(r["inprocess_32"] for r in rounds)
     s["errors"] = sum(r[srv][c]["errors"] for r in rounds for srv in SERVERS for c in CLIENTS)
+    for server in SERVERS:
+        for c in CLIENTS:
+            cpu = [r[server][c].get("cpu_ms_per_request") for r in rounds]
+            s[f"{server}_{c}_cpu_ms"] = None if None in cpu else statistics.median(cpu)
+    for c in CLIENTS:  # > 1: genserve spends less CPU per request than LitServe
+        mine, peer = s[f"genserve_{c}_cpu_ms"], s[f"litserve_{c}_cpu_ms"]
+        s[f"cpu_ratio_{c}"] = peer / mine if mine and peer is not None else None
     for c in CLIENTS:
         peer = s[f"litserve_{c}"]
         s[f"ratio_{c}"] = s[f"genserve_{c}"] / peer if peer else None
@@ -240,6 +252,21 @@ def table(result: dict[str, Any]) -> str:
             f"| {fmt(s['genserve_32'])} | {fmt(s['litserve_32'])} | {fmt(s['ratio_32'], '.2f')} "
             f"| {fmt(s['inprocess_32'])} | {fmt(s['genserve_32_vs_inprocess'], '.2f')} "
             f"| {fmt(s['litserve_32_vs_inprocess'], '.2f')} | {s['errors']} |"
+        )
+    lines += [
+        "",
+        "server CPU ms per answered request (every process of each server; bench/proc_cpu.py), medians; "
+        "ratio = LitServe / genserve (above 1: genserve spends less)",
+        "",
+        "| model | genserve, 1 client | LitServe, 1 client | ratio | genserve, 32 clients | LitServe, 32 clients "
+        "| ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in result["models"]:
+        lines.append(
+            f"| {s['model']} | {fmt(s.get('genserve_1_cpu_ms'), '.2f')} | {fmt(s.get('litserve_1_cpu_ms'), '.2f')} "
+            f"| {fmt(s.get('cpu_ratio_1'), '.2f')} | {fmt(s.get('genserve_32_cpu_ms'), '.2f')} "
+            f"| {fmt(s.get('litserve_32_cpu_ms'), '.2f')} | {fmt(s.get('cpu_ratio_32'), '.2f')} |"
         )
     return "\n".join(lines)
 

@@ -4,12 +4,15 @@ On a shared, noisy machine two separate runs minutes apart differ by more than m
 This bench alternates the configurations round after round (A B, B A, A B, ...), restarting the
 real ``genserve serve`` for each, measures HTTP images/s with 1 and with 32 concurrent clients
 (one image per request, as ``bench/throughput.py``), and reports each configuration's median over
-the rounds and its ratio to the first configuration's median.
+the rounds and its ratio to the first configuration's median, with the CPU milliseconds the
+server's processes spent per answered request (bench/proc_cpu.py: steadier than the rates on a
+shared machine, since other work does not add to them).
 
     python bench/settings_ab.py --model vae-fmnist --client hey --rounds 3 \\
         --config GENSERVE_MAX_BATCH_WAIT_MS=0 --config GENSERVE_MAX_BATCH_WAIT_MS=5
 
-A ``--config`` is a comma list of GENSERVE_* assignments (empty: the defaults; the server serves
+A ``--config`` is a comma list of GENSERVE_* assignments, or of the thread libraries' variables
+(OMP_*, GOMP_*, MKL_*, KMP_*: read once, when torch loads) (empty: the defaults; the server serves
 ``--model`` alone unless a config sets ``GENSERVE_MODELS``, ``GENSERVE_MODELS=`` serving every model
 in the folder). With ``--sample MODEL:N`` each round also times sequential ``/sample`` requests of N
 images from MODEL where that model is served, while one more client keeps scoring one image of
@@ -34,6 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import free_port, http_phases, score_body, start_server, stop_server, wait_ready
 
+# What a configuration may set: genserve's settings, and the variables its thread libraries read at
+# start (OpenMP's, GNU OpenMP's, MKL's), which no setting reaches once torch is loaded.
+ENV_PREFIXES = ("GENSERVE_", "OMP_", "GOMP_", "MKL_", "KMP_")
+
 
 def parse_config(text: str) -> dict[str, str]:
     """'GENSERVE_A=1,GENSERVE_B=x' -> {'GENSERVE_A': '1', 'GENSERVE_B': 'x'}. An item without '=' continues
@@ -46,8 +53,11 @@ def parse_config(text: str) -> dict[str, str]:
         if not sep and last:
             out[last] += f",{item}"
             continue
-        if not sep or not name.startswith("GENSERVE_"):
-            raise argparse.ArgumentTypeError(f"'{item}' is not a GENSERVE_NAME=value assignment")
+        if not sep or not name.startswith(ENV_PREFIXES):
+            raise argparse.ArgumentTypeError(
+                f"'{item}' is not a NAME=value assignment of a GENSERVE_ setting or a thread library's variable "
+                f"({', '.join(p + '*' for p in ENV_PREFIXES[1:])})"
+            )
         out[name] = value
         last = name
     return out
@@ -61,7 +71,7 @@ def measure(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any
     try:
         wait_ready(url, proc)
         body = score_body(url, args.model, args.score_type)
-        out = http_phases(url, body, client=args.client, seconds=args.seconds)
+        out = http_phases(url, body, client=args.client, seconds=args.seconds, pid=proc.pid)
         if args.sample:
             out["sample"] = sample_phase(url, *args.sample, requests=args.sample_requests, score=body)
         return out
@@ -121,6 +131,12 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(r[key] for r in runs) if runs else None
 
 
+def median_cpu(runs: list[Any], phase: str) -> float | None:
+    """The median server CPU ms per request of a phase over rounds (None where /proc could not tell)."""
+    values = [r[phase].get("cpu_ms_per_request") for r in runs]
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     configs: list[dict[str, str]] = args.config
     rounds: list[list[dict[str, Any] | None]] = [[None] * len(configs) for _ in range(args.rounds)]
@@ -144,6 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "http_1_client_images_per_s": one,
                 "http_32_clients_images_per_s": many,
                 "mean_batch_32_clients": median("http_32_clients", "mean_batch_images"),
+                "cpu_ms_per_request_1_client": median_cpu(runs, "http_1_clients"),
+                "cpu_ms_per_request_32_clients": median_cpu(runs, "http_32_clients"),
                 "errors": sum(run[key]["errors"] for run in runs for key in ("http_1_clients", "http_32_clients")),
                 "batching_gain": many / one if one else None,
                 "sample_seconds": median_of(sampled, "seconds"),
@@ -169,12 +187,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cpu_pair(one: float | None, many: float | None) -> str:
+    return "-" if one is None or many is None else f"{one:.2f} / {many:.2f}"
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']} on {result['device']}, HTTP client {result['client']}, "
         f"{result['seconds']:g} s per phase, medians of {result['rounds']} alternating rounds",
         "",
-        f"{'settings':44} {'1 client':>9} {'32 clients':>11} {'batch':>6} {'gain':>6} {'vs first (1 / 32)':>18}",
+        f"{'settings':44} {'1 client':>9} {'32 clients':>11} {'batch':>6} {'gain':>6} {'vs first (1 / 32)':>18} "
+        f"{'CPU ms/req (1 / 32)':>20}",
     ]
     sample = result["sample"]
     if sample:
@@ -189,7 +212,8 @@ def table(result: dict[str, Any]) -> str:
         line = (
             f"{name:44} {s['http_1_client_images_per_s']:9.1f} {s['http_32_clients_images_per_s']:11.1f} "
             f"{s['mean_batch_32_clients']:6.1f} {s['batching_gain']:5.2f}x "
-            f"{s['ratio_1_client']:8.2f} / {s['ratio_32_clients']:.2f}"
+            f"{s['ratio_1_client']:8.2f} / {s['ratio_32_clients']:.2f} "
+            f"{cpu_pair(s['cpu_ms_per_request_1_client'], s['cpu_ms_per_request_32_clients']):>20}"
         )
         if sample and s["sample_seconds"] is not None:
             during = f"{s['score_ms_median_while_sampling']:.0f} / {s['score_ms_p95_while_sampling']:.0f}"

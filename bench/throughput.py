@@ -42,6 +42,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from proc_cpu import cpu_ms_per_request, tree_cpu_seconds  # noqa: E402
 
 from models.scoring.scorer import load_scorer  # noqa: E402
 
@@ -171,18 +174,25 @@ def score_body(url: str, model: str, score_type: str) -> dict[str, Any]:
     return body
 
 
-def http_phases(url: str, body: dict[str, Any], *, client: str, seconds: float) -> dict[str, Any]:
-    """Images/s (and the mean batch the server formed) with 1 and with 32 concurrent clients."""
+def http_phases(
+    url: str, body: dict[str, Any], *, client: str, seconds: float, pid: int | None = None
+) -> dict[str, Any]:
+    """Images/s (and the mean batch the server formed) with 1 and with 32 concurrent clients; with
+    the server's ``pid``, the CPU milliseconds its processes spent per answered request (bench/proc_cpu.py)."""
     out: dict[str, Any] = {}
     for clients in (1, 32):
         before = batch_stats(url)
+        cpu_before = None if pid is None else tree_cpu_seconds(pid)
+        phase: dict[str, Any] = {}
         if client == "hey":
-            phase = hey_phase(url, body, clients=clients, seconds=seconds)
+            phase.update(hey_phase(url, body, clients=clients, seconds=seconds))
         else:
-            phase = asyncio.run(http_phase(url, body, clients=clients, seconds=seconds))
+            phase.update(asyncio.run(http_phase(url, body, clients=clients, seconds=seconds)))
+        cpu_after = None if pid is None else tree_cpu_seconds(pid)
         after = batch_stats(url)
         batches = after[1] - before[1]
         phase["mean_batch_images"] = (after[0] - before[0]) / batches if batches else 0.0
+        phase["cpu_ms_per_request"] = cpu_ms_per_request(cpu_before, cpu_after, int(phase["requests"]))
         out[f"http_{clients}_clients"] = phase
     return out
 
@@ -224,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wait_ready(url, proc)
         # the same score type as the in-process rows: the server computes what they compute, like for like
         body = score_body(url, args.model, args.score_type)
-        result |= http_phases(url, body, client=args.client, seconds=args.seconds)
+        result |= http_phases(url, body, client=args.client, seconds=args.seconds, pid=proc.pid)
     finally:
         stop_server(proc)
     one = result["http_1_clients"]["images_per_s"]
@@ -237,15 +247,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def cpu_cell(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.2f}"
+
+
 def table(r: dict[str, Any]) -> str:
     rows = [
-        ("in-process scorer, batch 1", r["inprocess_batch1_images_per_s"], "", ""),
-        ("in-process scorer, batch 32", r["inprocess_batch32_images_per_s"], "", ""),
+        ("in-process scorer, batch 1", r["inprocess_batch1_images_per_s"], "", "", ""),
+        ("in-process scorer, batch 32", r["inprocess_batch32_images_per_s"], "", "", ""),
         *(
             (
                 f"HTTP /score, {c} client{'s' if c > 1 else ''}",
                 r[f"http_{c}_clients"]["images_per_s"],
                 f"{r[f'http_{c}_clients']['mean_batch_images']:.1f}",
+                cpu_cell(r[f"http_{c}_clients"].get("cpu_ms_per_request")),
                 str(r[f"http_{c}_clients"]["errors"]),
             )
             for c in (1, 32)
@@ -254,8 +269,8 @@ def table(r: dict[str, Any]) -> str:
     lines = [f"model {r['model']} on {r['device']}, {r['seconds']:g} s per row, HTTP client {r['client']}"]
     settings = " ".join(f"{k}={v}" for k, v in r["server_settings"].items())
     lines += [f"server settings from the environment: {settings or 'none (the defaults)'}", ""]
-    lines.append(f"{'':32} {'images/s':>10} {'mean batch':>11} {'errors':>7}")
-    lines += [f"{name:32} {ips:10.1f} {mb:>11} {err:>7}" for name, ips, mb, err in rows]
+    lines.append(f"{'':32} {'images/s':>10} {'mean batch':>11} {'server CPU ms/request':>22} {'errors':>7}")
+    lines += [f"{name:32} {ips:10.1f} {mb:>11} {cpu:>22} {err:>7}" for name, ips, mb, cpu, err in rows]
     lines.append("")
     lines.append(f"batching gain (32 clients / 1 client): {r['batching_gain']:.2f}x")
     lines.append(f"HTTP (32 clients) / in-process:        {r['http_vs_inprocess']:.2f}")

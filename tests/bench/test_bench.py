@@ -26,9 +26,13 @@ def test_settings_ab_parses_configs_and_names_a_bad_one() -> None:
         "GENSERVE_DEVICES": "cpu,cpu",
         "GENSERVE_TORCH_THREADS": "1",
     }
-    with pytest.raises(argparse.ArgumentTypeError, match="'MAX_BATCH=5' is not a GENSERVE_NAME=value"):
+    assert parse_config("GOMP_SPINCOUNT=10000,OMP_WAIT_POLICY=passive") == {
+        "GOMP_SPINCOUNT": "10000",
+        "OMP_WAIT_POLICY": "passive",
+    }
+    with pytest.raises(argparse.ArgumentTypeError, match="'MAX_BATCH=5' is not a NAME=value assignment of a GENSERVE_"):
         parse_config("MAX_BATCH=5")
-    with pytest.raises(argparse.ArgumentTypeError, match="'cpu' is not a GENSERVE_NAME=value"):
+    with pytest.raises(argparse.ArgumentTypeError, match="'cpu' is not a NAME=value"):
         parse_config("cpu,GENSERVE_DEVICES=cpu")
     assert parse_sample("pixelcnn-fmnist:16") == ("pixelcnn-fmnist", 16)
     for bad in ("pixelcnn-fmnist", "pixelcnn:0", ":4", "pixelcnn:x"):
@@ -54,6 +58,8 @@ def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None
     r = run_json("bench/throughput.py", "--model-dir", str(model_dir), "--model", "vae", "--seconds", "0.3")
     assert r["http_1_clients"]["requests"] > 0 and r["http_32_clients"]["requests"] > 0
     assert r["http_1_clients"]["errors"] == r["http_32_clients"]["errors"] == 0
+    if sys.platform == "linux":  # the server's CPU per request, from /proc (bench/proc_cpu.py)
+        assert r["http_32_clients"]["cpu_ms_per_request"] > 0
     assert r["http_32_clients"]["mean_batch_images"] >= 1.0
 
     ab = run_json(
@@ -141,3 +147,10 @@ def test_upload_probe_builds_set_6_and_reports_every_kind(model_dir: Path, tmp_p
     cells = re.findall(r"([\d.]+)% \(([\d.]+)%\)", row)
     assert row.startswith("| pc |") and len(cells) == 6
     assert all(float(served) >= float(alone) for served, alone in cells)  # the checks only add refusals
+
+
+@pytest.mark.slow
+def test_startup_times_this_tree_against_a_commit(model_dir: Path) -> None:
+    r = run_json("bench/startup.py", "--rev", "HEAD", "--model-dir", str(model_dir), "--models", "vae", "--rounds", "1")
+    assert set(r["medians"]) == {"HEAD", "this tree"} and all(0 < s < 120 for s in r["medians"].values())
+    assert r["ratio"] == r["medians"]["HEAD"] / r["medians"]["this tree"]

@@ -48,14 +48,24 @@ def test_hey_output_counts_only_successful_images() -> None:
 
 
 def test_summary_takes_medians_and_ratios() -> None:
-    def phase(rate: float) -> dict[str, float]:
-        return {"images_per_s": rate, "requests": 1, "errors": 0}
+    def phase(rate: float, cpu: float | None = 2.0) -> dict[str, float | None]:
+        return {"images_per_s": rate, "requests": 1, "errors": 0, "cpu_ms_per_request": cpu}
 
     rounds = [
-        {"genserve": {1: phase(10), 32: phase(30)}, "litserve": {1: phase(5), 32: phase(20)}, "inprocess_32": 40.0},
-        {"genserve": {1: phase(12), 32: phase(34)}, "litserve": {1: phase(6), 32: phase(20)}, "inprocess_32": 40.0},
+        {
+            "genserve": {1: phase(10), 32: phase(30, 3)},
+            "litserve": {1: phase(5), 32: phase(20, 6)},
+            "inprocess_32": 40.0,
+        },
+        {
+            "genserve": {1: phase(12), 32: phase(34, 5)},
+            "litserve": {1: phase(6, None), 32: phase(20, 6)},
+            "inprocess_32": 40.0,
+        },
     ]
     s = peer_bench.summarise("m", rounds)
+    assert s["genserve_32_cpu_ms"] == 4 and s["litserve_32_cpu_ms"] == 6 and s["cpu_ratio_32"] == 1.5
+    assert s["litserve_1_cpu_ms"] is None and s["cpu_ratio_1"] is None  # a round without /proc: no median
     assert s["genserve_1"] == 11 and s["litserve_1"] == 5.5 and s["ratio_1"] == 2.0
     assert s["genserve_32"] == 32 and s["ratio_32"] == pytest.approx(1.6)
     assert s["genserve_32_vs_inprocess"] == pytest.approx(0.8) and s["errors"] == 0
@@ -93,3 +103,5 @@ def test_the_driver_runs_both_servers_on_a_tiny_model(model_dir: Path) -> None:
     (s,) = json.loads(out.stdout)["models"]
     assert s["model"] == "pixelcnn" and s["errors"] == 0
     assert s["genserve_1"] > 0 and s["litserve_1"] > 0 and s["genserve_32"] > 0 and s["litserve_32"] > 0
+    if sys.platform == "linux":  # each server's processes spent CPU on the requests they answered
+        assert s["genserve_32_cpu_ms"] > 0 and s["litserve_32_cpu_ms"] > 0
