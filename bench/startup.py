@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from ab_trees import alternate  # noqa: E402
-from throughput import free_port  # noqa: E402
+from throughput import free_port, stop_server  # noqa: E402
 
 
 def seconds_to_ready(tree: Path, model_dir: Path, models: str, timeout: float = 300.0) -> float:
@@ -49,12 +49,7 @@ def seconds_to_ready(tree: Path, model_dir: Path, models: str, timeout: float = 
             time.sleep(0.05)  # polling another process; there is no event to wait on
         raise SystemExit(f"the server in {tree} was not ready after {timeout} s")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def main() -> None:

@@ -161,6 +161,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()  # reaped, not left a zombie
 
 
 def score_body(url: str, model: str, score_type: str) -> dict[str, Any]:

@@ -52,6 +52,9 @@ def centre_mask(out_ch: int, in_ch: int, groups: int, *, include_own: bool) -> T
     return group_mask(channel_groups(out_ch, groups), channel_groups(in_ch, groups), include_own=include_own)
 
 
+# ---- class conditioning ----------------------------------------------------------------------------
+
+
 class ClassEmbedding(nn.Embedding):
     """``nn.Embedding``: a class label's learned bias, (n_classes, dim), N(0, 1) at the start, except on
     the meta device, where there are no values to draw (``normal_`` there would go through torch's
