@@ -18,7 +18,12 @@ this many FLOPs meets on the machine.
 on one thread (``models.sampling.cached.CPU_THREADS = 1``, this branch's default), alternating,
 ``--sample-rounds`` times each, and checks that both draw the same images for the same seed.
 
+``--chunks N ...`` also times the fast pass with each thread's share of a batch taken N images at
+a time (``FastPixelCNN.chunk``; 0: the whole share at once, the pass before session 22), alternating
+call by call, at each batch size (models/fast.py ``CHUNK_BYTES`` sets the default).
+
     python bench/fast_forward.py --model checkpoints/pixelcnn-fmnist --batch 1 32 --seconds 20 --sample 16 [--json]
+    python bench/fast_forward.py --batch 8 16 32 --seconds 30 --chunks 0 1 2 4
 """
 
 from __future__ import annotations
@@ -90,6 +95,35 @@ def measure(model: PixelCNN, batch: int, seconds: float) -> dict[str, Any]:
 
 
 @torch.inference_mode()
+def measure_chunks(model: PixelCNN, batch: int, seconds: float, chunks: list[int]) -> dict[str, Any]:
+    """Images/s of the fast pass at ``batch`` with each chunk size (0: a thread's whole share at once)."""
+    model.prepare_for_inference()
+    fast = model.fast
+    assert fast is not None, "the fast pass is built on CPU"
+    default = fast.chunk
+    c, h, w = model.shape
+    x = torch.randint(0, model.levels, (batch, c, h, w), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    y = torch.zeros(batch, dtype=torch.long) if model.n_classes is not None else None
+    spent, calls = dict.fromkeys(chunks, 0.0), dict.fromkeys(chunks, 0)
+    try:
+        for n in chunks:  # warm-up
+            fast.chunk = n or batch
+            model.log_prob(x, y)
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for n in chunks:
+                fast.chunk = n or batch
+                t0 = time.perf_counter()
+                model.log_prob(x, y)
+                spent[n] += time.perf_counter() - t0
+                calls[n] += 1
+    finally:
+        fast.chunk = default
+    return {"batch": batch, "default_chunk": default, "images_per_s": {n: calls[n] * batch / spent[n] for n in chunks},
+            "calls": calls[chunks[0]]}  # fmt: skip
+
+
+@torch.inference_mode()
 def measure_sampling(model: PixelCNN, n: int, rounds: int) -> dict[str, Any]:
     """Seconds for n images (seed 0) with the generation on the caller's threads and on one thread."""
     variants = {f"caller_{torch.get_num_threads()}_threads": None, "one_thread": 1}
@@ -140,6 +174,7 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=0, help="also time the cached sampler drawing this many images")
     p.add_argument("--sample-rounds", type=int, default=2)
     p.add_argument("--peak", action="store_true", help="also time plain matrix products (the machine's ceiling)")
+    p.add_argument("--chunks", type=int, nargs="+", help="only time the fast pass with these chunk sizes (0: whole)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -147,6 +182,9 @@ def main() -> None:
     model, _ = load_checkpoint(args.model)
     if not isinstance(model, PixelCNN):
         raise SystemExit(f"{args.model} is a {model.architecture}, not a gated PixelCNN")
+    if args.chunks:
+        chunk_report(model, args)
+        return
     rows = [measure(model, b, args.seconds) for b in args.batch]
     result = {"model": args.model, "gflop_per_image": gflop_per_image(model), "rows": rows,
               "threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
@@ -184,6 +222,23 @@ def main() -> None:
         lines += ["", f"cached sampling of {smp['n']} images (seconds per round, seed 0):"]
         lines += [f"  {name}: {', '.join(f'{t:.2f}' for t in ts)}" for name, ts in smp["seconds"].items()]
         lines.append(f"  speed-up (best of each): {smp['speedup']:.2f}x, identical images: {smp['identical']}")
+    print("\n".join(lines))  # noqa: T201
+
+
+def chunk_report(model: PixelCNN, args: argparse.Namespace) -> None:
+    """``--chunks``: the fast pass's images/s by chunk size, one row per batch size."""
+    rows = [measure_chunks(model, b, args.seconds, args.chunks) for b in args.batch]
+    if args.json:
+        print(json.dumps({"model": args.model, "threads": torch.get_num_threads(), "rows": rows}))  # noqa: T201
+        return
+    names = [f"chunk {n}" if n else "whole share" for n in args.chunks]
+    threads, default = torch.get_num_threads(), rows[0]["default_chunk"]
+    lines = [f"{args.model}: fast pass, {threads} threads, default chunk {default}", ""]
+    lines += ["| batch | " + " | ".join(f"{n} (images/s)" for n in names) + " | calls each |"]
+    lines += ["| --- | " + " | ".join("---" for _ in names) + " | --- |"]
+    for r in rows:
+        rates = " | ".join(f"{r['images_per_s'][n]:.2f}" for n in args.chunks)
+        lines.append(f"| {r['batch']} | {rates} | {r['calls']} |")
     print("\n".join(lines))  # noqa: T201
 
 

@@ -24,8 +24,9 @@ rounding differs, about 1e-6 relative) with fewer and larger operations, and few
   unshifted pre-activation, added one row down (row 0 gets the bias alone, as the zero row the
   shift brings in gives it).
 
-A batch of several images is shared out by images over the caller's torch threads
-(:meth:`FastPixelCNN.pixel_log_prob`). ``bench/fast_forward.py`` measures each part against the
+A batch of several images is shared out by images over the caller's torch threads, and each
+thread's share goes through the pass a few images at a time (:meth:`FastPixelCNN.pixel_log_prob`,
+``CHUNK_BYTES``). ``bench/fast_forward.py`` measures each part against the
 masked convolutions; ``bench/fast_check.py`` compares the log-likelihoods over a whole test set.
 
 Weights are copied when the fast model is built: it does not follow later changes to the module's
@@ -45,6 +46,13 @@ from models.layers import Conv1x1, GatedBlock
 from models.likelihood import to_unit_range
 from models.threads import split_batch, torch_threads
 from models.winograd import RowWinograd, winograd_pays
+
+# A thread's share of a batch goes through the pass a few images at a time: the images whose logits
+# (4 x H x W x C x levels bytes each, 0.8 MB for a 28x28 grey image at 256 levels; the pass's largest
+# tensors) fill about this many bytes. On the 2-core machine behind docs/serving.md a batch of 32 (two
+# shares of 16) ran 1.34x faster in chunks of 2 than whole, chunks of 1 and 4 in between
+# (bench/fast_forward.py --chunks; docs/serving/fast-forward-chunks-session22.txt).
+CHUNK_BYTES = 2 << 20
 
 
 class GatedPixelCNN(Protocol):
@@ -150,6 +158,8 @@ class FastPixelCNN:
             self.w1, self.b1 = _matrix(model.out1.weight, model.out1.mask), model.out1.bias.detach().clone()
             self.w2, self.b2 = _matrix(model.out2.weight, model.out2.mask), model.out2.bias.detach().clone()
         self.dtype = model.out1.weight.dtype
+        logit_bytes = 4 * cfg.height * cfg.width * cfg.in_channels * cfg.levels
+        self.chunk = max(1, CHUNK_BYTES // logit_bytes)  # images per chunk of a share (see CHUNK_BYTES)
 
     def _logits(self, x: Tensor, y: Tensor | None) -> Tensor:
         """Logits (H, B, W, C, L) of images x (B, C, H, W) integer levels."""
@@ -176,16 +186,22 @@ class FastPixelCNN:
         A batch of at least as many images as the caller has torch threads (two or more) is shared
         out by images over them, each share computed on one thread
         (:func:`models.threads.split_batch`): no thread waits at an operation's barrier for another,
-        and the small operations run side by side. A smaller batch (many cores, few images) runs
-        whole on all the threads, so that no core sits idle."""
+        and the small operations run side by side. Each share (and a one-thread caller's batch) goes
+        through the pass :attr:`chunk` images at a time (``CHUNK_BYTES``). A smaller batch (many
+        cores, few images) runs whole on all the threads, so that no core sits idle."""
         threads = torch.get_num_threads()
-        if threads < 2 or x.shape[0] < threads:
+        if x.shape[0] < threads:
             return self._pixel_log_prob(x, y)
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
         def share(rows: slice) -> None:
-            out[rows] = self._pixel_log_prob(x[rows], None if y is None else y[rows])
+            for start in range(rows.start, rows.stop, self.chunk):  # CHUNK_BYTES
+                part = slice(start, min(start + self.chunk, rows.stop))
+                out[part] = self._pixel_log_prob(x[part], None if y is None else y[part])
 
+        if threads < 2:
+            share(slice(0, x.shape[0]))
+            return out
         with torch_threads(1):
             split_batch(share, x.shape[0], threads)
         return out

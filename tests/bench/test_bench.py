@@ -53,6 +53,14 @@ def test_omp_pools_times_its_three_cases() -> None:
     assert r["slowdown_idle_pools"] == r["idle pools"] / r["alone"]
 
 
+def test_fast_forward_times_the_fast_pass_at_each_chunk_size(model_dir: Path) -> None:
+    r = run_json("bench/fast_forward.py", "--model", str(model_dir / "pixelcnn"), "--batch", "4", "--seconds", "0.2",
+                 "--chunks", "0", "1", "3")  # fmt: skip
+    (row,) = r["rows"]
+    assert row["batch"] == 4 and row["calls"] >= 1 and row["default_chunk"] >= 1
+    assert sorted(row["images_per_s"]) == ["0", "1", "3"] and all(v > 0 for v in row["images_per_s"].values())
+
+
 @pytest.mark.slow
 def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None:
     r = run_json("bench/throughput.py", "--model-dir", str(model_dir), "--model", "vae", "--seconds", "0.3")

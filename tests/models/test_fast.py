@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_checkpoint, read_metadata
-from models.fast import FastPixelCNN
+from models.fast import CHUNK_BYTES, FastPixelCNN
 from models.pixelcnn import PixelCNN, PixelCNNConfig
 from models.sampling.pixelcnn import sample_cached
 
@@ -73,6 +73,32 @@ def test_fast_logits_equal_the_masked_convolutions(overrides: dict[str, Any], ba
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(got_lp, ref_lp, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_shares_taken_in_chunks_give_every_image_its_own_log_probabilities(threads: int, chunk: int) -> None:
+    # A conditional model, so that a chunk's labels must be its own images' labels.
+    model = random_model(n_classes=4)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, cfg.levels, (7, 1, cfg.height, cfg.width), generator=gen)
+    y = torch.randint(0, 4, (7,), generator=gen)
+    fast = FastPixelCNN(model)
+    fast.chunk = chunk
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        ref = model.pixel_log_prob(x, y)
+        got = fast.pixel_log_prob(x, y)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_a_chunk_holds_the_images_whose_logits_fill_the_budget() -> None:
+    grey = FastPixelCNN(random_model(height=28, width=28, levels=256, n_blocks=0))
+    colour = FastPixelCNN(random_model(in_channels=3, height=32, width=32, levels=256, n_blocks=0))
+    assert grey.chunk == CHUNK_BYTES // (4 * 28 * 28 * 256) >= 2  # the shipped models' shape
+    assert colour.chunk == 1  # one image's logits (3.1 MB) are over the budget: one at a time
+    assert FastPixelCNN(random_model()).chunk == CHUNK_BYTES // (4 * 5 * 7 * 16)
 
 
 def test_the_model_takes_the_fast_path_only_prepared_in_eval_mode_without_gradients() -> None:
