@@ -1,7 +1,7 @@
 """The exact log-likelihood in process, this tree against an earlier commit's, alternating in one run.
 
     python bench/log_prob_ab.py --model checkpoints/pixelcnn-fmnist --batch 1 32 --seconds 15 --rounds 3
-        [--baseline REV] [--images SPEC] [--json]
+        [--baseline REV] [--images SPEC] [--marginal] [--json]
 
 The baseline's ``models/`` (``git archive REV``; by default 8a5d7ef, the tree before the fast
 PixelCNN pass of session 8, whose ``log_prob`` ran the masked convolutions when issue #18 was
@@ -10,7 +10,9 @@ filed) is unpacked into a temporary folder. The first ``max(--batch)`` images of
 Each round runs one child process per tree, alternating which goes first: the child loads the
 checkpoint with its tree's loader, prepares it as a genserve worker does (``eval()``,
 ``prepare_for_inference()``), and for each batch size calls ``log_prob`` without gradients once
-to warm up, then again and again for ``--seconds``. The report gives images/s per round and tree,
+to warm up, then again and again for ``--seconds`` (``--marginal``: a conditional model's log p(x)
+under a uniform prior instead, from the tree's ``class_log_likelihood``, as /score computes it for
+a request without a label). The report gives images/s per round and tree,
 the medians, the speed-up (this tree / baseline), and the largest difference between the trees'
 log-likelihoods in nats per dimension. Only ratios measured in one run mean anything on a shared
 machine.
@@ -35,9 +37,15 @@ from ab_trees import ROOT, alternate, unpack
 BASELINE = "8a5d7ef"
 
 
-def child(root: Path, model_dir: Path, data: Path, batches: list[int], seconds: float, out: Path) -> None:
-    """In a child process: images/s of ``log_prob`` per batch size with the code under ``root``."""
+def child(
+    root: Path, model_dir: Path, data: Path, batches: list[int], seconds: float, out: Path, *, marginal: bool = False
+) -> None:
+    """In a child process: images/s of ``log_prob`` per batch size with the code under ``root`` (with
+    ``marginal``, of a conditional model's log p(x) under a uniform prior, from that tree's
+    ``class_log_likelihood``: what /score computes for a conditional model given no label)."""
     sys.path.insert(0, str(root))
+    import math
+
     import numpy as np
     import torch
 
@@ -49,14 +57,21 @@ def child(root: Path, model_dir: Path, data: Path, batches: list[int], seconds: 
     images = torch.from_numpy(np.load(data / "images.npy"))
     labels = torch.from_numpy(np.load(data / "labels.npy"))
     conditional = getattr(model, "n_classes", None) is not None
+    score = model.log_prob
+    if marginal:
+        from models.scoring.classify import class_log_likelihood
+
+        def score(x: Any, _: Any) -> Any:
+            return torch.logsumexp(class_log_likelihood(model, x), dim=1) - math.log(model.n_classes)
+
     report: dict[str, Any] = {}
     with torch.no_grad():
         for b in batches:
             x, y = images[:b], labels[:b] if conditional else None
-            lp = model.log_prob(x, y)  # warm-up, and the values compared
+            lp = score(x, y)  # warm-up, and the values compared
             calls, t0 = 0, time.perf_counter()
             while (spent := time.perf_counter() - t0) < seconds or calls == 0:
-                model.log_prob(x, y)
+                score(x, y)
                 calls += 1
             report[str(b)] = {"images_per_s": calls * b / spent, "calls": calls, "log_prob": lp.tolist()}
     out.write_text(json.dumps(report))
@@ -85,6 +100,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline", default=BASELINE, help="git revision to compare with")
     ap.add_argument("--images", default="fashion-mnist:test", help="dataset spec of the images scored")
+    ap.add_argument("--marginal", action="store_true", help="a conditional model's p(x) over its classes")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -92,7 +108,7 @@ def main() -> None:
     args = ap.parse_args()
     args.model = args.model.resolve()
     if args.child is not None:
-        child(args.child, args.model, args.data, args.batch, args.seconds, args.out)
+        child(args.child, args.model, args.data, args.batch, args.seconds, args.out, marginal=args.marginal)
         return
     with tempfile.TemporaryDirectory(prefix="log-prob-ab-") as tmp:
         write_data(Path(tmp), args.images, max(args.batch))
@@ -103,6 +119,7 @@ def main() -> None:
             out = Path(tmp) / f"{name.replace(' ', '-')}-{r}.json"
             cmd = [sys.executable, __file__, "--child", str(root), "--model", str(args.model), "--data", tmp]
             cmd += ["--out", str(out), "--seconds", str(args.seconds), "--batch", *map(str, args.batch)]
+            cmd += ["--marginal"] if args.marginal else []
             subprocess.run(cmd, check=True, cwd=root)
             results[name].append(json.loads(out.read_text()))
             return float(results[name][-1][str(args.batch[-1])]["images_per_s"])
@@ -113,7 +130,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))  # noqa: T201
         return
-    print(f"{report['model']}: log_prob, baseline {args.baseline}, {args.rounds} rounds of {args.seconds:g} s")  # noqa: T201
+    what = "log p(x) over the classes" if args.marginal else "log_prob"
+    print(f"{report['model']}: {what}, baseline {args.baseline}, {args.rounds} rounds of {args.seconds:g} s")  # noqa: T201
     for row in report["rows"]:
         print(  # noqa: T201
             f"  batch {row['batch']}: baseline {row['baseline']} images/s (median {row['median']['baseline']:.2f}), "

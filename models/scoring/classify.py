@@ -79,12 +79,24 @@ def class_posterior(model: DensityModel, x: Tensor, prior: Tensor | None = None)
     return posterior_from(class_log_likelihood(model, x), prior)
 
 
+# A batch smaller than this many images shares its passes among classes: the images under several
+# labels in one pass of at most this many (a lone image's 10 classes: one pass of 10 images, not ten
+# passes of one), so that a small request's passes are as large as a serving batch, and no larger.
+CLASS_PASS_IMAGES = 32
+
+
 def class_log_likelihood(model: DensityModel, x: Tensor) -> Tensor:
-    """log p(x|y) in nats for every class y: (B, K), one model pass per class."""
+    """log p(x|y) in nats for every class y: (B, K). Each pass scores the B images under
+    ``max(1, CLASS_PASS_IMAGES // B)`` classes (each image's result depends on that image and
+    label alone: the same values as one pass per class)."""
     k = model.n_classes
     if k is None:
         raise ValueError("classification needs a class-conditional model (n_classes set)")
     b = x.shape[0]
-    return torch.stack(
-        [model.log_prob(x, torch.full((b,), c, dtype=torch.long, device=x.device)) for c in range(k)], dim=1
-    )
+    per_pass = max(1, CLASS_PASS_IMAGES // max(b, 1))
+    parts = []
+    for first in range(0, k, per_pass):
+        n = min(per_pass, k - first)
+        labels = torch.arange(first, first + n, device=x.device).repeat_interleave(b)  # class-major
+        parts.append(model.log_prob(x.repeat(n, *([1] * (x.dim() - 1))), labels).view(n, b))
+    return torch.cat(parts).t()

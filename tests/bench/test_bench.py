@@ -102,7 +102,10 @@ def test_sampling_ab_times_both_trees_and_compares_their_images(model_dir: Path)
 
 
 @pytest.mark.slow
-def test_log_prob_ab_times_both_trees_and_compares_their_log_likelihoods(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("marginal", [False, True])  # p(x|y) with each image's label; p(x) over the classes
+def test_log_prob_ab_times_both_trees_and_compares_their_log_likelihoods(
+    model_dir: Path, tmp_path: Path, marginal: bool
+) -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)  # the baseline's source
     if head.returncode != 0:
         pytest.skip("not a git checkout: the bench unpacks its baseline with git archive")
@@ -116,7 +119,7 @@ def test_log_prob_ab_times_both_trees_and_compares_their_log_likelihoods(model_d
     np.savez(tmp_path / "x.npz", images=images, labels=np.array([0, 1, 2, 0, 1]))
     r = run_json(
         "bench/log_prob_ab.py", "--model", str(model_dir / "pixelcnn-cond"), "--batch", "1", "4", "--seconds", "0.2",
-        "--rounds", "2", "--baseline", "HEAD", "--images", f"npz:{tmp_path / 'x.npz'}",
+        "--rounds", "2", "--baseline", "HEAD", "--images", f"npz:{tmp_path / 'x.npz'}", *(["--marginal"] * marginal),
     )  # fmt: skip
     assert r["model"] == "pixelcnn-cond" and r["baseline"] == "HEAD" and [row["batch"] for row in r["rows"]] == [1, 4]
     for row in r["rows"]:

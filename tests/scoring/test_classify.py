@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.pixelcnn import PixelCNN, PixelCNNConfig
-from models.scoring.classify import class_posterior
+from models.scoring.classify import CLASS_PASS_IMAGES, class_log_likelihood, class_posterior
 
 
 @pytest.fixture
@@ -46,3 +46,26 @@ def test_bad_prior_and_unconditional_model_are_refused(model: PixelCNN) -> None:
     plain = PixelCNN(PixelCNNConfig(height=2, width=2, levels=3, hidden=4, n_blocks=1, first_kernel=3, kernel=3))
     with pytest.raises(ValueError, match="class-conditional"):
         class_posterior(plain, x)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 11, CLASS_PASS_IMAGES + 3])
+def test_classes_share_passes_of_at_most_a_batch_and_give_each_image_its_own_likelihoods(
+    model: PixelCNN, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = torch.randint(0, 3, (batch, 1, 2, 2), generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        per_class = torch.stack([model.log_prob(x, torch.full((batch,), c)) for c in range(3)], dim=1)
+    passes: list[tuple[int, list[int]]] = []
+    log_prob = model.log_prob
+
+    def counted(images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        passes.append((images.shape[0], sorted(set(y.tolist()))))
+        return log_prob(images, y)
+
+    monkeypatch.setattr(model, "log_prob", counted)
+    with torch.no_grad():
+        got = class_log_likelihood(model, x)
+    torch.testing.assert_close(got, per_class, rtol=0, atol=1e-6)
+    assert sorted(c for _, classes in passes for c in classes) == [0, 1, 2]  # every class once
+    assert all(n <= max(batch, CLASS_PASS_IMAGES) for n, _ in passes)  # no pass larger than a batch
+    assert len(passes) == -(-3 // max(1, CLASS_PASS_IMAGES // batch))  # 1, 1, 2 and 3 passes
