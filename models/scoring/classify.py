@@ -88,12 +88,15 @@ CLASS_PASS_IMAGES = 32
 def class_log_likelihood(model: DensityModel, x: Tensor) -> Tensor:
     """log p(x|y) in nats for every class y: (B, K). Each pass scores the B images under
     ``max(1, CLASS_PASS_IMAGES // B)`` classes (each image's result depends on that image and
-    label alone: the same values as one pass per class)."""
+    label alone: the same values as one pass per class); a compiled model's, under one class."""
     k = model.n_classes
     if k is None:
         raise ValueError("classification needs a class-conditional model (n_classes set)")
     b = x.shape[0]
-    per_pass = max(1, CLASS_PASS_IMAGES // max(b, 1))
+    # A compiled model (models/compiled.py) has graphs for the batch sizes its server warmed up, up to
+    # GENSERVE_MAX_BATCH_SIZE, which may be below CLASS_PASS_IMAGES: one class per pass there.
+    compiled = getattr(model, "compiled_log_prob", None) is not None
+    per_pass = 1 if compiled else max(1, CLASS_PASS_IMAGES // max(b, 1))
     parts = []
     for first in range(0, k, per_pass):
         n = min(per_pass, k - first)

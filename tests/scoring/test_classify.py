@@ -69,3 +69,19 @@ def test_classes_share_passes_of_at_most_a_batch_and_give_each_image_its_own_lik
     assert sorted(c for _, classes in passes for c in classes) == [0, 1, 2]  # every class once
     assert all(n <= max(batch, CLASS_PASS_IMAGES) for n, _ in passes)  # no pass larger than a batch
     assert len(passes) == -(-3 // max(1, CLASS_PASS_IMAGES // batch))  # 1, 1, 2 and 3 passes
+
+
+def test_a_compiled_model_keeps_one_class_per_pass(model: PixelCNN, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its graphs cover only the batch sizes its server warmed up (models/compiled.py).
+    monkeypatch.setattr(model, "compiled_log_prob", model._pixel_log_prob)  # stands in for the compiled pass
+    sizes: list[int] = []
+    log_prob = model.log_prob
+
+    def counted(images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        sizes.append(images.shape[0])
+        return log_prob(images, y)
+
+    monkeypatch.setattr(model, "log_prob", counted)
+    with torch.no_grad():
+        class_log_likelihood(model, torch.zeros(1, 1, 2, 2, dtype=torch.long))
+    assert sizes == [1, 1, 1]
