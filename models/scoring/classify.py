@@ -87,8 +87,9 @@ CLASS_PASS_IMAGES = 32
 
 def class_log_likelihood(model: DensityModel, x: Tensor) -> Tensor:
     """log p(x|y) in nats for every class y: (B, K). Each pass scores the B images under
-    ``max(1, CLASS_PASS_IMAGES // B)`` classes (each image's result depends on that image and
-    label alone: the same values as one pass per class); a compiled model's, under one class."""
+    ``max(1, CLASS_PASS_IMAGES // B)`` classes; a compiled model's, under one class. Each image's
+    result depends on that image and label alone: the values of one pass per class (identical on the
+    CPU's fast PixelCNN pass; elsewhere up to float rounding, where kernels depend on the batch size)."""
     k = model.n_classes
     if k is None:
         raise ValueError("classification needs a class-conditional model (n_classes set)")
@@ -102,4 +103,4 @@ def class_log_likelihood(model: DensityModel, x: Tensor) -> Tensor:
         n = min(per_pass, k - first)
         labels = torch.arange(first, first + n, device=x.device).repeat_interleave(b)  # class-major
         parts.append(model.log_prob(x.repeat(n, *([1] * (x.dim() - 1))), labels).view(n, b))
-    return torch.cat(parts).t()
+    return torch.cat(parts).t().contiguous()
