@@ -1,5 +1,6 @@
-"""Shared by the cross-tree benches (``sampling_ab.py``, ``log_prob_ab.py``): an earlier commit's
-``models/`` unpacked beside this tree, and rounds that alternate which tree's child runs first."""
+"""Shared by the cross-tree benches (``sampling_ab.py``, ``log_prob_ab.py``, ``startup.py``,
+``settings_ab.py --baseline``): an earlier commit's ``models/`` (and ``service/``) unpacked beside this
+tree, and rounds that alternate which tree's child runs first."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def unpack(rev: str, dest: Path) -> Path:
-    """``git archive REV models`` extracted under ``dest`` (created); returns ``dest``."""
+def unpack(rev: str, dest: Path, parts: tuple[str, ...] = ("models",)) -> Path:
+    """``git archive REV PART`` for each of ``parts``, extracted under ``dest`` (created); returns ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "archive", rev, "models"], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    for part in parts:
+        archive = subprocess.run(["git", "archive", rev, part], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return dest
 
 

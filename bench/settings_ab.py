@@ -16,7 +16,12 @@ A ``--config`` is a comma list of GENSERVE_* assignments, or of the thread libra
 ``--model`` alone unless a config sets ``GENSERVE_MODELS``, ``GENSERVE_MODELS=`` serving every model
 in the folder). With ``--sample MODEL:N`` each round also times sequential ``/sample`` requests of N
 images from MODEL where that model is served, while one more client keeps scoring one image of
-``--model`` at a time: the latency those scores see while a generation runs.
+``--model`` at a time: the latency those scores see while a generation runs. With ``--baseline REV``
+the first configuration is an earlier commit's server (its ``service/`` and ``models/``, unpacked with
+``git archive``) with the defaults, and each ``--config`` runs this tree: what a change did to a
+served model, in one run.
+
+    python bench/settings_ab.py --model pixelcnn-fmnist --client hey --baseline HEAD~1 --config ""
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ab_trees import ROOT, unpack
 from throughput import free_port, http_phases, score_body, start_server, stop_server, wait_ready
 
 # What a configuration may set: genserve's settings, and the variables its thread libraries read at
@@ -63,11 +70,12 @@ def parse_config(text: str) -> dict[str, str]:
     return out
 
 
-def measure(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any]:
-    """One round of one configuration: a fresh server, the 1- and 32-client phases."""
+def measure(args: argparse.Namespace, settings: dict[str, str], tree: Path = ROOT) -> dict[str, Any]:
+    """One round of one configuration: a fresh server (run from ``tree``), the 1- and 32-client phases."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(Path(args.model_dir), args.model, args.device, port, settings=settings)
+    model_dir = Path(args.model_dir).resolve()  # the server's working folder may be another tree
+    proc = start_server(model_dir, args.model, args.device, port, settings=settings, tree=tree)
     try:
         wait_ready(url, proc)
         body = score_body(url, args.model, args.score_type)
@@ -138,12 +146,19 @@ def median_cpu(runs: list[Any], phase: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    configs: list[dict[str, str]] = args.config
-    rounds: list[list[dict[str, Any] | None]] = [[None] * len(configs) for _ in range(args.rounds)]
-    for r in range(args.rounds):
-        order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))  # cancel drift
-        for k in order:
-            rounds[r][k] = measure(args, configs[k])
+    """Every configuration in every round (``--baseline``'s first), the order reversed every other round."""
+    with tempfile.TemporaryDirectory() as tmp:
+        configs: list[dict[str, str]] = list(args.config)
+        trees: list[Path] = [ROOT] * len(configs)
+        names: list[str | None] = [None] * len(configs)
+        if args.baseline:
+            configs, trees = [{}, *configs], [unpack(args.baseline, Path(tmp), ("models", "service")), *trees]
+            names = [args.baseline, *names]
+        rounds: list[list[dict[str, Any] | None]] = [[None] * len(configs) for _ in range(args.rounds)]
+        for r in range(args.rounds):
+            order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))  # cancel drift
+            for k in order:
+                rounds[r][k] = measure(args, configs[k], trees[k])
     summary = []
     for k, settings in enumerate(configs):
         runs = [rounds[r][k] for r in range(args.rounds)]
@@ -157,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary.append(
             {
                 "settings": settings,
+                "tree": names[k],  # None: this tree
                 "http_1_client_images_per_s": one,
                 "http_32_clients_images_per_s": many,
                 "mean_batch_32_clients": median("http_32_clients", "mean_batch_images"),
@@ -208,6 +224,8 @@ def table(result: dict[str, Any]) -> str:
         lines[-1] += f" {'/sample s':>10} {'score ms':>13}"
     for s in result["configs"]:
         name = " ".join(f"{k}={v}" for k, v in s["settings"].items()) or "(the defaults)"
+        if s["tree"]:
+            name = f"{s['tree']}'s tree, {name}"
         per_round = " ".join(f"{run['http_32_clients']['images_per_s']:.0f}" for run in s["rounds"])
         line = (
             f"{name:44} {s['http_1_client_images_per_s']:9.1f} {s['http_32_clients_images_per_s']:11.1f} "
@@ -228,7 +246,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", default="checkpoints")
     p.add_argument("--model", required=True, help="checkpoint folder name under --model-dir")
-    p.add_argument("--config", type=parse_config, action="append", required=True, help="GENSERVE_A=1,GENSERVE_B=2")
+    p.add_argument("--config", type=parse_config, action="append", default=[], help="GENSERVE_A=1,GENSERVE_B=2")
+    p.add_argument("--baseline", metavar="REV", help="first, an earlier commit's server with the defaults")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every configuration once")
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each HTTP phase")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
@@ -238,8 +257,8 @@ def main() -> None:
     p.add_argument("--sample-requests", type=int, default=3, help="timed /sample requests per round")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
-    if len(args.config) < 2:
-        p.error("give at least two --config to compare")
+    if len(args.config) + bool(args.baseline) < 2:
+        p.error("give at least two configurations to compare: --config twice, or --baseline REV and a --config")
     result = run(args)
     print(json.dumps(result) if args.json else table(result))  # noqa: T201 - the benchmark's output
 

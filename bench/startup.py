@@ -25,7 +25,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ab_trees import alternate  # noqa: E402
+from ab_trees import alternate, unpack  # noqa: E402
 from throughput import free_port, stop_server  # noqa: E402
 
 
@@ -62,10 +62,7 @@ def main() -> None:
     args = p.parse_args()
     model_dir = Path(args.model_dir).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        old = Path(tmp)
-        for part in ("models", "service"):
-            archive = subprocess.run(["git", "archive", args.rev, part], cwd=ROOT, check=True, capture_output=True)
-            subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+        old = unpack(args.rev, Path(tmp), ("models", "service"))
         trees = {args.rev: old, "this tree": ROOT}
         got = alternate(trees, args.rounds, lambda _name, tree, _r: seconds_to_ready(tree, model_dir, args.models))
     medians = {name: statistics.median(v) for name, v in got.items()}

@@ -145,14 +145,21 @@ def batch_stats(url: str) -> tuple[float, float]:
 
 
 def start_server(
-    model_dir: Path, model: str, device: str, port: int, *, settings: dict[str, str] | None = None
+    model_dir: Path,
+    model: str,
+    device: str,
+    port: int,
+    *,
+    settings: dict[str, str] | None = None,
+    tree: Path = ROOT,
 ) -> subprocess.Popen[bytes]:
     """``genserve serve`` for one model; ``settings``: GENSERVE_* variables over this environment's
-    (``GENSERVE_MODELS`` among them serves others beside it; empty: every model in the folder)."""
+    (``GENSERVE_MODELS`` among them serves others beside it; empty: every model in the folder);
+    ``tree``: the folder whose ``service/`` and ``models/`` run (an earlier commit's, unpacked)."""
     cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
     cmd += ["--devices", device]
     env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096", "GENSERVE_MODELS": model, **(settings or {})}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:

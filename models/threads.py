@@ -14,8 +14,11 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -84,3 +87,29 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(prev)
+
+
+def on_passing_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a new thread that ends when it returns; its result, or its exception, to the caller.
+
+    libgomp keeps a pool of helper threads for every thread that has run a parallel region (a torch
+    operation on more than about 32k elements), for as long as that thread lives; and once a process
+    holds more such threads than cores, every pool's helpers stop spinning between regions and sleep
+    after each, so each operation of a pass pays to wake them (docs/serving.md, "One OpenMP pool per
+    process"). A server's event loop and executor threads live as long as the server: torch work on
+    them (checking a model's config builds) goes through here, so that its pool ends with the thread.
+    """
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=run, name="genserve-passing", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]

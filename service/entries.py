@@ -21,6 +21,7 @@ from models.scoring.extent import ExtentCheck, extent_check_for
 from models.scoring.peak import PeakCheck, peak_check_for
 from models.scoring.scorer import BACKGROUND, COMPANION, calibrated_dose, has_background, has_companion, has_dose
 from models.scoring.scores import DOSE, GUARDED, available_score_types
+from models.threads import on_passing_thread
 from service.batching import Worker
 from service.errors import BadRequest
 
@@ -210,10 +211,17 @@ def companion_info(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def skeleton_model(folder: Path, meta: dict[str, Any]) -> DensityModel:
-    """The model built from its config on the meta device: checks the config, costs no memory."""
-    try:
+    """The model built from its config on the meta device: checks the config, costs no memory.
+
+    Built on a thread of its own (:func:`models.threads.on_passing_thread`): its masks' arithmetic
+    runs on the CPU, and must not leave an OpenMP pool on the server's long-lived threads."""
+
+    def build() -> DensityModel:
         with torch.device("meta"):
             return build_model(meta["architecture"], meta["config"])
+
+    try:
+        return on_passing_thread(build)
     except (TypeError, ValueError) as e:
         raise RegistryError(f"{folder / META}: config does not build a model: {e}") from e
 

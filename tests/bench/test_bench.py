@@ -86,6 +86,23 @@ def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None
 
 
 @pytest.mark.slow
+def test_settings_ab_serves_an_earlier_commit_first_with_the_defaults(model_dir: Path) -> None:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)  # the baseline's source
+    if head.returncode != 0:
+        pytest.skip("not a git checkout: the bench unpacks its baseline with git archive")
+    ab = run_json(
+        "bench/settings_ab.py", "--model-dir", str(model_dir), "--model", "vae", "--seconds", "0.3",
+        "--rounds", "1", "--baseline", "HEAD", "--config", "GENSERVE_MAX_BATCH_SIZE=1",
+    )  # fmt: skip
+    baseline, this = ab["configs"]
+    assert baseline["tree"] == "HEAD" and baseline["settings"] == {}
+    assert this["tree"] is None and this["settings"] == {"GENSERVE_MAX_BATCH_SIZE": "1"}
+    assert baseline["errors"] == this["errors"] == 0
+    assert baseline["http_32_clients_images_per_s"] > 0 and baseline["ratio_32_clients"] == 1.0
+    assert this["mean_batch_32_clients"] == 1.0  # this tree's server took its setting
+
+
+@pytest.mark.slow
 def test_sampling_ab_times_both_trees_and_compares_their_images(model_dir: Path) -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)  # the baseline's source
     if head.returncode != 0:
