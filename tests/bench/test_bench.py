@@ -53,6 +53,16 @@ def test_omp_pools_times_its_three_cases() -> None:
     assert r["slowdown_idle_pools"] == r["idle pools"] / r["alone"]
 
 
+@pytest.mark.slow
+def test_omp_pools_times_a_checkpoints_one_image_score_over_rounds(model_dir: Path) -> None:
+    r = run_json("bench/omp_pools.py", "--repeats", "3", "--others", "1", "--rounds", "2",
+                 "--model", str(model_dir / "pixelcnn-cond"))  # fmt: skip
+    assert r["work"] == "pixelcnn-cond, one image's score"
+    for case in ("alone", "idle pools", "pools gone"):
+        assert len(r["rounds"][case]) == 2 and all(v > 0 for v in r["rounds"][case])
+        assert r[case] == pytest.approx(sum(r["rounds"][case]) / 2)  # the median of two
+
+
 def test_fast_forward_times_the_fast_pass_at_each_chunk_size(model_dir: Path) -> None:
     r = run_json("bench/fast_forward.py", "--model", str(model_dir / "pixelcnn"), "--batch", "4", "--seconds", "0.2",
                  "--chunks", "0", "1", "3")  # fmt: skip
