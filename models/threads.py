@@ -97,7 +97,8 @@ def on_passing_thread(fn: Callable[[], T]) -> T:
     holds more such threads than cores, every pool's helpers stop spinning between regions and sleep
     after each, so each operation of a pass pays to wake them (docs/serving.md, "One OpenMP pool per
     process"). A server's event loop and executor threads live as long as the server: torch work on
-    them (checking a model's config builds) goes through here, so that its pool ends with the thread.
+    them (the registry's config check, which builds each model) goes through here, so that its pool
+    ends with the thread.
     """
     out: dict[str, Any] = {}
 
