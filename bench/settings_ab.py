@@ -18,10 +18,11 @@ in the folder). With ``--sample MODEL:N`` each round also times sequential ``/sa
 images from MODEL where that model is served, while one more client keeps scoring one image of
 ``--model`` at a time: the latency those scores see while a generation runs. With ``--baseline REV``
 the first configuration is an earlier commit's server (its ``service/`` and ``models/``, unpacked with
-``git archive``) with the defaults, and each ``--config`` runs this tree: what a change did to a
-served model, in one run.
+``git archive``) with the first ``--config``'s settings, and each ``--config`` runs this tree: what a
+change did to a served model, in one run (``--config GENSERVE_MODELS=``: with every model served).
 
     python bench/settings_ab.py --model pixelcnn-fmnist --client hey --baseline HEAD~1 --config ""
+    python bench/settings_ab.py --model vae-fmnist --client hey --baseline HEAD~1 --config GENSERVE_MODELS=
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trees: list[Path] = [ROOT] * len(configs)
         names: list[str | None] = [None] * len(configs)
         if args.baseline:
-            configs, trees = [{}, *configs], [unpack(args.baseline, Path(tmp), ("models", "service")), *trees]
+            old = unpack(args.baseline, Path(tmp), ("models", "service"))
+            configs, trees = [dict(configs[0]), *configs], [old, *trees]
             names = [args.baseline, *names]
         rounds: list[list[dict[str, Any] | None]] = [[None] * len(configs) for _ in range(args.rounds)]
         for r in range(args.rounds):
@@ -247,7 +249,7 @@ def main() -> None:
     p.add_argument("--model-dir", default="checkpoints")
     p.add_argument("--model", required=True, help="checkpoint folder name under --model-dir")
     p.add_argument("--config", type=parse_config, action="append", default=[], help="GENSERVE_A=1,GENSERVE_B=2")
-    p.add_argument("--baseline", metavar="REV", help="first, an earlier commit's server with the defaults")
+    p.add_argument("--baseline", metavar="REV", help="first, an earlier commit's server with the first --config")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every configuration once")
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each HTTP phase")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
@@ -257,7 +259,7 @@ def main() -> None:
     p.add_argument("--sample-requests", type=int, default=3, help="timed /sample requests per round")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
-    if len(args.config) + bool(args.baseline) < 2:
+    if len(args.config) < (1 if args.baseline else 2):
         p.error("give at least two configurations to compare: --config twice, or --baseline REV and a --config")
     result = run(args)
     print(json.dumps(result) if args.json else table(result))  # noqa: T201 - the benchmark's output
