@@ -46,6 +46,12 @@ def run_json(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
+def skip_unless_git_checkout() -> None:
+    """The cross-tree benches unpack their baseline's source with ``git archive``."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: the bench unpacks its baseline with git archive")
+
+
 @pytest.mark.slow
 def test_omp_pools_times_its_three_cases() -> None:
     r = run_json("bench/omp_pools.py", "--repeats", "20", "--others", "1")
@@ -97,9 +103,7 @@ def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None
 
 @pytest.mark.slow
 def test_settings_ab_serves_an_earlier_commit_first_with_the_first_configs_settings(model_dir: Path) -> None:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)  # the baseline's source
-    if head.returncode != 0:
-        pytest.skip("not a git checkout: the bench unpacks its baseline with git archive")
+    skip_unless_git_checkout()
     ab = run_json(
         "bench/settings_ab.py", "--model-dir", str(model_dir), "--model", "vae", "--seconds", "0.3",
         "--rounds", "1", "--baseline", "HEAD", "--config", "GENSERVE_MAX_BATCH_SIZE=1",
@@ -114,9 +118,7 @@ def test_settings_ab_serves_an_earlier_commit_first_with_the_first_configs_setti
 
 @pytest.mark.slow
 def test_sampling_ab_times_both_trees_and_compares_their_images(model_dir: Path) -> None:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)  # the baseline's source
-    if head.returncode != 0:
-        pytest.skip("not a git checkout: the bench unpacks its baseline with git archive")
+    skip_unless_git_checkout()
     r = run_json(
         "bench/sampling_ab.py", "--model", str(model_dir / "pixelcnn-cond"), "--n", "3", "--rounds", "2",
         "--baseline", "HEAD", "--labels", "--row-threads", "2",
@@ -133,9 +135,7 @@ def test_sampling_ab_times_both_trees_and_compares_their_images(model_dir: Path)
 def test_log_prob_ab_times_both_trees_and_compares_their_log_likelihoods(
     model_dir: Path, tmp_path: Path, marginal: bool
 ) -> None:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)  # the baseline's source
-    if head.returncode != 0:
-        pytest.skip("not a git checkout: the bench unpacks its baseline with git archive")
+    skip_unless_git_checkout()
     import numpy as np
 
     from models.checkpoint import read_metadata
@@ -189,9 +189,7 @@ def test_upload_probe_builds_set_6_and_reports_every_kind(model_dir: Path, tmp_p
 
 @pytest.mark.slow
 def test_startup_times_this_tree_against_a_commit(model_dir: Path) -> None:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)  # the baseline's source
-    if head.returncode != 0:
-        pytest.skip("not a git checkout: the bench unpacks its baseline with git archive")
+    skip_unless_git_checkout()
     r = run_json("bench/startup.py", "--rev", "HEAD", "--model-dir", str(model_dir), "--models", "vae", "--rounds", "1")
     assert set(r["medians"]) == {"HEAD", "this tree"} and all(0 < s < 120 for s in r["medians"].values())
     assert r["ratio"] == r["medians"]["HEAD"] / r["medians"]["this tree"]
