@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proc_cpu import cpu_ms_per_request, tree_cpu_seconds  # noqa: E402
+from proc_cpu import busiest_threads, cpu_ms_per_request, thread_cpu_seconds, tree_cpu_seconds  # noqa: E402
 from throughput import free_port, in_process, random_png  # noqa: E402
 
 from models.checkpoint import META, read_metadata  # noqa: E402
@@ -174,6 +174,7 @@ def serve_and_load(server: str, model_dir: Path, model: str, body: dict[str, Any
         out = {}
         for clients in CLIENTS:
             cpu_before = tree_cpu_seconds(proc.pid)
+            threads_before = thread_cpu_seconds(proc.pid) if args.threads else None
             if args.client == "hey":
                 out[clients] = hey_load(url, body, clients=clients, seconds=args.seconds)
             else:
@@ -181,6 +182,11 @@ def serve_and_load(server: str, model_dir: Path, model: str, body: dict[str, Any
             # every process of the server (LitServe's workers, genserve's HTTP processes and model servers)
             got: dict[str, Any] = out[clients]
             got["cpu_ms_per_request"] = cpu_ms_per_request(cpu_before, tree_cpu_seconds(proc.pid), int(got["requests"]))
+            if args.threads:  # where that CPU went, the busiest threads first
+                after = thread_cpu_seconds(proc.pid)
+                got["threads"] = busiest_threads(
+                    threads_before, after, int(got["requests"]), root=proc.pid, top=args.threads
+                )
         return out
     finally:
         stop(proc)
@@ -206,7 +212,25 @@ def summarise(model: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         s[f"ratio_{c}"] = s[f"genserve_{c}"] / peer if peer else None
     for server in SERVERS:
         s[f"{server}_32_vs_inprocess"] = s[f"{server}_32"] / s["inprocess_32"] if s["inprocess_32"] else None
+    for server in SERVERS:
+        for c in CLIENTS:
+            s[f"{server}_{c}_threads"] = thread_ranks([r[server][c].get("threads") for r in rounds])
     return s
+
+
+def thread_ranks(rounds: list[list[dict[str, Any]] | None]) -> list[dict[str, Any]] | None:
+    """The busiest threads by rank (the busiest first): the median over rounds of each rank's CPU ms per
+    request, and where the first round's thread of that rank ran; None unless every round has them."""
+    if not rounds or any(r is None for r in rounds):
+        return None
+    ranks = min(len(r) for r in rounds if r is not None)
+    return [
+        {
+            "ms_per_request": statistics.median(r[k]["ms_per_request"] for r in rounds if r is not None),
+            "where": rounds[0][k]["where"] if rounds[0] is not None else "",
+        }
+        for k in range(ranks)
+    ]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -268,7 +292,28 @@ def table(result: dict[str, Any]) -> str:
             f"| {fmt(s.get('cpu_ratio_1'), '.2f')} | {fmt(s.get('genserve_32_cpu_ms'), '.2f')} "
             f"| {fmt(s.get('litserve_32_cpu_ms'), '.2f')} | {fmt(s.get('cpu_ratio_32'), '.2f')} |"
         )
+    if any(s.get("genserve_1_threads") for s in result["models"]):
+        lines += ["", *thread_table(result)]
     return "\n".join(lines)
+
+
+def thread_table(result: dict[str, Any]) -> list[str]:
+    """The ``--threads`` section: each server's busiest threads by rank, CPU ms per request."""
+    ranks = max(len(s.get(f"{srv}_{c}_threads") or []) for s in result["models"] for srv in SERVERS for c in CLIENTS)
+    lines = [
+        "busiest threads, CPU ms per answered request by rank (busiest first), medians over rounds; "
+        "s: in the server's own process, c: in a child process (LitServe's worker, genserve's model server)",
+        "",
+        "| model | server | clients | " + " | ".join(f"thread {k + 1}" for k in range(ranks)) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in range(ranks)) + " |",
+    ]
+    for s in result["models"]:
+        for srv in SERVERS:
+            for c in CLIENTS:
+                row = s.get(f"{srv}_{c}_threads") or []
+                cells = [f"{t['ms_per_request']:.2f} ({t['where'][0]})" for t in row] + ["-"] * (ranks - len(row))
+                lines.append(f"| {s['model']} | {srv} | {c} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -281,6 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--client", choices=["hey", "httpx"], default="hey" if shutil.which("hey") else "httpx", help="load generator"
     )
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="also the N busiest threads' CPU per request")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.client == "hey" and shutil.which("hey") is None:

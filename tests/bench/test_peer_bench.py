@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -71,6 +72,32 @@ def test_summary_takes_medians_and_ratios() -> None:
     assert s["genserve_32_vs_inprocess"] == pytest.approx(0.8) and s["errors"] == 0
     text = peer_bench.table({"rounds": 2, "seconds": 1.0, "client": "httpx", "models": [s]})
     assert "| m | 11.0 | 5.5 | 2.00 | 32.0 | 20.0 | 1.60 | 40.0 | 0.80 | 0.50 | 0 |" in text
+
+
+def test_threads_are_summarised_by_rank_and_tabled() -> None:
+    def phase(*ms: float, where: str = "server") -> dict[str, Any]:
+        threads = [{"ms_per_request": m, "where": where} for m in ms]
+        return {"images_per_s": 1.0, "requests": 1, "errors": 0, "cpu_ms_per_request": sum(ms), "threads": threads}
+
+    rounds = [
+        {"genserve": {1: phase(10, 8), 32: phase(6, 5)}, "litserve": {1: phase(9, 9, where="child"),
+         32: phase(5, 4, where="child")}, "inprocess_32": 1.0},
+        {"genserve": {1: phase(12, 6), 32: phase(8, 3)}, "litserve": {1: phase(11, 7, where="child"),
+         32: phase(7, 2, where="child")}, "inprocess_32": 1.0},
+    ]  # fmt: skip
+    s = peer_bench.summarise("m", rounds)
+    assert s["genserve_1_threads"] == [
+        {"ms_per_request": 11, "where": "server"},
+        {"ms_per_request": 7, "where": "server"},
+    ]
+    assert [t["ms_per_request"] for t in s["litserve_32_threads"]] == [6, 3]
+    text = peer_bench.table({"rounds": 2, "seconds": 1.0, "client": "httpx", "models": [s]})
+    assert "| m | genserve | 1 | 11.00 (s) | 7.00 (s) |" in text
+    assert "| m | litserve | 32 | 6.00 (c) | 3.00 (c) |" in text
+    bare = [{**r, "genserve": {c: {**p, "threads": None} for c, p in r["genserve"].items()}} for r in rounds]
+    without = peer_bench.summarise("m", bare)
+    assert without["genserve_1_threads"] is None  # a round without the readings: no medians
+    assert peer_bench.parse_args(["--threads", "3", "--client", "httpx"]).threads == 3
 
 
 def test_the_peer_computes_what_genserve_computes_for_nll(model_dir: Path) -> None:
