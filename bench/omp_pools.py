@@ -79,7 +79,7 @@ def timed_conv_us(repeats: int, model: Path | None = None) -> float:
 
 
 def one_case(case: str, others: int, repeats: int, model: Path | None = None) -> float:
-    """In this process: set up ``case``, then time the convolution."""
+    """In this process: set up ``case``, then time the work (the convolution, or ``model``'s score)."""
     release, done = threading.Event(), threading.Semaphore(0)
 
     def other() -> None:
