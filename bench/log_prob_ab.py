@@ -1,7 +1,7 @@
 """The exact log-likelihood in process, this tree against an earlier commit's, alternating in one run.
 
     python bench/log_prob_ab.py --model checkpoints/pixelcnn-fmnist --batch 1 32 --seconds 15 --rounds 3
-        [--baseline REV] [--images SPEC] [--marginal] [--json]
+        [--baseline REV] [--images SPEC] [--marginal | --scorer] [--json]
 
 The baseline's ``models/`` (``git archive REV``; by default 8a5d7ef, the tree before the fast
 PixelCNN pass of session 8, whose ``log_prob`` ran the masked convolutions when issue #18 was
@@ -12,7 +12,9 @@ checkpoint with its tree's loader, prepares it as a genserve worker does (``eval
 ``prepare_for_inference()``), and for each batch size calls ``log_prob`` without gradients once
 to warm up, then again and again for ``--seconds`` (``--marginal``: a conditional model's log p(x)
 under a uniform prior instead, from the tree's ``class_log_likelihood``, as /score computes it for
-a request without a label). The report gives images/s per round and tree,
+a request without a label; ``--scorer``: what /score's ``score_type: "nll"`` runs, the tree's
+``Scorer.compute``, for a VAE the calibrated IWAE with its own sample count). The report gives
+images/s per round and tree,
 the medians, the speed-up (this tree / baseline), and the largest difference between the trees'
 log-likelihoods in nats per dimension. Only ratios measured in one run mean anything on a shared
 machine.
@@ -38,7 +40,15 @@ BASELINE = "8a5d7ef"
 
 
 def child(
-    root: Path, model_dir: Path, data: Path, batches: list[int], seconds: float, out: Path, *, marginal: bool = False
+    root: Path,
+    model_dir: Path,
+    data: Path,
+    batches: list[int],
+    seconds: float,
+    out: Path,
+    *,
+    marginal: bool = False,
+    scorer: bool = False,
 ) -> None:
     """In a child process: images/s of ``log_prob`` per batch size with the code under ``root`` (with
     ``marginal``, of a conditional model's log p(x) under a uniform prior, from that tree's
@@ -51,13 +61,24 @@ def child(
 
     from models.checkpoint import load_checkpoint  # the tree under ``root``
 
-    loaded = load_checkpoint(model_dir, "cpu")
-    model = (loaded[0] if isinstance(loaded, tuple) else loaded).eval()
+    if scorer:
+        from models.scoring.scorer import load_scorer
+
+        served, _ = load_scorer(model_dir, "cpu")
+        model = served.model.eval()
+    else:
+        loaded = load_checkpoint(model_dir, "cpu")
+        model = (loaded[0] if isinstance(loaded, tuple) else loaded).eval()
     model.prepare_for_inference()
     images = torch.from_numpy(np.load(data / "images.npy"))
     labels = torch.from_numpy(np.load(data / "labels.npy"))
     conditional = getattr(model, "n_classes", None) is not None
     score = model.log_prob
+    if scorer:
+
+        def score(x: Any, y: Any) -> Any:
+            return served.compute(x, y, ["nll"]).log_prob["nll"]
+
     if marginal:
         from models.scoring.classify import class_log_likelihood
 
@@ -101,6 +122,7 @@ def main() -> None:
     ap.add_argument("--baseline", default=BASELINE, help="git revision to compare with")
     ap.add_argument("--images", default="fashion-mnist:test", help="dataset spec of the images scored")
     ap.add_argument("--marginal", action="store_true", help="a conditional model's p(x) over its classes")
+    ap.add_argument("--scorer", action="store_true", help='what /score runs for score_type "nll" (Scorer.compute)')
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -108,7 +130,10 @@ def main() -> None:
     args = ap.parse_args()
     args.model = args.model.resolve()
     if args.child is not None:
-        child(args.child, args.model, args.data, args.batch, args.seconds, args.out, marginal=args.marginal)
+        child(
+            args.child, args.model, args.data, args.batch, args.seconds, args.out,
+            marginal=args.marginal, scorer=args.scorer,
+        )  # fmt: skip
         return
     with tempfile.TemporaryDirectory(prefix="log-prob-ab-") as tmp:
         write_data(Path(tmp), args.images, max(args.batch))
@@ -120,6 +145,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", str(root), "--model", str(args.model), "--data", tmp]
             cmd += ["--out", str(out), "--seconds", str(args.seconds), "--batch", *map(str, args.batch)]
             cmd += ["--marginal"] if args.marginal else []
+            cmd += ["--scorer"] if args.scorer else []
             subprocess.run(cmd, check=True, cwd=root)
             results[name].append(json.loads(out.read_text()))
             return float(results[name][-1][str(args.batch[-1])]["images_per_s"])
@@ -130,7 +156,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))  # noqa: T201
         return
-    what = "log p(x) over the classes" if args.marginal else "log_prob"
+    what = "log p(x) over the classes" if args.marginal else "Scorer.compute nll" if args.scorer else "log_prob"
     print(f"{report['model']}: {what}, baseline {args.baseline}, {args.rounds} rounds of {args.seconds:g} s")  # noqa: T201
     for row in report["rows"]:
         print(  # noqa: T201

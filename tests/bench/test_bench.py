@@ -131,9 +131,10 @@ def test_sampling_ab_times_both_trees_and_compares_their_images(model_dir: Path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("marginal", [False, True])  # p(x|y) with each image's label; p(x) over the classes
+# p(x|y) with each image's label; p(x) over the classes; what /score runs for "nll" (the tree's Scorer)
+@pytest.mark.parametrize("mode", [[], ["--marginal"], ["--scorer"]])
 def test_log_prob_ab_times_both_trees_and_compares_their_log_likelihoods(
-    model_dir: Path, tmp_path: Path, marginal: bool
+    model_dir: Path, tmp_path: Path, mode: list[str]
 ) -> None:
     skip_unless_git_checkout()
     import numpy as np
@@ -146,7 +147,7 @@ def test_log_prob_ab_times_both_trees_and_compares_their_log_likelihoods(
     np.savez(tmp_path / "x.npz", images=images, labels=np.array([0, 1, 2, 0, 1]))
     r = run_json(
         "bench/log_prob_ab.py", "--model", str(model_dir / "pixelcnn-cond"), "--batch", "1", "4", "--seconds", "0.2",
-        "--rounds", "2", "--baseline", "HEAD", "--images", f"npz:{tmp_path / 'x.npz'}", *(["--marginal"] * marginal),
+        "--rounds", "2", "--baseline", "HEAD", "--images", f"npz:{tmp_path / 'x.npz'}", *mode,
     )  # fmt: skip
     assert r["model"] == "pixelcnn-cond" and r["baseline"] == "HEAD" and [row["batch"] for row in r["rows"]] == [1, 4]
     for row in r["rows"]:
