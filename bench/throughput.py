@@ -155,11 +155,18 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     """``genserve serve`` for one model; ``settings``: GENSERVE_* variables over this environment's
     (``GENSERVE_MODELS`` among them serves others beside it; empty: every model in the folder);
-    ``tree``: the folder whose ``service/`` and ``models/`` run (an earlier commit's, unpacked)."""
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
-    cmd += ["--devices", device]
+    ``tree``: the folder whose ``service/`` and ``models/`` run (an earlier commit's, unpacked).
+    ``device`` is the server's ``--devices`` unless ``settings`` sets ``GENSERVE_DEVICES`` (a flag
+    would override it: ``cpu,cpu`` for two CPU workers)."""
     env = {**os.environ, "GENSERVE_MAX_QUEUE": "4096", "GENSERVE_MODELS": model, **(settings or {})}
+    cmd = server_command(model_dir, device, port, settings or {})
     return subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def server_command(model_dir: Path, device: str, port: int, settings: dict[str, str]) -> list[str]:
+    """The ``genserve serve`` command line: ``--devices device`` unless the settings choose the devices."""
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model-dir", str(model_dir)]
+    return cmd if "GENSERVE_DEVICES" in settings else [*cmd, "--devices", device]
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:

@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from settings_ab import parse_config, parse_sample  # noqa: E402
+from throughput import server_command  # noqa: E402
+
+
+def test_a_configs_devices_are_not_overridden_by_the_benchs_device_flag() -> None:
+    plain = server_command(Path("ckpt"), "cpu", 8000, {})
+    assert plain[-2:] == ["--devices", "cpu"]
+    # GENSERVE_DEVICES=cpu,cpu reaches the server: a --devices flag would win over the variable
+    assert "--devices" not in server_command(Path("ckpt"), "cpu", 8000, {"GENSERVE_DEVICES": "cpu,cpu"})
 
 
 def test_settings_ab_parses_configs_and_names_a_bad_one() -> None:
