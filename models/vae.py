@@ -24,6 +24,7 @@ from models.likelihood import (
     sample_discretized_logistic_mixture,
     to_unit_range,
 )
+from models.threads import split_batch, torch_threads
 
 
 @dataclass
@@ -230,12 +231,31 @@ class VAE(DensityModel):
         """log p(x, z_k) - log q(z_k|x) for k fixed importance samples, shape (B, k), nats.
 
         The standard-normal noise (k, latent_dim) comes from ``iwae_seed`` and is shared by every
-        image, so each image's estimate depends on that image alone, not on its batch.
+        image, so each image's estimate depends on that image alone, not on its batch. Without
+        gradients on the CPU, a batch of at least as many images as the caller has torch threads
+        (two or more) is shared out by images over them, each share on one thread
+        (:func:`models.threads.split_batch`, as :meth:`models.fast.FastPixelCNN.pixel_log_prob`):
+        no thread waits at each operation's barrier for another (docs/serving.md).
         """
         self.check_input(x)
+        gen = torch.Generator(device="cpu").manual_seed(self.config.iwae_seed)
+        eps = torch.randn(k, self.config.latent_dim, generator=gen).to(x.device)
+        threads = torch.get_num_threads()
+        if x.device.type != "cpu" or torch.is_grad_enabled() or not 2 <= threads <= x.shape[0]:
+            return self._log_weights(x, eps)
+        out = torch.empty(x.shape[0], k, dtype=self.encoder.head.weight.dtype)
+
+        def share(rows: slice) -> None:
+            out[rows] = self._log_weights(x[rows], eps)
+
+        with torch_threads(1):
+            split_batch(share, x.shape[0], threads)
+        return out
+
+    def _log_weights(self, x: Tensor, eps: Tensor) -> Tensor:
+        """:meth:`log_weights` for images x (B, C, H, W) and the noise eps (k, latent_dim): (B, k) nats."""
         cfg = self.config
-        gen = torch.Generator(device="cpu").manual_seed(cfg.iwae_seed)
-        eps = torch.randn(k, cfg.latent_dim, generator=gen).to(x.device)
+        k = eps.shape[0]
         x_unit = to_unit_range(x, cfg.levels)
         mean, logvar = self.encoder(x_unit)
         std = torch.exp(0.5 * logvar)

@@ -312,3 +312,32 @@ def test_iwae_reuses_the_context_features() -> None:
         log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_q = (-0.5 * eps.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)[None] - logvar.sum(1, keepdim=True) / 2
     torch.testing.assert_close(lw, direct + log_pz - log_q, atol=1e-4, rtol=1e-5)
+
+
+def test_log_weights_shares_a_batch_out_by_images_without_changing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On several torch threads, without gradients, the batch is split over them (one torch thread
+    per share); every image's weights equal the whole batch's on one thread. Not with gradients,
+    and not for fewer images than threads."""
+    import models.vae as vae_module
+
+    model, x = tiny(decoder_context=3), images(7)
+    with torch.no_grad():
+        whole = model.log_weights(x, 16)  # one thread (the fixture): no split
+    shares: list[tuple[int, int]] = []
+    real = vae_module.split_batch
+
+    def spy(fn: Any, n: int, workers: int) -> None:
+        shares.append((n, workers))
+        real(fn, n, workers)
+
+    monkeypatch.setattr(vae_module, "split_batch", spy)
+    torch.set_num_threads(3)
+    with torch.inference_mode():
+        split = model.log_weights(x, 16)
+        assert model.log_weights(x[:2], 16).shape == (2, 16)  # 2 images, 3 threads: whole
+    assert shares == [(7, 3)]
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-4)
+    assert split.dtype == whole.dtype
+    train = model.log_weights(x, 16)  # gradients on: one batch, so autograd sees one graph
+    assert train.requires_grad and shares == [(7, 3)]
+    torch.testing.assert_close(train.detach(), whole, rtol=1e-5, atol=1e-4)
