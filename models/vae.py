@@ -243,14 +243,14 @@ class VAE(DensityModel):
         threads = torch.get_num_threads()
         if x.device.type != "cpu" or torch.is_grad_enabled() or not 2 <= threads <= x.shape[0]:
             return self._log_weights(x, eps)
-        out = torch.empty(x.shape[0], k, dtype=self.encoder.head.weight.dtype)
+        shares: dict[int, Tensor] = {}  # first row -> that share's (rows, k) weights, as computed
 
         def share(rows: slice) -> None:
-            out[rows] = self._log_weights(x[rows], eps)
+            shares[rows.start] = self._log_weights(x[rows], eps)
 
         with torch_threads(1):
             split_batch(share, x.shape[0], threads)
-        return out
+        return torch.cat([shares[start] for start in sorted(shares)])
 
     def _log_weights(self, x: Tensor, eps: Tensor) -> Tensor:
         """:meth:`log_weights` for images x (B, C, H, W) and the noise eps (k, latent_dim): (B, k) nats."""
