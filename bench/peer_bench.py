@@ -15,6 +15,7 @@ between the servers): HTTP at 32 clients over it says what the serving stack cos
 
     python bench/peer_bench.py --seconds 10 --rounds 2                  # every shipped model, hey
     python bench/peer_bench.py --models pixelcnn-fmnist --client httpx --json
+    python bench/peer_bench.py --pairs 12 --seconds 4    # both servers up, paired phases (bench/paired.py)
 
 The clients are ``hey -z`` (Debian package ``hey``) where installed, else httpx in this process.
 """
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import paired  # noqa: E402
 from proc_cpu import busiest_threads, cpu_ms_per_request, thread_cpu_seconds, tree_cpu_seconds  # noqa: E402
 from throughput import free_port, in_process, random_png  # noqa: E402
 
@@ -192,6 +194,43 @@ def serve_and_load(server: str, model_dir: Path, model: str, body: dict[str, Any
         stop(proc)
 
 
+def load_fn(url: str, body: dict[str, Any], args: argparse.Namespace) -> Any:
+    """``load(clients, seconds)``: one phase of ``args.client`` against ``url``."""
+    if args.client == "hey":
+        return lambda clients, seconds: hey_load(url, body, clients=clients, seconds=seconds)
+    return lambda clients, seconds: asyncio.run(httpx_load(url, body, clients=clients, seconds=seconds))
+
+
+def paired_model(model_dir: Path, model: str, body: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Both servers up at once, each frozen while the other is loaded (bench/paired.py): ``args.pairs``
+    pairs of phases at 1 and at 32 clients, and the in-process rate before and after (both frozen)."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        loads = {}
+        for server in SERVERS:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            url = base + ("/score" if server == "genserve" else "/predict")
+            procs[server] = start(server, model_dir, model, port, args.device)
+            wait_ready(base, procs[server])
+            for _ in range(3):  # warm the path (and LitServe's first batch)
+                httpx.post(url, json=body, timeout=120).raise_for_status()
+            paired.freeze(procs[server].pid)
+            loads[server] = load_fn(url, body, args)
+        inproc = [in_process(model_dir / model, args.device, batch=32, seconds=args.seconds, score_type="nll")]
+        pids = {name: p.pid for name, p in procs.items()}
+        phases = paired.run_pairs(
+            pids, loads, clients=CLIENTS, pairs=args.pairs, seconds=args.seconds, warm_seconds=args.warm_seconds
+        )
+        inproc.append(in_process(model_dir / model, args.device, batch=32, seconds=args.seconds, score_type="nll"))
+    finally:
+        for p in procs.values():
+            paired.thaw(p.pid)
+            stop(p)
+    out = {"model": model, "inprocess_32": statistics.mean(inproc)}
+    return out | {"clients": paired.summarise_pairs(phases, "genserve", "litserve")}
+
+
 def summarise(model: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over rounds of each server's images/s at each client count, and their ratios."""
     s: dict[str, Any] = {"model": model, "rounds": rounds}
@@ -238,8 +277,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = args.models or shipped_models(model_dir)
     result: dict[str, Any] = {"seconds": args.seconds, "rounds": args.rounds, "client": args.client}
     result |= {"device": args.device, "models": []}
+    if args.pairs:
+        result |= {"pairs": args.pairs, "warm_seconds": args.warm_seconds}
     for model in models:
         body = request_body(model_dir, model)
+        if args.pairs:
+            result["models"].append(paired_model(model_dir, model, body, args))
+            logger.info("%s: %s", model, result["models"][-1])
+            continue
         rounds = []
         for r in range(args.rounds):
             order = SERVERS if r % 2 == 0 else SERVERS[::-1]
@@ -322,6 +367,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="*", help="checkpoint folders under --model-dir (default: every one)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each load phase")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per model")
+    p.add_argument(
+        "--pairs", type=int, default=0, help="instead of rounds: both servers up, N pairs of phases (bench/paired.py)"
+    )
+    p.add_argument("--warm-seconds", type=float, default=1.0, help="with --pairs: unmeasured load before each phase")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N, for both servers and the in-process row")
     p.add_argument(
         "--client", choices=["hey", "httpx"], default="hey" if shutil.which("hey") else "httpx", help="load generator"
@@ -343,7 +392,7 @@ def main() -> None:
     except ImportError:
         raise SystemExit('the peer needs LitServe: pip install -e ".[bench]"') from None
     result = run(args)
-    print(json.dumps(result) if args.json else table(result))  # noqa: T201 - the benchmark's output
+    print(json.dumps(result) if args.json else paired.pairs_table(result) if args.pairs else table(result))  # noqa: T201 - the benchmark's output
 
 
 if __name__ == "__main__":

@@ -23,11 +23,19 @@ change did to a served model, in one run (``--config GENSERVE_MODELS=``: with ev
 
     python bench/settings_ab.py --model pixelcnn-fmnist --client hey --baseline HEAD~1 --config ""
     python bench/settings_ab.py --model vae-fmnist --client hey --baseline HEAD~1 --config GENSERVE_MODELS=
+
+With ``--pairs N`` two configurations run as the peer bench's paired phases (bench/paired.py): both
+servers up at once, the idle one frozen, N pairs of short phases at each client count, and the median
+of the pairs' ratios (B, the second, over A) with its confidence interval.
+
+    python bench/settings_ab.py --model vae-fmnist --client hey --pairs 12 --seconds 4 --config "" \
+        --config GENSERVE_MODEL_PROCESS=true
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
@@ -43,7 +51,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ab_trees import ROOT, unpack
-from throughput import free_port, http_phases, score_body, start_server, stop_server, wait_ready
+from paired import freeze, pairs_table, run_pairs, summarise_pairs, thaw
+from throughput import (
+    free_port,
+    hey_phase,
+    http_phase,
+    http_phases,
+    score_body,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 
 # What a configuration may set: genserve's settings, and the variables its thread libraries read at
 # start (OpenMP's, GNU OpenMP's, MKL's), which no setting reaches once torch is loaded.
@@ -146,16 +164,23 @@ def median_cpu(runs: list[Any], phase: str) -> float | None:
     return None if any(v is None for v in values) else statistics.median(values)
 
 
+def configurations(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, str]], list[Path], list[str | None]]:
+    """(settings, tree, name of an earlier commit or None) of each configuration: ``--baseline``'s first
+    (its tree unpacked under ``tmp``, with the first ``--config``'s settings), then each ``--config``."""
+    configs: list[dict[str, str]] = list(args.config)
+    trees: list[Path] = [ROOT] * len(configs)
+    names: list[str | None] = [None] * len(configs)
+    if args.baseline:
+        old = unpack(args.baseline, tmp, ("models", "service"))
+        configs, trees = [dict(configs[0]), *configs], [old, *trees]
+        names = [args.baseline, *names]
+    return configs, trees, names
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every configuration in every round (``--baseline``'s first), the order reversed every other round."""
     with tempfile.TemporaryDirectory() as tmp:
-        configs: list[dict[str, str]] = list(args.config)
-        trees: list[Path] = [ROOT] * len(configs)
-        names: list[str | None] = [None] * len(configs)
-        if args.baseline:
-            old = unpack(args.baseline, Path(tmp), ("models", "service"))
-            configs, trees = [dict(configs[0]), *configs], [old, *trees]
-            names = [args.baseline, *names]
+        configs, trees, names = configurations(args, Path(tmp))
         rounds: list[list[dict[str, Any] | None]] = [[None] * len(configs) for _ in range(args.rounds)]
         for r in range(args.rounds):
             order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))  # cancel drift
@@ -205,6 +230,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def config_name(settings: dict[str, str], tree: str | None) -> str:
+    name = " ".join(f"{k}={v}" for k, v in settings.items()) or "(the defaults)"
+    return f"{tree}'s tree, {name}" if tree else name
+
+
+def paired_server(args: argparse.Namespace, settings: dict[str, str], tree: Path) -> tuple[Any, Any]:
+    """A server of one configuration, ready and frozen, and its ``load(clients, seconds)``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(Path(args.model_dir).resolve(), args.model, args.device, port, settings=settings, tree=tree)
+    try:
+        wait_ready(url, proc)
+        body = score_body(url, args.model, args.score_type)
+    except BaseException:
+        stop_server(proc)
+        raise
+    freeze(proc.pid)
+
+    def load(clients: int, seconds: float) -> dict[str, Any]:
+        if args.client == "hey":
+            return hey_phase(url, body, clients=clients, seconds=seconds)
+        return asyncio.run(http_phase(url, body, clients=clients, seconds=seconds))
+
+    return proc, load
+
+
+def run_paired(args: argparse.Namespace) -> dict[str, Any]:
+    """Two configurations, both servers up, each frozen while the other is loaded (bench/paired.py):
+    ``--pairs`` pairs of phases at 1 and at 32 clients; ratios are B (the second) over A (the first)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        configs, trees, names = configurations(args, Path(tmp))
+        if len(configs) != 2:
+            raise SystemExit("--pairs compares two configurations: --config twice, or --baseline REV and one --config")
+        procs, loads = {}, {}
+        try:
+            for key, settings, tree in zip("AB", configs, trees, strict=True):
+                procs[key], loads[key] = paired_server(args, settings, tree)
+            pids = {key: proc.pid for key, proc in procs.items()}
+            phases = run_pairs(
+                pids, loads, clients=(1, 32), pairs=args.pairs, seconds=args.seconds, warm_seconds=args.warm_seconds
+            )
+        finally:
+            for proc in procs.values():
+                thaw(proc.pid)
+                stop_server(proc)
+    described = {key: config_name(settings, name) for key, settings, name in zip("AB", configs, names, strict=True)}
+    return {
+        "model": args.model, "device": args.device, "client": args.client, "seconds": args.seconds,
+        "pairs": args.pairs, "warm_seconds": args.warm_seconds, "torch": torch.__version__, "configs": described,
+        "models": [{"model": args.model, "clients": summarise_pairs(phases, "B", "A")}],
+    }  # fmt: skip
+
+
+def paired_text(result: dict[str, Any]) -> str:
+    legend = "\n".join(f"{key}: {name}" for key, name in result["configs"].items())
+    return f"model {result['model']} on {result['device']}\n{legend}\n\n" + pairs_table(result, "B", "A", ("B", "A"))
+
+
 def cpu_pair(one: float | None, many: float | None) -> str:
     return "-" if one is None or many is None else f"{one:.2f} / {many:.2f}"
 
@@ -225,9 +308,7 @@ def table(result: dict[str, Any]) -> str:
         )
         lines[-1] += f" {'/sample s':>10} {'score ms':>13}"
     for s in result["configs"]:
-        name = " ".join(f"{k}={v}" for k, v in s["settings"].items()) or "(the defaults)"
-        if s["tree"]:
-            name = f"{s['tree']}'s tree, {name}"
+        name = config_name(s["settings"], s["tree"])
         per_round = " ".join(f"{run['http_32_clients']['images_per_s']:.0f}" for run in s["rounds"])
         line = (
             f"{name:44} {s['http_1_client_images_per_s']:9.1f} {s['http_32_clients_images_per_s']:11.1f} "
@@ -252,6 +333,9 @@ def main() -> None:
     p.add_argument("--baseline", metavar="REV", help="first, an earlier commit's server with the first --config")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every configuration once")
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each HTTP phase")
+    p.add_argument("--pairs", type=int, default=0, help="instead of rounds: two configurations both up, N pairs of "
+                   "phases, the idle server frozen (bench/paired.py)")  # fmt: skip
+    p.add_argument("--warm-seconds", type=float, default=1.0, help="with --pairs: unmeasured load before each phase")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--score-type", default="nll")
     p.add_argument("--client", choices=["httpx", "hey"], default="httpx")
@@ -261,6 +345,12 @@ def main() -> None:
     args = p.parse_args()
     if len(args.config) < (1 if args.baseline else 2):
         p.error("give at least two configurations to compare: --config twice, or --baseline REV and a --config")
+    if args.pairs and args.sample:
+        p.error("--sample times /sample within rounds; leave out --pairs to use it")
+    if args.pairs:
+        result = run_paired(args)
+        print(json.dumps(result) if args.json else paired_text(result))  # noqa: T201 - the benchmark's output
+        return
     result = run(args)
     print(json.dumps(result) if args.json else table(result))  # noqa: T201 - the benchmark's output
 

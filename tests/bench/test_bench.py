@@ -110,6 +110,25 @@ def test_throughput_and_settings_ab_run_on_a_tiny_model(model_dir: Path) -> None
 
 
 @pytest.mark.slow
+def test_settings_ab_pairs_two_configurations_both_up(model_dir: Path) -> None:
+    ab = run_json(
+        "bench/settings_ab.py", "--model-dir", str(model_dir), "--model", "vae", "--seconds", "0.3",
+        "--pairs", "2", "--warm-seconds", "0.1", "--config", "", "--config", "GENSERVE_MAX_BATCH_SIZE=1",
+    )  # fmt: skip
+    assert ab["configs"] == {"A": "(the defaults)", "B": "GENSERVE_MAX_BATCH_SIZE=1"} and ab["pairs"] == 2
+    for c in ("1", "32"):
+        e = ab["models"][0]["clients"][c]
+        assert e["errors"] == 0 and len(e["pairs"]) == 2 and e["A"] > 0 and e["B"] > 0
+        assert e["ratio_low"] <= e["ratio"] <= e["ratio_high"]
+    three = [
+        sys.executable, "bench/settings_ab.py", "--model-dir", str(model_dir), "--model", "vae", "--pairs", "1",
+        "--config", "", "--config", "GENSERVE_MAX_BATCH_SIZE=1", "--config", "GENSERVE_MAX_BATCH_SIZE=2",
+    ]  # fmt: skip
+    out = subprocess.run(three, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--pairs compares two configurations" in out.stderr
+
+
+@pytest.mark.slow
 def test_settings_ab_serves_an_earlier_commit_first_with_the_first_configs_settings(model_dir: Path) -> None:
     skip_unless_git_checkout()
     ab = run_json(

@@ -132,3 +132,21 @@ def test_the_driver_runs_both_servers_on_a_tiny_model(model_dir: Path) -> None:
     assert s["genserve_1"] > 0 and s["litserve_1"] > 0 and s["genserve_32"] > 0 and s["litserve_32"] > 0
     if sys.platform == "linux":  # each server's processes spent CPU on the requests they answered
         assert s["genserve_32_cpu_ms"] > 0 and s["litserve_32_cpu_ms"] > 0
+
+
+@pytest.mark.slow
+def test_the_driver_runs_paired_phases_with_both_servers_up(model_dir: Path) -> None:
+    pytest.importorskip("litserve", reason="the peer needs the bench extra (LitServe)")
+    cmd = [sys.executable, "bench/peer_bench.py", "--model-dir", str(model_dir), "--models", "vae", "--pairs", "2"]
+    cmd += ["--seconds", "0.3", "--warm-seconds", "0.1", "--client", "httpx", "--json"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    (m,) = result["models"]
+    assert result["pairs"] == 2 and m["model"] == "vae" and m["inprocess_32"] > 0
+    for c in ("1", "32"):
+        e = m["clients"][c]
+        assert e["errors"] == 0 and len(e["pairs"]) == 2 and e["genserve"] > 0 and e["litserve"] > 0
+        assert e["ratio_low"] <= e["ratio"] <= e["ratio_high"]
+        if sys.platform == "linux":
+            assert e["genserve_cpu_ms"] > 0 and e["litserve_cpu_ms"] > 0
