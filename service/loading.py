@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from models.scoring.scorer import Scorer, load_scorer
+from service.allocator import keep_freed_memory
 from service.warmup import measure_pass_size, warm_up
 
 logger = logging.getLogger("genserve.worker")
@@ -29,6 +30,7 @@ class BatchLimits:
     regather: float = 0.0  # a batch waits up to this fraction of the last pass for its clients to return
     torch_threads: int | None = None  # CPU threads of each thread that runs the model (None: torch's default)
     model_process: bool = False  # run each worker's model in a process of its own (service/model_process.py)
+    keep_freed_memory: bool = True  # fixed malloc thresholds in the process that runs the model (service/allocator.py)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ def load_for_serving(folder: Path, device: str, limits: BatchLimits, *, name: st
         # setting, which torch otherwise copies in only at the thread's first parallel op.
         torch.set_num_threads(limits.torch_threads)
     threads = torch.get_num_threads()  # what other work runs on between a generation's pixels
+    if limits.keep_freed_memory:
+        keep_freed_memory()
     scorer, _ = load_scorer(folder, device)
     on_cuda = torch.device(device).type == "cuda"
     scorer.model.prepare_for_inference(cuda_graphs=limits.cuda_graphs, compile=limits.compile and on_cuda)

@@ -69,6 +69,7 @@ class ModelRegistry:
             cuda_graphs=settings.cuda_graphs,
             compile=settings.compile,
             torch_threads=settings.torch_threads,
+            keep_freed_memory=settings.keep_freed_memory,
         )
 
     # ---- startup and shutdown -----------------------------------------------------------------

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
         "shared passes (service/model_server.py), so parsing, decoding and answering spread over the host's cores. "
         "Not with GENSERVE_ADMIN_KEYS or --watch (a reload would reach one process)",
     )
+    keep_freed_memory: bool = Field(
+        default=True,
+        description="on glibc, fixed malloc thresholds (mmap 64 MiB, trim 256 MiB; service/allocator.py) in every "
+        "process that runs a model, so memory a pass frees stays for the next pass instead of going back to the "
+        "kernel and being faulted in again; a process then holds the peak of its passes. false: glibc's defaults",
+    )
     model_process: str = Field(
         default="auto",
         description="run a worker's model in a process of its own, fed through a pipe (service/model_process.py): "
