@@ -129,10 +129,12 @@ def sample_phase(url: str, model: str, n: int, *, requests: int, score: dict[str
 
         def score_loop() -> None:
             with httpx.Client(base_url=url, timeout=300) as scorer:
-                while not stop.is_set():
+                while True:  # at least one score, even when the samples end before the first answer
                     start = time.perf_counter()
                     scorer.post("/score", json=score).raise_for_status()
                     latencies.append(1000 * (time.perf_counter() - start))
+                    if stop.is_set():
+                        break
 
         scoring = threading.Thread(target=score_loop)
         scoring.start()
