@@ -30,7 +30,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +41,7 @@ from models.scoring.scorer import Scorer
 from models.threads import torch_threads
 from service.arrivals import Arrivals
 from service.compute import ComputeThread
+from service.cores import CoreShare
 from service.errors import Unavailable
 from service.gather import regather, take
 from service.jobs import PassLimits, Runtime, Task
@@ -49,6 +49,7 @@ from service.loading import BatchLimits, load_for_serving
 from service.metrics import Metrics
 from service.model_process import Target
 from service.model_server import ServerAddress
+from service.queued import Job, settle
 from service.shared_model import model_process_for
 
 logger = logging.getLogger("genserve.worker")
@@ -63,24 +64,6 @@ class State(StrEnum):
     READY = "ready"
     FAILED = "failed"
     CLOSED = "closed"
-
-
-@dataclass(eq=False)
-class Job:
-    """One request's task (service/jobs.py) in the queue, with the future its caller awaits."""
-
-    task: Task[Any]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-    enqueued: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-
-    @property
-    def size(self) -> int:
-        return self.task.size
-
-    def is_cancelled(self) -> bool:
-        return self.cancelled
 
 
 class Worker:
@@ -101,9 +84,11 @@ class Worker:
         compute: ComputeThread | None = None,
         process_target: Target | None = None,
         server: ServerAddress | None = None,
+        cores: CoreShare | None = None,
     ) -> None:
         self.name = name
         self.compute = compute  # where its torch work runs (service/compute.py); None: its own thread
+        self.cores = cores  # a CPU worker's: the cores its passes share with other workers' (service/cores.py)
         self.arrivals = arrivals or Arrivals()  # requests on their way: whether a batch waits for more
         self.folder, self.device, self.index = folder, device, index
         self.limits, self.metrics = limits, metrics
@@ -190,7 +175,7 @@ class Worker:
             self._pending -= sum(j.size for j in dropped)
             self._cond.notify_all()
         for job in dropped:
-            _settle(job, error=Unavailable(f"model '{self.name}' is shutting down; retry on another instance"))
+            settle(job, error=Unavailable(f"model '{self.name}' is shutting down; retry on another instance"))
 
     def _give_up(self, why: str) -> None:
         """The model cannot run any more: FAILED (as /readyz and /models say), queued jobs get 503."""
@@ -201,7 +186,7 @@ class Worker:
             self._queue.clear()
             self._pending -= sum(j.size for j in dropped)
         for job in dropped:
-            _settle(job, error=Unavailable(f"model '{self.name}' failed on {self.device}: {why}"))
+            settle(job, error=Unavailable(f"model '{self.name}' failed on {self.device}: {why}"))
 
     def join(self, timeout: float) -> None:
         if self._thread.is_alive():
@@ -291,16 +276,24 @@ class Worker:
     def _execute(self, batch: list[Job]) -> None:
         with self._cond:  # a caller may have gone while the batch was forming
             live = [j for j in batch if not j.cancelled]
+        done = [False]
+
+        def release() -> None:  # once: the batch's images no longer count as this worker's load
+            if not done[0]:
+                done[0] = True
+                with self._cond:
+                    self._pending -= sum(j.size for j in batch)
+                self._set_depth()
+
         try:
             if live:
-                self._on_device(lambda: self._answer(live))
+                self._on_device(lambda: self._answer(live, release))
         finally:
-            with self._cond:
-                self._pending -= sum(j.size for j in batch)
-            self._set_depth()
+            release()
 
-    def _answer(self, live: list[Job]) -> None:
-        """Run one batch and settle every job, on the device's compute thread."""
+    def _answer(self, live: list[Job], release: Callable[[], None]) -> None:
+        """Run one batch and settle every job, on the device's compute thread; ``release`` the
+        batch's load before its callers hear back (the next request of one may come at once)."""
         start = time.perf_counter()  # the queue wait includes any wait for the compute thread
         for job in live:
             self.metrics.queue_wait.labels(**self._labels).observe(start - job.enqueued)
@@ -323,8 +316,9 @@ class Worker:
             )  # fmt: skip
             self._one_at_a_time(live)
             return
+        release()
         for job, result in zip(live, results, strict=True):
-            _settle(job, result=result)
+            settle(job, result=result)
 
     def _one_at_a_time(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -337,7 +331,7 @@ class Worker:
                 self._recover(e)
                 self._fail(job, e)
             else:
-                _settle(job, result=result)
+                settle(job, result=result)
 
     def _run_pass(self, jobs: list[Job], *, alone: bool = False) -> list[Any]:
         """One batched pass for jobs of one key (``alone``: a retry, never merged): one result per job; metrics."""
@@ -345,12 +339,14 @@ class Worker:
         task_type = type(jobs[0].task)
         op = task_type.op
         tasks, cancelled = [j.task for j in jobs], [j.is_cancelled for j in jobs]
-        if self.process is not None:
-            backlog = self._pending - sum(j.size for j in jobs)  # queued behind it: a shared server waits for them
-            results = self.process.run(task_type, tasks, cancelled, alone=alone, backlog=backlog)
-        else:
-            assert self.runtime is not None
-            results = task_type.run(self.runtime, tasks, cancelled)
+        with self.cores.claim() if self.cores is not None else contextlib.nullcontext(None) as threads:
+            if self.process is not None:
+                backlog = self._pending - sum(j.size for j in jobs)  # queued behind it: a shared server waits for them
+                results = self.process.run(task_type, tasks, cancelled, alone=alone, backlog=backlog, threads=threads)
+            else:
+                assert self.runtime is not None
+                with torch_threads(threads):
+                    results = task_type.run(self.runtime, tasks, cancelled)
         assert len(results) == len(jobs), "one result per job"
         self.metrics.inference_seconds.labels(**self._labels, op=op).observe(time.perf_counter() - start)
         self.metrics.batch_images.labels(**self._labels, op=op).observe(sum(j.size for j in jobs))
@@ -369,7 +365,7 @@ class Worker:
             error = Unavailable(f"model '{self.name}' ran out of memory on {self.device}; send fewer images")
         else:
             logger.error("model '%s' on %s: a job failed (%d images)", self.name, self.device, job.size, exc_info=error)
-        _settle(job, error=error)
+        settle(job, error=error)
 
     def _let_others_run(self) -> None:
         """Between the pixels of a generation on a shared compute thread: give the slot's other
@@ -382,18 +378,3 @@ class Worker:
 
     def _set_depth(self) -> None:
         self.metrics.queue_images.labels(**self._labels).set(self._pending)
-
-
-def _settle(job: Job, *, result: Any = None, error: BaseException | None = None) -> None:
-    """Resolve a job's future from any thread, unless its caller has already gone."""
-
-    def apply() -> None:
-        if job.future.done():
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-
-    with contextlib.suppress(RuntimeError):  # the loop has closed
-        job.loop.call_soon_threadsafe(apply)

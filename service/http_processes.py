@@ -183,7 +183,7 @@ def serve_http_processes(settings: Settings, entries: dict[str, Path], host: str
         os.chmod(root, 0o700)
         servers = ModelServers(limits, root, secrets.token_bytes(32))
         for name, folder in entries.items():
-            servers.add(name, folder, settings.device_list)
+            servers.add(name, folder, settings.worker_devices(len(entries)))
         try:
             servers.start()
         except RuntimeError as e:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from models.threads import torch_threads
 from service import wire
 from service.errors import Unavailable
 from service.jobs import Runtime, Task
@@ -132,27 +133,23 @@ class ModelProcess:
         *,
         alone: bool = False,
         backlog: int = 0,
+        threads: int | None = None,
     ) -> list[Any]:
         """One pass of ``tasks`` in the model process (started again first if it has ended): one
         result per task, in order. Rows of a generation reach each task's ``on_row`` on this thread.
         ``alone``: a retry after a failed pass, which a shared model server must not merge with
         other processes' batches; ``backlog``: images still queued behind this batch, for which a shared
-        server's next pass waits a moment (service/model_server.py)."""
-        if not self.alive:
-            try:
-                self._restart()
-            except Exception as e:
-                self.broken = f"{type(e).__name__}: {e}"
-                raise ModelProcessDied(
-                    f"model '{self.name}' on {self.device} could not be started again ({self.broken})"
-                ) from e
+        server's next pass waits a moment (service/model_server.py); ``threads``: the CPU threads
+        this pass runs on (service/cores.py; None: the process's own count)."""
+        self._ensure_alive()
         assert self._conn is not None
         self._next_id += 1
         pass_id = self._next_id
         header, tensors = wire.tasks_message(tasks)
         told: set[int] = set()
         try:
-            wire.send(self._conn, {"type": "run", "id": pass_id, "alone": alone, "backlog": backlog, **header}, tensors)
+            head = {"type": "run", "id": pass_id, "alone": alone, "backlog": backlog, "threads": threads, **header}
+            wire.send(self._conn, head, tensors)
             while True:
                 if self._conn.poll(POLL_S):
                     reply, got = wire.recv(self._conn)
@@ -182,6 +179,18 @@ class ModelProcess:
                 f"model '{self.name}' stopped on {self.device} during this request{how}; the next request "
                 "starts it again: retry"
             ) from None
+
+    def _ensure_alive(self) -> None:
+        """Start the process again if it has ended; a 503 (and ``broken`` set) if it cannot be."""
+        if self.alive:
+            return
+        try:
+            self._restart()
+        except Exception as e:
+            self.broken = f"{type(e).__name__}: {e}"
+            raise ModelProcessDied(
+                f"model '{self.name}' on {self.device} could not be started again ({self.broken})"
+            ) from e
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Ask the process to end after its pass; kill it if it has not ended within ``timeout`` (it
@@ -277,7 +286,9 @@ def _run_pass(
             if hasattr(task, "on_row"):  # a flag: report rows back where the caller wants them
                 task.on_row = _row_reporter(conn, pass_id, i) if task.on_row else None
         gone = [_gone(cancelled, pass_id, i) for i in range(len(tasks))]
-        reply, out = wire.results_message(task_type.run(runtime, tasks, gone))
+        with torch_threads(header.get("threads")):  # this pass's share of the cores (service/cores.py)
+            results = task_type.run(runtime, tasks, gone)
+        reply, out = wire.results_message(results)
         wire.send(conn, {"type": "result", "id": pass_id, **reply}, out)
     except Exception as e:
         kind = "error"

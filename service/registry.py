@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from models.base import RowCallback
@@ -25,6 +25,7 @@ from models.scoring.scorer import stale_calibration
 from service.arrivals import Arrivals
 from service.batching import BatchLimits, State, Worker
 from service.compute import ComputeThread
+from service.cores import CoreShare
 from service.entries import ModelEntry, RegistryError, background_metadata, companion_metadata, skeleton_model
 from service.errors import Timeout, Unavailable, UnknownModel
 from service.jobs import EncodeTask, SampleResult, SampleTask, ScoreTask
@@ -48,10 +49,11 @@ class ModelRegistry:
         self.metrics = metrics
         self.entries: dict[str, ModelEntry] = {}
         self.started = False
-        self._round_robin = itertools.count()
         self.arrivals = Arrivals()  # requests on their way to a worker (the batcher's wait)
         self._computes: dict[int, ComputeThread] = {}  # CPU slot -> its compute thread (service/compute.py)
         self.limits = self.batch_limits(settings)
+        # The cores that CPU passes running at once share out (service/cores.py).
+        self.cores = CoreShare(settings.torch_threads or torch.get_num_threads())
         self.shared_servers = False  # whether the models run in servers shared by several HTTP processes
 
     @staticmethod
@@ -114,7 +116,7 @@ class ModelRegistry:
     def build_entry(self, folder: Path) -> ModelEntry:
         """A new entry for ``folder`` (a new version, or a new model), its workers not started;
         RegistryError if it cannot be served (service/lifecycle.py)."""
-        return self._entry(folder, models=max(1, len(self.entries)))
+        return self._entry(folder, models=len(set(self.entries) | {folder.name}))
 
     def _entry(self, folder: Path, *, models: int) -> ModelEntry:
         """The entry of one model folder, its workers not yet started; RegistryError if it cannot be served."""
@@ -126,10 +128,13 @@ class ModelRegistry:
         skeleton = skeleton_model(folder, meta)
         bg_meta = background_metadata(folder, skeleton)
         comp_meta = companion_metadata(folder, skeleton)
-        in_process = self.settings.model_process_for(name, steps_in_python=type(skeleton).steps_in_python)
+        devices = self.settings.worker_devices(models)
+        in_process = self.settings.model_process_for(
+            name, steps_in_python=type(skeleton).steps_in_python, cpu_replicas=devices.count("cpu") > 1
+        )
         # Under `genserve serve` with GENSERVE_HTTP_PROCESSES > 1, every model runs in a server shared by
         # the HTTP processes (service/http_processes.py), whatever GENSERVE_MODEL_PROCESS says.
-        servers = [address_from_environment(name, i) for i in range(len(self.settings.device_list))]
+        servers = [address_from_environment(name, i) for i in range(len(devices))]
         self.shared_servers = servers[0] is not None
         limits = dataclasses.replace(self.limits, model_process=in_process or self.shared_servers)
         workers = [
@@ -143,8 +148,9 @@ class ModelRegistry:
                 arrivals=self.arrivals,
                 compute=None if limits.model_process else self._compute_for(dev, i, models=models),
                 server=servers[i],
+                cores=self.cores if dev == "cpu" and servers[i] is None else None,
             )
-            for i, dev in enumerate(self.settings.device_list)
+            for i, dev in enumerate(devices)
         ]
         entry = ModelEntry(
             name=name, folder=folder, meta=meta, skeleton=skeleton, workers=workers, background_meta=bg_meta,
@@ -251,12 +257,13 @@ class ModelRegistry:
         return entry
 
     def pick(self, entry: ModelEntry) -> Worker:
-        """The ready worker with the fewest queued images; ties rotate."""
+        """The ready worker with the fewest queued images; of equals, the first. Under light load the
+        requests keep to one worker, whose pass takes every core (service/cores.py), while the
+        others stay asleep; under heavy load they spread."""
         ready = [w for w in entry.workers if w.state is State.READY]
         if not ready:
             raise Unavailable(f"model '{entry.name}' is not ready: {self.not_ready_reason()}", retry_after_s=5)
-        k = next(self._round_robin) % len(ready)
-        return min(ready[k:] + ready[:k], key=lambda w: w.load)
+        return min(ready, key=lambda w: w.load)
 
     async def score(
         self, entry: ModelEntry, x: Tensor, y: Tensor | None, *, score_type: str, heatmap: bool

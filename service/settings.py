@@ -7,6 +7,7 @@ refuses to start with a message that says how to fix it.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -50,6 +51,14 @@ def resolve_devices(spec: str) -> list[str]:
             item = f"cuda:{index}"
         out.append(item)
     return out
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's cpuset), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -158,10 +167,18 @@ class Settings(BaseSettings):
         "process that runs a model, so memory a pass frees stays for the next pass instead of going back to the "
         "kernel and being faulted in again; a process then holds the peak of its passes. false: glibc's defaults",
     )
+    workers_per_device: str = Field(
+        default="auto",
+        description="workers each model gets on every device of GENSERVE_DEVICES (N, or auto): requests go to the "
+        "least loaded, the first of equals; the passes running at once share the CPU's cores (service/cores.py). "
+        "auto: 2 where one model is served on a CPU of two or more cores by one HTTP process (under load two "
+        "passes overlap, each on its share of the cores; a lone request still gets every core), else 1",
+    )
     model_process: str = Field(
         default="auto",
         description="run a worker's model in a process of its own, fed through a pipe (service/model_process.py): "
-        '"auto" for models whose passes step through a Python loop (the PixelRNN\'s rows), "true" for every '
+        '"auto" for models whose passes step through a Python loop (the PixelRNN\'s rows) and for models with '
+        'several workers on a CPU (each its own OpenMP pool and interpreter lock), "true" for every '
         'model, "false" for none, or a comma list of model names. The model\'s Python no longer shares the HTTP '
         "process's interpreter lock with the event loop (worth it for models whose passes run much Python; a "
         "short pass pays more for the pipe than it gains), and a crash of the "
@@ -234,6 +251,14 @@ class Settings(BaseSettings):
         resolve_devices(v)  # raises with the fix
         return v
 
+    @field_validator("workers_per_device")
+    @classmethod
+    def _check_workers_per_device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v != "auto" and not (v.isdigit() and 1 <= int(v) <= 64):
+            raise ValueError(f'GENSERVE_WORKERS_PER_DEVICE is "auto" or a whole number from 1 to 64, not {v!r}')
+        return v
+
     @field_validator("model_process", mode="before")
     @classmethod
     def _check_model_process(cls, v: object) -> str:
@@ -270,12 +295,14 @@ class Settings(BaseSettings):
         """The models asked for, or None for every checkpoint in model_dir."""
         return split_list(self.models) or None
 
-    def model_process_for(self, name: str, *, steps_in_python: bool = False) -> bool:
+    def model_process_for(self, name: str, *, steps_in_python: bool = False, cpu_replicas: bool = False) -> bool:
         """Whether model ``name``'s workers run their model in a process of their own (``auto``: where
-        its passes step through a Python loop, ``steps_in_python``)."""
+        its passes step through a Python loop, ``steps_in_python``, or where it has several workers on
+        a CPU, ``cpu_replicas``: threads of one process would keep an OpenMP pool each, whose helpers
+        then sleep between operations, and share one interpreter lock)."""
         v = self.model_process.lower()
         if v == "auto":
-            return steps_in_python
+            return steps_in_python or cpu_replicas
         if v in ("true", "1", "yes", "on"):
             return True
         if v in ("false", "0", "no", "off", ""):
@@ -292,6 +319,17 @@ class Settings(BaseSettings):
     @property
     def device_list(self) -> list[str]:
         return resolve_devices(self.devices)
+
+    def worker_devices(self, models: int) -> list[str]:
+        """The device of each of a model's workers when ``models`` models are served: every device of
+        GENSERVE_DEVICES, GENSERVE_WORKERS_PER_DEVICE times in a row."""
+        devices = self.device_list
+        if self.workers_per_device != "auto":
+            per = int(self.workers_per_device)
+        else:
+            lone_cpu = devices == ["cpu"] and models == 1 and self.http_processes == 1
+            per = 2 if lone_cpu and usable_cores() >= 2 else 1
+        return [d for d in devices for _ in range(per)]
 
     @property
     def api_key_list(self) -> list[str]:

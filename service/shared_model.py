@@ -68,7 +68,10 @@ class SharedModel(ModelProcess):
         *,
         alone: bool = False,
         backlog: int = 0,
+        threads: int | None = None,
     ) -> list[Any]:
+        """As :meth:`ModelProcess.run`, but ``threads`` is not sent: the server's passes merge the
+        batches of several HTTP processes and run on its own count."""
         if self.alive and self._closed_by_server():
             self._reap()  # the server ended since our last pass: connect to its successor, losing nothing
         return super().run(task_type, tasks, cancelled, alone=alone, backlog=backlog)

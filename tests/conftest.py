@@ -46,8 +46,12 @@ def make_settings(model_dir: Path) -> Callable[..., Any]:
 
     def make(**overrides: Any) -> Settings:
         # batch_sweep off: tests that count passes need max_batch_size as the cap, not a timing's choice;
-        # model_process off: tests reach into a worker's model on its thread (test_model_process.py tests the other)
-        base = {"model_dir": model_dir, "max_batch_wait_ms": 0.0, "batch_sweep": False, "model_process": "false"}
+        # model_process off: tests reach into a worker's model on its thread (test_model_process.py tests the other);
+        # one worker per device: tests that count passes send to one (test_settings.py and test_serving.py test auto)
+        base = {
+            "model_dir": model_dir, "max_batch_wait_ms": 0.0, "batch_sweep": False, "model_process": "false",
+            "workers_per_device": "1",
+        }  # fmt: skip
         return Settings(**{**base, **overrides})
 
     return make

@@ -78,6 +78,7 @@ class Gate:
         self, model: torch.nn.Module, *, block: bool = False, any_entered: threading.Event | None = None
     ) -> None:
         self.calls: list[int] = []
+        self.threads: list[int] = []  # torch's CPU threads in each pass
         self.entered = threading.Event()
         shared = any_entered or threading.Event()  # set too, for a test that waits on several gates
         self.release = threading.Event()
@@ -87,6 +88,7 @@ class Gate:
 
         def log_prob(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
             self.calls.append(int(x.shape[0]))
+            self.threads.append(torch.get_num_threads())
             self.entered.set()
             shared.set()
             assert self.release.wait(timeout=30), "test never released the gate"

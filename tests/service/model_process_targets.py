@@ -92,3 +92,22 @@ def deaf(conn: Connection, folder: str, device: str, limits: dict[str, Any], nam
 
     mp_module._read = read
     mp_module.serve(conn, folder, device, limits, name)
+
+
+THREADS_LOG = "GENSERVE_TEST_THREADS_LOG"  # a file: each pass appends "pid threads" (held a second on POISON)
+
+
+def record_threads(conn: Connection, folder: str, device: str, limits: dict[str, Any], name: str) -> None:
+    """A model process that writes down the CPU threads of each pass, and holds a pass that carries
+    an all-white image for a second (so that another worker's pass runs beside it)."""
+    original = service.scoring.compute
+
+    def compute(scorer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with open(os.environ[THREADS_LOG], "a") as f:
+            f.write(f"{os.getpid()} {torch.get_num_threads()}\n")
+        if _poisoned(x):
+            time.sleep(1.0)
+        return original(scorer, x, *args, **kwargs)
+
+    service.scoring.compute = compute
+    mp_module.serve(conn, folder, device, {**limits, "warmup": False}, name)

@@ -16,6 +16,7 @@ import torch
 from models.base import SampleOutput
 from service.batching import BatchLimits, Worker
 from service.compute import ComputeThread
+from service.jobs import ScoreTask
 from service.metrics import Metrics
 from tests.service.helpers import b64, gray_png, running, worker_of
 
@@ -94,16 +95,16 @@ def record_threads(worker, method: str = "log_prob") -> list[str]:
 
 @pytest.mark.anyio
 async def test_cpu_workers_of_every_model_share_their_slots_compute_thread(make_settings):
-    async with running(make_settings(models="pixelcnn,pixelcnn-cond", devices="cpu,cpu")) as (app, client):
+    async with running(make_settings(models="pixelcnn,pixelcnn-cond", devices="cpu,cpu")) as (app, _):
         workers = {(m, i): worker_of(app, m, i) for m in ("pixelcnn", "pixelcnn-cond") for i in (0, 1)}
         assert workers["pixelcnn", 0].compute is workers["pixelcnn-cond", 0].compute
         assert workers["pixelcnn", 1].compute is workers["pixelcnn-cond", 1].compute
         assert workers["pixelcnn", 0].compute is not workers["pixelcnn", 1].compute
         names = {key: record_threads(w) for key, w in workers.items()}
-        for body in ({"model": "pixelcnn"}, {"model": "pixelcnn-cond", "label": 1}):
-            for _ in range(2):  # the least-loaded pick rotates ties over both workers
-                r = await client.post("/score", json={**body, "images": [b64(gray_png())]})
-                assert r.status_code == 200
+        for (model, _), worker in workers.items():  # each worker directly: the pick keeps light load on one
+            y = torch.tensor([1]) if model == "pixelcnn-cond" else None
+            x = torch.zeros(1, *worker.model.shape, dtype=torch.uint8)
+            await worker.run(ScoreTask(x=x, y=y, score_type="nll", heatmap=False))
     for (_, i), seen in names.items():
         assert seen and set(seen) == {f"genserve-compute-cpu-{i}"}
 

@@ -137,6 +137,40 @@ async def test_requests_that_queue_share_one_pass_in_the_model_process(make_sett
         assert float(count[0].split()[-1]) <= 3
 
 
+async def test_each_pass_runs_on_its_share_of_the_cores(make_settings, monkeypatch, tmp_path):
+    log = tmp_path / "threads.log"
+    monkeypatch.setenv(targets.THREADS_LOG, str(log))  # spawned processes inherit it
+    monkeypatch.setattr(service.model_process, "serve", targets.record_threads)
+    settings = make_settings(models="pixelcnn", devices="cpu,cpu", model_process=True, torch_threads=2)
+    async with running(settings) as (_, client):
+        held = asyncio.ensure_future(client.post("/score", json=body(WHITE)))
+        for _ in range(500):  # until the held pass has started (on worker 0: of equal loads, the first)
+            if log.exists() and log.read_text():
+                break
+            await asyncio.sleep(0.01)
+        beside = await client.post("/score", json=body(b64(gray_png())))  # the idle worker, beside it
+        assert beside.status_code == 200 and (await held).status_code == 200
+        alone = await client.post("/score", json=body(b64(gray_png(seed=1))))  # worker 0 again, alone
+        assert alone.status_code == 200
+    passes = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    assert [threads for _, threads in passes] == [2, 1, 2]
+    assert passes[0][0] == passes[2][0] != passes[1][0]  # two model processes; light load keeps to the first
+
+
+async def test_by_default_a_lone_model_on_two_cores_gets_two_model_processes(make_settings, monkeypatch):
+    monkeypatch.setattr("service.settings.usable_cores", lambda: 2)
+    settings = make_settings(models="vae", workers_per_device="auto", model_process="auto")
+    async with running(settings) as (app, client):
+        workers = app.state.registry.entries["vae"].workers
+        assert [w.device for w in workers] == ["cpu", "cpu"] and all(w.process is not None for w in workers)
+        assert len({w.process.pid for w in workers}) == 2
+        assert (await client.get("/models/vae")).json()["devices"] == ["cpu", "cpu"]
+        rs = await asyncio.gather(
+            *(client.post("/score", json=body(b64(gray_png(seed=i)), model="vae")) for i in range(8))
+        )
+        assert all(r.status_code == 200 for r in rs)
+
+
 async def test_a_failing_request_fails_alone(make_settings, monkeypatch):
     monkeypatch.setattr(service.model_process, "serve", targets.raise_on_poison)
     async with running(make_settings(models="pixelcnn", model_process=True)) as (app, client):

@@ -228,8 +228,8 @@ async def test_large_request_runs_in_chunks(make_settings):
         assert gate.calls == [4, 4, 2]
 
 
-async def test_two_cpu_workers_share_the_load(make_settings):
-    async with running(make_settings(models="pixelcnn", devices="cpu,cpu")) as (app, client):
+async def test_two_cpu_workers_share_the_load_and_the_cores(make_settings):
+    async with running(make_settings(models="pixelcnn", devices="cpu,cpu", torch_threads=2)) as (app, client):
         info = (await client.get("/models/pixelcnn")).json()
         assert info["devices"] == ["cpu", "cpu"]
         any_entered = threading.Event()
@@ -244,15 +244,23 @@ async def test_two_cpu_workers_share_the_load(make_settings):
             for g in gates:
                 g.release.set()
         assert gates[0].calls == [1] and gates[1].calls == [1]
+        # the first pass ran alone on both cores; the second, beside it, on what was left (service/cores.py)
+        assert gates[busy].threads == [2] and gates[1 - busy].threads == [1]
+        assert (await client.post("/score", json=ONE)).status_code == 200  # alone again: every core
+        assert gates[0].threads[-1] == 2
 
 
-async def test_ties_rotate_over_workers(make_settings):
+async def test_light_load_keeps_to_the_first_worker(make_settings):
     async with running(make_settings(models="pixelcnn", devices="cpu,cpu")) as (app, client):
         for _ in range(4):
             assert (await client.post("/score", json=ONE)).status_code == 200
-        for index in ("0", "1"):
-            labels = {"model": "pixelcnn", "device": "cpu", "worker": index, "op": "score"}
-            assert app.state.metrics.sample_value("genserve_batch_images_count", labels) == 2
+        counts = [
+            app.state.metrics.sample_value(
+                "genserve_batch_images_count", {"model": "pixelcnn", "device": "cpu", "worker": i, "op": "score"}
+            )
+            for i in ("0", "1")
+        ]
+        assert counts[0] == 4 and not counts[1]  # of equally loaded workers, the first: the other sleeps
 
 
 # ---- backpressure, timeouts, cancellation ----------------------------------------------------------------

@@ -38,6 +38,29 @@ def test_defaults(tmp_path: Path):
     assert (s.max_batch_size, s.max_queue, s.max_images, s.max_samples) == (32, 256, 64, 64)
 
 
+def test_workers_per_device(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr("service.settings.usable_cores", lambda: 2)
+    auto = Settings(model_dir=tmp_path)
+    assert auto.workers_per_device == "auto"
+    assert auto.worker_devices(1) == ["cpu", "cpu"]  # one model on a CPU of two cores: two workers
+    assert auto.worker_devices(5) == ["cpu"]  # several models: one each
+    assert Settings(model_dir=tmp_path, http_processes=2).worker_devices(1) == ["cpu"]  # shared model servers
+    assert Settings(model_dir=tmp_path, devices="cpu,cpu").worker_devices(1) == ["cpu", "cpu"]  # as listed
+    assert Settings(model_dir=tmp_path, workers_per_device="3").worker_devices(5) == ["cpu"] * 3
+    assert Settings(model_dir=tmp_path, devices="cpu,cpu", workers_per_device="2").worker_devices(1) == ["cpu"] * 4
+    monkeypatch.setattr("service.settings.usable_cores", lambda: 1)
+    assert Settings(model_dir=tmp_path).worker_devices(1) == ["cpu"]  # one core: nothing to share out
+    for bad in ("0", "two", "-1", "65"):
+        with pytest.raises(ValidationError, match='GENSERVE_WORKERS_PER_DEVICE is "auto" or a whole number'):
+            Settings(model_dir=tmp_path, workers_per_device=bad)
+
+
+def test_several_workers_on_a_cpu_get_processes_of_their_own_unless_told_not_to(tmp_path: Path):
+    auto = Settings(model_dir=tmp_path)
+    assert auto.model_process_for("vae", cpu_replicas=True) and not auto.model_process_for("vae")
+    assert not Settings(model_dir=tmp_path, model_process="false").model_process_for("vae", cpu_replicas=True)
+
+
 @no_gpu
 def test_auto_devices_fall_back_to_cpu(tmp_path: Path):
     assert Settings(model_dir=tmp_path, devices="auto").device_list == ["cpu"]
