@@ -10,6 +10,7 @@ JSON body as genserve's /score (``images``: one base64 PNG, optional ``label``; 
 ignored), on ``POST /predict``:
 
     python bench/peer_litserve.py --model-dir checkpoints --model pixelcnn-fmnist --port 8031
+    LITSERVE_WORKERS_PER_DEVICE=2 python bench/peer_bench.py ...   # LitServe with two workers
 
 and answers ``{"log_likelihood_nats": float, "bits_per_dim": float}``.
 """
@@ -20,6 +21,7 @@ import argparse
 import base64
 import io
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-timeout", type=float, default=0.0, help="seconds a batch waits for more requests")
+    p.add_argument(
+        "--workers-per-device",
+        type=int,
+        default=int(os.environ.get("LITSERVE_WORKERS_PER_DEVICE", "1")),
+        help="LitServe's worker processes per device (default: $LITSERVE_WORKERS_PER_DEVICE, else 1; "
+        "bench/peer_bench.py passes its environment on)",
+    )
     args = p.parse_args()
     if ls is None:
         raise SystemExit('LitServe is not installed: pip install -e ".[bench]"')
@@ -113,7 +122,9 @@ def main() -> None:
     )
     accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
     devices = [int(args.device.partition(":")[2] or 0)] if accelerator == "cuda" else "auto"
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=1, timeout=60)
+    server = ls.LitServer(
+        api, accelerator=accelerator, devices=devices, workers_per_device=args.workers_per_device, timeout=60
+    )
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
 
 

@@ -129,29 +129,24 @@ class ModelRegistry:
         bg_meta = background_metadata(folder, skeleton)
         comp_meta = companion_metadata(folder, skeleton)
         devices = self.settings.worker_devices(models)
-        in_process = self.settings.model_process_for(
-            name, steps_in_python=type(skeleton).steps_in_python, cpu_replicas=devices.count("cpu") > 1
-        )
         # Under `genserve serve` with GENSERVE_HTTP_PROCESSES > 1, every model runs in a server shared by
         # the HTTP processes (service/http_processes.py), whatever GENSERVE_MODEL_PROCESS says.
         servers = [address_from_environment(name, i) for i in range(len(devices))]
         self.shared_servers = servers[0] is not None
-        limits = dataclasses.replace(self.limits, model_process=in_process or self.shared_servers)
-        workers = [
-            Worker(
-                name=name,
-                folder=folder,
-                device=dev,
-                index=i,
-                limits=limits,
-                metrics=self.metrics,
-                arrivals=self.arrivals,
-                compute=None if limits.model_process else self._compute_for(dev, i, models=models),
-                server=servers[i],
-                cores=self.cores if dev == "cpu" and servers[i] is None else None,
+        workers = []
+        for i, dev in enumerate(devices):
+            in_process = self.settings.model_process_for(
+                name, steps_in_python=type(skeleton).steps_in_python, cpu_replica=dev == "cpu" and "cpu" in devices[:i]
             )
-            for i, dev in enumerate(devices)
-        ]
+            limits = dataclasses.replace(self.limits, model_process=in_process or self.shared_servers)
+            workers.append(
+                Worker(
+                    name=name, folder=folder, device=dev, index=i, limits=limits, metrics=self.metrics,
+                    arrivals=self.arrivals, server=servers[i],
+                    compute=None if limits.model_process else self._compute_for(dev, i, models=models),
+                    cores=self.cores if dev == "cpu" and servers[i] is None else None,
+                )
+            )  # fmt: skip
         entry = ModelEntry(
             name=name, folder=folder, meta=meta, skeleton=skeleton, workers=workers, background_meta=bg_meta,
             companion_meta=comp_meta,

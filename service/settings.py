@@ -177,8 +177,8 @@ class Settings(BaseSettings):
     model_process: str = Field(
         default="auto",
         description="run a worker's model in a process of its own, fed through a pipe (service/model_process.py): "
-        '"auto" for models whose passes step through a Python loop (the PixelRNN\'s rows) and for models with '
-        'several workers on a CPU (each its own OpenMP pool and interpreter lock), "true" for every '
+        "\"auto\" for models whose passes step through a Python loop (the PixelRNN's rows) and for a model's "
+        'second and later workers on a CPU (each its own OpenMP pool and interpreter lock), "true" for every '
         'model, "false" for none, or a comma list of model names. The model\'s Python no longer shares the HTTP '
         "process's interpreter lock with the event loop (worth it for models whose passes run much Python; a "
         "short pass pays more for the pipe than it gains), and a crash of the "
@@ -295,14 +295,15 @@ class Settings(BaseSettings):
         """The models asked for, or None for every checkpoint in model_dir."""
         return split_list(self.models) or None
 
-    def model_process_for(self, name: str, *, steps_in_python: bool = False, cpu_replicas: bool = False) -> bool:
-        """Whether model ``name``'s workers run their model in a process of their own (``auto``: where
-        its passes step through a Python loop, ``steps_in_python``, or where it has several workers on
-        a CPU, ``cpu_replicas``: threads of one process would keep an OpenMP pool each, whose helpers
-        then sleep between operations, and share one interpreter lock)."""
+    def model_process_for(self, name: str, *, steps_in_python: bool = False, cpu_replica: bool = False) -> bool:
+        """Whether a worker of model ``name`` runs its model in a process of its own (``auto``: where
+        its passes step through a Python loop, ``steps_in_python``, and for a CPU worker after the
+        model's first on a CPU, ``cpu_replica``: threads of one process would keep an OpenMP pool each,
+        whose helpers then sleep between operations, and share one interpreter lock; the first keeps
+        the HTTP process's thread, which a lone client's requests reach without a pipe)."""
         v = self.model_process.lower()
         if v == "auto":
-            return steps_in_python or cpu_replicas
+            return steps_in_python or cpu_replica
         if v in ("true", "1", "yes", "on"):
             return True
         if v in ("false", "0", "no", "off", ""):

@@ -157,13 +157,15 @@ async def test_each_pass_runs_on_its_share_of_the_cores(make_settings, monkeypat
     assert passes[0][0] == passes[2][0] != passes[1][0]  # two model processes; light load keeps to the first
 
 
-async def test_by_default_a_lone_model_on_two_cores_gets_two_model_processes(make_settings, monkeypatch):
+async def test_by_default_a_lone_model_on_two_cores_gets_a_second_worker_in_a_model_process(make_settings, monkeypatch):
     monkeypatch.setattr("service.settings.usable_cores", lambda: 2)
     settings = make_settings(models="vae", workers_per_device="auto", model_process="auto")
     async with running(settings) as (app, client):
-        workers = app.state.registry.entries["vae"].workers
-        assert [w.device for w in workers] == ["cpu", "cpu"] and all(w.process is not None for w in workers)
-        assert len({w.process.pid for w in workers}) == 2
+        first, second = app.state.registry.entries["vae"].workers
+        assert (first.device, second.device) == ("cpu", "cpu")
+        assert first.process is None and first.model is not None  # the HTTP process's thread: no pipe
+        assert second.process is not None and second.process.alive and second.model is None
+        assert first.cores is second.cores is app.state.registry.cores
         assert (await client.get("/models/vae")).json()["devices"] == ["cpu", "cpu"]
         rs = await asyncio.gather(
             *(client.post("/score", json=body(b64(gray_png(seed=i)), model="vae")) for i in range(8))

@@ -55,10 +55,10 @@ def test_workers_per_device(tmp_path: Path, monkeypatch):
             Settings(model_dir=tmp_path, workers_per_device=bad)
 
 
-def test_several_workers_on_a_cpu_get_processes_of_their_own_unless_told_not_to(tmp_path: Path):
+def test_later_workers_on_a_cpu_get_processes_of_their_own_unless_told_not_to(tmp_path: Path):
     auto = Settings(model_dir=tmp_path)
-    assert auto.model_process_for("vae", cpu_replicas=True) and not auto.model_process_for("vae")
-    assert not Settings(model_dir=tmp_path, model_process="false").model_process_for("vae", cpu_replicas=True)
+    assert auto.model_process_for("vae", cpu_replica=True) and not auto.model_process_for("vae")
+    assert not Settings(model_dir=tmp_path, model_process="false").model_process_for("vae", cpu_replica=True)
 
 
 @no_gpu
