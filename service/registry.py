@@ -1,4 +1,4 @@
-"""The served models: found in GENSERVE_MODEL_DIR, one worker per (model, device), least-loaded routing.
+"""The served models: found in GENSERVE_MODEL_DIR, GENSERVE_WORKERS_PER_DEVICE workers per device, least-loaded routing.
 
 :meth:`ModelRegistry.discover` reads every checkpoint's metadata and builds each model on the
 "meta" device (no memory, no weights) to learn its shape and kind; any problem stops startup with
